@@ -1,0 +1,109 @@
+"""Device profiles: the one place that holds device-specific numbers.
+
+The cost model (``analyze``'s ``estimated_step_time_s``) and the automatic sharding solver price
+compute and communication with these figures. Everything else in ``parallel`` reads them from
+here and never hard-codes a device number.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceProfile:
+    """Peak figures of one accelerator and its links.
+
+    Attributes:
+      name: profile name, e.g. ``"h100"``.
+      peak_flops: dense float32/bfloat16 matmul FLOP/s one device sustains (the MFU denominator).
+      memory_bytes: memory one device has for the step.
+      memory_bandwidth: bytes/s between the device's memory and its compute units.
+      link_bandwidth: bytes/s one device sends over the collective links (the alpha-beta beta).
+      link_latency_s: seconds a collective costs before the first byte (the alpha-beta alpha).
+    """
+
+    name: str
+    peak_flops: float
+    memory_bytes: int
+    memory_bandwidth: float
+    link_bandwidth: float
+    link_latency_s: float
+
+    def comm_time(self, num_bytes: float) -> float:
+        """Alpha-beta time of moving ``num_bytes`` per device over the links."""
+        return self.link_latency_s + num_bytes / self.link_bandwidth if num_bytes > 0 else 0.0
+
+
+# Published peak figures (dense bf16 tensor-core FLOP/s, HBM and NVLink per-GPU bandwidth).
+PUBLISHED = {
+    "h100": DeviceProfile("h100", 989e12, 80 * 2**30, 3.35e12, 450e9, 5e-6),
+    "a100": DeviceProfile("a100", 312e12, 80 * 2**30, 2.0e12, 300e9, 5e-6),
+    "v100": DeviceProfile("v100", 125e12, 32 * 2**30, 0.9e12, 150e9, 8e-6),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def measured_cpu_profile(num_devices: int = 1) -> DeviceProfile:
+    """A profile for the running CPU, measured once with numpy.
+
+    The simulated devices of ``--xla_force_host_platform_device_count`` share the host's cores
+    and memory, so each gets 1/num_devices of what is measured.
+    """
+    n = 512
+    a = np.ones((n, n), np.float32)
+    a @ a  # warm up BLAS
+    reps = 4
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    flops = 2 * n**3 * reps / max(time.perf_counter() - start, 1e-9)
+    buf = np.ones(16 * 2**20 // 4, np.float32)
+    start = time.perf_counter()
+    for _ in range(reps):
+        buf.copy()
+    bandwidth = 2 * buf.nbytes * reps / max(time.perf_counter() - start, 1e-9)
+    try:
+        import os
+
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 8 * 2**30
+    share = max(num_devices, 1)
+    return DeviceProfile(
+        name="cpu",
+        peak_flops=flops / share,
+        memory_bytes=int(memory // share),
+        memory_bandwidth=bandwidth / share,
+        link_bandwidth=bandwidth / share,
+        link_latency_s=20e-6,
+    )
+
+
+def get_profile(name: str | None = None, num_devices: int = 1) -> DeviceProfile:
+    """Returns the profile called ``name``, or the one for the platform JAX runs on.
+
+    Args:
+      name: ``"cpu"``, ``"h100"``, ``"a100"``, ``"v100"``; ``None`` picks by ``jax.devices()``.
+      num_devices: devices sharing the host (used only by the measured CPU profile).
+    """
+    if name is None:
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform == "cpu":
+            name = "cpu"
+        else:
+            kind = device.device_kind.lower()
+            name = next((k for k in PUBLISHED if k in kind), "h100")
+    name = name.lower()
+    if name == "cpu":
+        return measured_cpu_profile(num_devices)
+    if name not in PUBLISHED:
+        raise ValueError(
+            f"unknown device profile {name!r}; known profiles: cpu, {', '.join(sorted(PUBLISHED))}"
+        )
+    return PUBLISHED[name]
