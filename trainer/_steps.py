@@ -1,0 +1,175 @@
+"""Turns a Flax model, a loss and an optimizer into pure functions over pytrees.
+
+``parallel`` sees only these functions and the state dict they pass around:
+``{"step", "params", "opt_state", "model_state", "rng"}`` — never a Flax object.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+import flax.linen as nn
+
+
+def as_nnx(model: Any, example_inputs) -> nnx.Module:
+    """Returns ``model`` as an NNX module; a linen module is wrapped and initialized lazily."""
+    if isinstance(model, nnx.Module):
+        return model
+    if isinstance(model, nn.Module):
+        wrapped = nnx.bridge.ToNNX(model, rngs=nnx.Rngs(0))
+        nnx.bridge.lazy_init(wrapped, example_inputs)
+        return wrapped
+    raise TypeError(
+        f"build_model must return a flax.nnx.Module or a flax.linen.Module, got {type(model).__name__}"
+    )
+
+
+def logical_axes_of(abstract_params: nnx.State):
+    """A pure-dict pytree matching the params: per leaf, its tuple of logical axis names or None."""
+    def names(v):
+        axes = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
+        return tuple(axes) if axes is not None else None
+
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    return nnx.to_pure_dict(jax.tree.map(lambda v: v.replace(names(v)), abstract_params, is_leaf=is_var))
+
+
+def cast_floating(tree, dtype):
+    """Casts floating leaves to the compute dtype (gradients flow back to the f32 originals)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+    """The pure functions of one training setup. ``graphdef`` rebuilds the module inside them."""
+
+    graphdef: Any
+    init: Callable  # key -> state
+    train_step: Callable  # (state, batch) -> (state, metrics)
+    eval_step: Callable  # (state, batch) -> metrics
+    logical_axes: Any  # pytree over the state: tuples of axis names or None
+
+
+def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedule,
+                        example_inputs, compute_dtype, grad_accum_steps: int) -> StepFunctions:
+    """Builds init/train/eval functions from the Trainer's hooks.
+
+    Args:
+      build_model: ``rngs -> module`` (NNX, or linen wrapped by ``as_nnx``).
+      loss_fn: ``(model, batch, rng) -> (loss, metrics)``.
+      eval_metrics_fn: ``(model, batch) -> metrics``.
+      optimizer: an optax transformation over the params.
+      schedule: step -> learning rate, reported as a metric.
+      example_inputs: an array like one batch's inputs, for lazily initialized linen modules.
+      compute_dtype: dtype the forward and backward passes run in; params stay float32.
+      grad_accum_steps: micro-batches per step whose gradients are summed before the update.
+    """
+    def build(key):
+        with nnx.use_eager_sharding(False):
+            return as_nnx(build_model(nnx.Rngs(key)), example_inputs)
+
+    abstract = nnx.eval_shape(lambda: build(jax.random.key(0)))
+    graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+
+    def init(key):
+        init_key, rng = jax.random.split(key)
+        _, params, model_state = nnx.split(build(init_key), nnx.Param, ...)
+        params = nnx.to_pure_dict(params)
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": optimizer.init(params),
+            "model_state": nnx.to_pure_dict(model_state),
+            "rng": rng,
+        }
+
+    def loss_and_state(params, model_state, batch, rng):
+        model = nnx.merge(graphdef, cast_floating(params, compute_dtype), model_state)
+        loss, metrics = loss_fn(model, batch, rng)
+        new_model_state = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
+        return loss.astype(jnp.float32), (metrics, new_model_state)
+
+    grad_fn = jax.value_and_grad(loss_and_state, has_aux=True)
+
+    def train_step(state, batch):
+        rng, step_rng = jax.random.split(state["rng"])
+        params, model_state = state["params"], state["model_state"]
+        if grad_accum_steps == 1:
+            (loss, (metrics, model_state)), grads = grad_fn(params, model_state, batch, step_rng)
+        else:
+            micro = jax.tree.map(  # (B, ...) -> (A, B/A, ...)
+                lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+            def accumulate(carry, inputs):
+                grads_sum, loss_sum, model_state = carry
+                micro_batch, key = inputs
+                (loss, (metrics, model_state)), grads = grad_fn(params, model_state, micro_batch, key)
+                grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+                return (grads_sum, loss_sum + loss, model_state), metrics
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            keys = jax.random.split(step_rng, grad_accum_steps)
+            (grads, loss, model_state), metrics = jax.lax.scan(
+                accumulate, (zeros, jnp.zeros((), jnp.float32), model_state), (micro, keys))
+            grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+            loss = loss / grad_accum_steps
+            metrics = jax.tree.map(lambda m: m.mean(), metrics)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "model_state": model_state,
+            "rng": rng,
+        }
+        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+                       learning_rate=jnp.asarray(schedule(state["step"]), jnp.float32))
+        return new_state, metrics
+
+    def eval_step(state, batch):
+        model = nnx.merge(graphdef, cast_floating(state["params"], compute_dtype), state["model_state"])
+        metrics = eval_metrics_fn(model, batch)
+        return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+    axes = {"step": None, "params": logical_axes_of(abstract_params), "opt_state": None,
+            "model_state": None, "rng": None}
+    return StepFunctions(graphdef, init, train_step, eval_step, axes)
+
+
+def forward(model, inputs, train: bool):
+    """``(outputs, aux_losses)`` from a registry model's ``forward``, or ``(model(inputs), {})``."""
+    if hasattr(model, "forward"):
+        return model.forward(inputs, train=train)
+    return model(inputs), {}
+
+
+def lm_loss(model, batch, rng):
+    """Next-token cross entropy (nats per token) plus any auxiliary losses the model reports."""
+    logits, aux = forward(model, batch["inputs"], rng is not None)  # (B, T, V)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"]).mean()
+    metrics = {"ce_loss": ce, **aux} if aux else {}
+    return ce + sum(aux.values()), metrics
+
+
+def classify_loss(model, batch, rng):
+    """Softmax cross entropy over classes, with accuracy."""
+    logits, aux = forward(model, batch["inputs"], rng is not None)  # (B, classes)
+    logits = logits.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+    accuracy = (logits.argmax(-1) == batch["targets"]).mean()
+    return ce + sum(aux.values()), {"accuracy": accuracy, **aux}
+
+
+def regress_loss(model, batch, rng):
+    """Mean squared error."""
+    out, aux = forward(model, batch["inputs"], rng is not None)
+    mse = jnp.mean((out.astype(jnp.float32) - batch["targets"]) ** 2)
+    return mse + sum(aux.values()), dict(aux)
+
+
+TASK_LOSSES = {"lm": lm_loss, "classify": classify_loss, "regress": regress_loss}

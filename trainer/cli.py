@@ -1,0 +1,45 @@
+"""What the scripts share: user mistakes become one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from trainer.config import ConfigError, load_config
+from trainer.data import DataError
+
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def user_errors() -> tuple:
+    """User-mistake exceptions, including those of ``parallel`` (bad mesh, torn checkpoint...)."""
+    import parallel
+    from trainer.trainer import TrainingDiverged
+
+    extra = tuple(getattr(parallel, name) for name in ("PlanError", "CheckpointError") if hasattr(parallel, name))
+    return USER_ERRORS + extra + (TrainingDiverged,)
+
+
+def run(fn) -> int:
+    """Runs ``fn``; a user mistake prints ``error: ...`` (no traceback) and returns 2.
+
+    Set ``SHARDAX_DEBUG=1`` to see the traceback as well.
+    """
+    try:
+        fn()
+    except user_errors() as e:
+        if os.environ.get("SHARDAX_DEBUG"):
+            traceback.print_exc()
+        message = " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def train(config_name: str, overrides) -> dict:
+    from trainer.trainer import Trainer
+
+    return Trainer(load_config(config_name, overrides)).fit()

@@ -1,0 +1,325 @@
+"""Typed configuration: YAML files plus ``key.path=value`` overrides, parsed into frozen dataclasses.
+
+A config has one frozen dataclass per section (``model``, ``data``, ``optimizer``, ``train``,
+``parallel``, ``cluster``) and a top-level ``workdir``. YAML is read with ``yaml.safe_load`` only.
+Unknown keys are rejected with the nearest valid key; values are type-checked and range-checked
+here, so a bad config fails before anything is built or written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or an override; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """``name`` picks a model from the registry; ``options`` are that model's own settings."""
+
+    name: str = "gpt"
+    options: types.MappingProxyType = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"  # stdlib | text | tokens | synthetic
+    path: Optional[str] = None
+    seq_len: int = 128
+    eval_fraction: float = 0.05
+    image_size: int = 32
+    num_classes: int = 10
+    max_bytes: int = 32 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | adam | sgd | momentum | lion
+    learning_rate: float = 3e-3
+    schedule: str = "cosine"  # constant | cosine | linear
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.9
+    grad_clip: Optional[float] = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 500
+    eval_batches: int = 8
+    checkpoint_every: int = 0  # 0: only at the end of training
+    keep_checkpoints: int = 3
+    keep_every: Optional[int] = None
+    grad_accum_steps: int = 1
+    compute_dtype: str = "float32"  # float32 | bfloat16 | float16
+    resume: bool = True
+    overwrite: bool = False
+    sample_tokens: int = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    method: str = "auto"  # auto | data | zero2 | zero3 | manual | shard | pipeshard
+    mesh: Optional[dict] = None
+    rules: Optional[dict] = None
+    num_micro_batches: int = 1
+    memory_budget_bytes: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    num_hosts: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    workdir: str = "runs/default"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    def to_dict(self) -> dict:
+        """The resolved config as plain YAML-able data (the model's options flattened in)."""
+        out = {"workdir": self.workdir}
+        for section in _SECTIONS:
+            value = getattr(self, section)
+            if section == "model":
+                out["model"] = {"name": value.name, **dict(value.options)}
+            else:
+                out[section] = dataclasses.asdict(value)
+        return out
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
+    "cluster": ClusterConfig,
+}
+_CHOICES = {
+    ("data", "source"): ("stdlib", "text", "tokens", "synthetic"),
+    ("optimizer", "name"): ("adamw", "adam", "sgd", "momentum", "lion"),
+    ("optimizer", "schedule"): ("constant", "cosine", "linear"),
+    ("train", "compute_dtype"): ("float32", "bfloat16", "float16"),
+    ("parallel", "method"): ("auto", "data", "zero2", "zero3", "manual", "shard", "pipeshard"),
+}
+_POSITIVE = {
+    ("data", "seq_len"), ("data", "image_size"), ("data", "num_classes"), ("data", "max_bytes"),
+    ("optimizer", "learning_rate"), ("train", "steps"), ("train", "batch_size"),
+    ("train", "log_every"), ("train", "eval_batches"), ("train", "keep_checkpoints"),
+    ("train", "grad_accum_steps"), ("parallel", "num_micro_batches"), ("cluster", "num_hosts"),
+}
+_NON_NEGATIVE = {
+    ("optimizer", "warmup_steps"), ("optimizer", "weight_decay"), ("optimizer", "min_lr_ratio"),
+    ("train", "eval_every"), ("train", "checkpoint_every"), ("train", "sample_tokens"),
+    ("data", "eval_fraction"),
+}
+
+
+def resolve_config_path(name: str | os.PathLike) -> Path:
+    """Finds a config: a path as given, else a bare name looked up in ``configs/``."""
+    path = Path(name)
+    candidates = [path, CONFIG_DIR / path]
+    if not path.suffix:
+        candidates += [CONFIG_DIR / f"{path}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml"))
+    near = difflib.get_close_matches(str(name), shipped, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; shipped configs: {', '.join(shipped[:8])}"
+    raise ConfigError(f"config file {str(name)!r} not found (looked in . and {CONFIG_DIR}){hint}")
+
+
+def load_config(name: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> Config:
+    """Loads a YAML config, applies ``key.path=value`` overrides and validates everything.
+
+    Args:
+      name: a path to a YAML file, or a bare name such as ``gpt.yaml`` found in ``configs/``.
+      overrides: strings like ``train.steps=100``; values are parsed as YAML scalars.
+
+    Returns:
+      The validated, frozen ``Config``.
+
+    Raises:
+      ConfigError: the file is missing or invalid, or a key, type or value is wrong.
+    """
+    path = resolve_config_path(name)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"invalid YAML in {path}{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    raw.setdefault("workdir", str(Path("runs") / path.stem))
+    return config_from_dict(raw)
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like key.path=value, e.g. train.steps=100")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Builds a validated ``Config`` from plain data (as parsed from YAML)."""
+    _check_keys(raw, ("workdir", *_SECTIONS), "")
+    sections = {}
+    for section, cls in _SECTIONS.items():
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"section {section!r} must be a mapping, got {values!r}")
+        sections[section] = _model_section(values) if section == "model" else _section(section, cls, values)
+    workdir = raw.get("workdir", Config.workdir)
+    if not isinstance(workdir, str) or not workdir:
+        raise ConfigError(f"workdir must be a non-empty path string, got {workdir!r}")
+    config = Config(workdir=workdir, **sections)
+    _check_relations(config)
+    return config
+
+
+def _section(section: str, cls: type, values: dict):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(values, fields, f"{section}.")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        values[key] = _check_type(f"{section}.{key}", value, hints[key])
+        if (section, key) in _CHOICES and values[key] not in _CHOICES[(section, key)]:
+            raise ConfigError(
+                f"{section}.{key} must be one of {', '.join(_CHOICES[(section, key)])}; got {value!r}"
+            )
+        if (section, key) in _POSITIVE and values[key] is not None and values[key] <= 0:
+            raise ConfigError(f"{section}.{key} must be positive, got {value!r}")
+        if (section, key) in _NON_NEGATIVE and values[key] is not None and values[key] < 0:
+            raise ConfigError(f"{section}.{key} must be zero or positive, got {value!r}")
+    return cls(**values)
+
+
+def _model_section(values: dict) -> ModelConfig:
+    import models  # the model's own config dataclass validates its options
+
+    values = dict(values)
+    name = values.pop("name", ModelConfig.name)
+    known = models.available_models()
+    if name not in known:
+        near = difflib.get_close_matches(str(name), known, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"model.name {name!r} is not a known model ({', '.join(known)}){hint}")
+    cls = models.get_spec(name).config_cls
+    _check_keys(values, [f.name for f in dataclasses.fields(cls)], "model.", extra=("name",))
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        values[key] = _check_type(f"model.{key}", value, hints[key])
+    try:
+        cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model ({name}): {e}") from None
+    return ModelConfig(name=name, options=types.MappingProxyType(values))
+
+
+def _check_keys(values: dict, valid, prefix: str, extra=()) -> None:
+    valid = list(valid) + list(extra)
+    for key in values:
+        if key not in valid:
+            near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Returns ``value`` (ints widened to float where a float is wanted) or raises ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    wanted = origin or hint
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        dict: lambda v: isinstance(v, dict),
+        tuple: lambda v: isinstance(v, (list, tuple)),
+    }.get(wanted, lambda v: True)
+    if not ok(value):
+        name = getattr(wanted, "__name__", str(wanted))
+        raise ConfigError(f"{key} must be of type {name}, got {value!r} ({type(value).__name__})")
+    if wanted is float:
+        return float(value)
+    if wanted is tuple:
+        return tuple(value)
+    return value
+
+
+def _check_relations(config: Config) -> None:
+    train = config.train
+    if train.batch_size % train.grad_accum_steps:
+        raise ConfigError(
+            f"train.batch_size ({train.batch_size}) must divide by train.grad_accum_steps "
+            f"({train.grad_accum_steps}); change one of them"
+        )
+    if not 0 <= config.data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {config.data.eval_fraction}")
+    block_size = config.model.options.get("block_size")
+    if block_size is not None and config.data.seq_len > block_size:
+        raise ConfigError(
+            f"data.seq_len ({config.data.seq_len}) is longer than model.block_size ({block_size}); "
+            "lower data.seq_len or raise model.block_size"
+        )
+    if config.data.source in ("text", "tokens") and not config.data.path:
+        raise ConfigError(f"data.source={config.data.source} needs data.path (a file or folder)")
+
+
+def dump_config(config: Config, path: str | os.PathLike) -> None:
+    """Writes the resolved config as YAML (loadable again with ``load_config``)."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,216 @@
+"""Datasets that need no network, addressed by batch index so a run resumes exactly.
+
+Every dataset answers ``batch(index, batch_size) -> dict of numpy arrays`` as a pure function
+of the seed and the index: the data position saved in a checkpoint is just the next index.
+The default corpus is the source code of the running interpreter's standard library (bytes).
+"""
+from __future__ import annotations
+
+import queue
+import sysconfig
+import threading
+from pathlib import Path
+
+import numpy as np
+
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".yaml", ".yml", ".csv", ".html", ".c", ".h")
+
+
+class DataError(ValueError):
+    """The data the config points at is missing, empty or too short; the message says which."""
+
+
+def _read_text_files(files, max_bytes: int) -> np.ndarray:
+    chunks, total = [], 0
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except OSError:
+            continue
+        chunks.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    return np.frombuffer(b"".join(chunks)[:max_bytes], dtype=np.uint8)
+
+
+def stdlib_corpus(max_bytes: int) -> np.ndarray:
+    """The interpreter's standard-library ``.py`` sources, sorted by path, as bytes (uint8)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = ("site-packages", "test", "tests", "idlelib", "lib2to3")
+    files = sorted(
+        p for p in root.rglob("*.py") if not any(part in skip for part in p.relative_to(root).parts)
+    )
+    return _read_text_files(files, max_bytes)
+
+
+def text_corpus(path: str, max_bytes: int) -> np.ndarray:
+    """A text file, or every text file under a folder (sorted), as bytes."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data.path {path!r} does not exist; point it at a text file or folder")
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES)
+    data = _read_text_files(files, max_bytes)
+    if data.size == 0:
+        raise DataError(
+            f"data.path {path!r} holds no text (looked for {', '.join(TEXT_SUFFIXES)} files)"
+        )
+    return data
+
+
+def token_file(path: str) -> np.ndarray:
+    """Pre-tokenized ids: ``.npy`` (loaded without pickle) or a raw ``.bin`` of uint16."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data.path {path!r} is not a file; tokens need a .npy or .bin file")
+    if p.suffix == ".npy":
+        tokens = np.load(p, mmap_mode="r", allow_pickle=False)
+    elif p.suffix == ".bin":
+        tokens = np.memmap(p, dtype=np.uint16, mode="r")
+    else:
+        raise DataError(f"data.path {path!r}: token files must end in .npy or .bin")
+    if tokens.ndim != 1 or tokens.size == 0:
+        raise DataError(f"data.path {path!r} must hold a non-empty 1-D token array, got {tokens.shape}")
+    return tokens
+
+
+class TokenDataset:
+    """Random windows of a token stream: ``inputs`` and next-token ``targets``, both [B, T]."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, name: str = "data"):
+        if tokens.size < seq_len + 2:
+            raise DataError(
+                f"{name} has {tokens.size} tokens, fewer than data.seq_len + 1 = {seq_len + 1}; "
+                "lower data.seq_len or use more data"
+            )
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+
+    def batch(self, index: int, batch_size: int) -> dict:
+        rng = np.random.default_rng([self.seed, index])
+        starts = rng.integers(0, self.tokens.size - self.seq_len - 1, size=batch_size)
+        window = np.asarray(self.tokens[starts[:, None] + np.arange(self.seq_len + 1)], np.int32)
+        return {"inputs": window[:, :-1], "targets": window[:, 1:]}  # (B, T) each
+
+
+class SyntheticImages:
+    """Random images whose label is a fixed function of the image, so a model can learn it."""
+
+    def __init__(self, image_size: int, num_classes: int, seed: int, channels: int = 3):
+        self.shape, self.num_classes, self.seed = (image_size, image_size, channels), num_classes, seed
+        self.prototypes = np.random.default_rng([seed, 7]).normal(size=(num_classes, *self.shape))
+
+    def batch(self, index: int, batch_size: int) -> dict:
+        rng = np.random.default_rng([self.seed, index])
+        labels = rng.integers(0, self.num_classes, size=batch_size)
+        noise = rng.normal(size=(batch_size, *self.shape))
+        images = (self.prototypes[labels] + noise).astype(np.float32)  # (B, H, W, C)
+        return {"inputs": images, "targets": labels.astype(np.int32)}
+
+
+class SyntheticRegression:
+    """Inputs ``x`` and targets ``tanh(x @ W)`` for a fixed random teacher ``W``."""
+
+    def __init__(self, in_dim: int, out_dim: int, seed: int):
+        self.in_dim = in_dim
+        self.teacher = np.random.default_rng([seed, 11]).normal(size=(in_dim, out_dim)) / np.sqrt(in_dim)
+        self.seed = seed
+
+    def batch(self, index: int, batch_size: int) -> dict:
+        x = np.random.default_rng([self.seed, index]).normal(size=(batch_size, self.in_dim))
+        return {"inputs": x.astype(np.float32), "targets": np.tanh(x @ self.teacher).astype(np.float32)}
+
+
+def split_tokens(tokens: np.ndarray, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic split: the last ``eval_fraction`` of the stream is held out for eval."""
+    cut = int(tokens.size * (1 - eval_fraction)) if eval_fraction > 0 else tokens.size
+    return tokens[:cut], tokens[cut:] if eval_fraction > 0 else tokens
+
+
+class Prefetcher:
+    """Prepares the host batches of the next steps in a background thread.
+
+    Yields ``(index, batch)`` for ``index`` in ``[start, stop)``; batches are built ahead, up to
+    ``depth`` of them, so the device never waits for Python to slice the data.
+    """
+
+    def __init__(self, dataset, batch_size: int, start: int, stop: int, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._fill, args=(dataset, batch_size, start, stop), daemon=True
+        )
+        self._thread.start()
+
+    def _fill(self, dataset, batch_size, start, stop):
+        for index in range(start, stop):
+            try:
+                item = (index, dataset.batch(index, batch_size))
+            except Exception as e:  # handed to the consumer, raised in the training thread
+                item = (index, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or isinstance(item[1], Exception):
+                return
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self._thread.is_alive() and self._queue.empty():
+            raise StopIteration
+        while True:
+            try:
+                index, batch = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise StopIteration from None
+        if isinstance(batch, Exception):
+            raise batch
+        return index, batch
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=1)
+
+
+def build_datasets(data, task: str, seed: int, model_options) -> tuple:
+    """The (train, eval) datasets the config describes, for a model of the given task.
+
+    Args:
+      data: the ``DataConfig``.
+      task: ``"lm"``, ``"classify"`` or ``"regress"`` (from the model registry).
+      seed: ``train.seed``; eval data uses a different stream of the same seed.
+      model_options: the model's options (vocabulary size, input width, classes).
+    """
+    if task == "classify":
+        classes = model_options.get("num_classes", data.num_classes)
+        return (SyntheticImages(data.image_size, classes, seed),
+                SyntheticImages(data.image_size, classes, seed + 1_000_003))
+    if task == "regress":
+        in_dim = model_options.get("in_features", 16)
+        out_dim = model_options.get("out_features", in_dim)
+        return (SyntheticRegression(in_dim, out_dim, seed),
+                SyntheticRegression(in_dim, out_dim, seed + 1_000_003))
+    vocab = model_options.get("vocab_size", 256)
+    if data.source == "synthetic":
+        tokens = np.random.default_rng([seed, 13]).integers(0, vocab, size=2**20).astype(np.int32)
+    elif data.source == "tokens":
+        tokens = token_file(data.path)
+        top = int(tokens.max())
+        if top >= vocab:
+            raise DataError(
+                f"data.path {data.path!r} holds token id {top}, but model.vocab_size is {vocab}; "
+                f"raise model.vocab_size to at least {top + 1}"
+            )
+    else:
+        tokens = stdlib_corpus(data.max_bytes) if data.source == "stdlib" else text_corpus(data.path, data.max_bytes)
+        if vocab < 256:
+            raise DataError(f"byte-level text needs model.vocab_size >= 256, got {vocab}")
+    train_tokens, eval_tokens = split_tokens(tokens, data.eval_fraction)
+    return (TokenDataset(train_tokens, data.seq_len, seed, "the training split"),
+            TokenDataset(eval_tokens, data.seq_len, seed + 1_000_003, "the eval split"))
