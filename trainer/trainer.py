@@ -138,9 +138,9 @@ class Trainer:
     def fit(self) -> dict:
         """Trains to ``train.steps``, evaluating, logging and checkpointing; returns last metrics."""
         cfg, tc = self.config, self.config.train
-        self.workdir.mkdir(parents=True, exist_ok=True)
         if self.step_fn is None:
             self.setup()
+        self.workdir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.workdir / "config.yaml")
         (self.workdir / "plan.json").write_text(self.plan.to_json())
         start = int(jax.device_get(self.state["step"]))
