@@ -1,0 +1,19 @@
+"""shardax parallel: plans, sharded compilation and costs of a step on a device mesh."""
+from parallel import profiles as profiles
+from parallel._manual import MEGATRON_RULES as MEGATRON_RULES
+from parallel._manual import ManualParallel as ManualParallel
+from parallel._methods import DataParallel as DataParallel
+from parallel._methods import Method as Method
+from parallel._methods import Zero2Parallel as Zero2Parallel
+from parallel._methods import Zero3Parallel as Zero3Parallel
+from parallel._methods import make_method as make_method
+from parallel._methods import register_method as register_method
+from parallel._parallelize import ParallelStep as ParallelStep
+from parallel._parallelize import parallelize as parallelize
+from parallel.mesh import make_mesh as make_mesh
+from parallel.plan import Constraint as Constraint
+from parallel.plan import LeafPlan as LeafPlan
+from parallel.plan import Plan as Plan
+from parallel.plan import format_plan as format_plan
+from parallel.profiles import DeviceProfile as DeviceProfile
+from parallel.profiles import get_profile as get_profile

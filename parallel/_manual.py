@@ -1,0 +1,197 @@
+"""ManualParallel: place leaves by mapping their logical axis names to mesh axes.
+
+Models name the dimensions of their parameters (``("embed", "mlp")``); rules such as
+``{"mlp": "model"}`` say which mesh axis each name is split over. Megatron-style tensor
+parallelism for a GPT is ``{"heads": "model", "mlp": "model", "vocab": "model"}``.
+
+Which leaves get which names: ``logical_axes`` has one entry per positional argument, a pytree
+whose leaves are tuples of names (or ``PartitionSpec``s of names, as ``nnx.get_partition_spec``
+returns). A leaf of the argument takes the names of the entry whose key path is the longest
+prefix of the leaf's key path, so ``{"params": names_tree}`` names only the parameters.
+
+Optimizer state: a leaf under ``"opt_state"`` without names of its own mirrors a parameter when
+its key path ends with that parameter's path below ``"params"`` and their shapes are equal
+(``['opt_state'][0].mu['dense']['kernel']`` mirrors ``['params']['dense']['kernel']``); it gets
+the parameter's spec. Everything else is replicated; batch leaves are split over ``"data"``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from jax.sharding import PartitionSpec
+import jax
+
+from parallel import mesh as mesh_lib
+from parallel._methods import (OPT_STATE_KEY, PARAMS_KEY, Method, batch_leaf_spec, key_name,
+                               register_method, warn_once)
+
+MEGATRON_RULES = {"heads": "model", "mlp": "model", "vocab": "model", "expert": "model"}
+
+
+def _is_names(x: Any) -> bool:
+    if x is None or isinstance(x, PartitionSpec):
+        return True
+    return isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x)
+
+
+def _plain_path(key_path: tuple) -> tuple:
+    return tuple(key_name(k) for k in key_path)
+
+
+class ManualParallel(Method):
+    """Places leaves by logical-axis rules (tensor parallelism written by hand).
+
+    Args:
+      rules: logical axis name -> mesh axis name, a tuple of mesh axis names, or ``None``
+        (replicated). ``None`` means ``MEGATRON_RULES``.
+      mesh: axis name -> size; ``None`` takes the largest divisor of the device count that is
+        at most its square root for ``"model"`` and the rest for ``"data"`` (8 -> data 4,
+        model 2).
+      strict: raise instead of replicating a dimension whose size does not divide by its mesh
+        axis size.
+    """
+
+    name = "manual"
+
+    def __init__(self, rules: Mapping[str, Any] | None = None,
+                 mesh: Mapping[str, int] | None = None, strict: bool = False):
+        super().__init__(mesh)
+        rules = dict(MEGATRON_RULES if rules is None else rules)
+        for logical, target in rules.items():
+            targets = target if isinstance(target, tuple) else (target,)
+            if not all(t is None or isinstance(t, str) for t in targets):
+                raise ValueError(f"rule {logical!r} -> {target!r}: a rule maps a logical axis "
+                                 f"name to a mesh axis name, a tuple of them, or None")
+        self.rules = rules
+        self.strict = strict
+
+    def __repr__(self) -> str:
+        return f"ManualParallel(rules={self.rules}, mesh={self.mesh}, strict={self.strict})"
+
+    def rule_axes(self) -> list[str]:
+        """Mesh axes the rules map to, in first-use order."""
+        axes = []
+        for target in self.rules.values():
+            for axis in target if isinstance(target, tuple) else (target,):
+                if axis is not None and axis not in axes:
+                    axes.append(axis)
+        return axes
+
+    def default_mesh(self, num_devices: int) -> dict[str, int]:
+        model = max(d for d in range(1, math.isqrt(num_devices) + 1) if num_devices % d == 0)
+        return {mesh_lib.DATA_AXIS: num_devices // model, mesh_lib.MODEL_AXIS: model}
+
+    def known_axes(self) -> tuple[str, ...]:
+        return (mesh_lib.DATA_AXIS, *self.rule_axes())
+
+    def resolve_mesh_shape(self, num_devices: int) -> dict[str, int]:
+        shape = super().resolve_mesh_shape(num_devices)
+        missing = [axis for axis in self.rule_axes() if axis not in shape]
+        if missing:
+            raise ValueError(f"rules {self.rules} map to mesh axes {missing} that mesh "
+                             f"{shape} does not have; add them to parallel.mesh or fix the rules")
+        return shape
+
+    def prepare(self, abstract_args, mesh_shape, logical_axes):
+        """Resolves each argument leaf's logical names, and parameter specs for mirroring."""
+        names_by_arg = []
+        for i, arg in enumerate(abstract_args):
+            entry = logical_axes[i] if logical_axes is not None and i < len(logical_axes) else None
+            names_by_arg.append(self._names_table(entry))
+        param_specs = {}
+        for i, arg in enumerate(abstract_args):
+            if not (isinstance(arg, Mapping) and PARAMS_KEY in arg):
+                continue
+            for key_path, leaf in jax.tree_util.tree_flatten_with_path(arg)[0]:
+                path = _plain_path(key_path)
+                if path[0] != PARAMS_KEY:
+                    continue
+                names = _lookup(names_by_arg[i], path)
+                if names is not None:
+                    spec = self._spec(names, np.shape(leaf), jax.tree_util.keystr(key_path),
+                                      mesh_shape)
+                    param_specs[(i, path[1:])] = (tuple(np.shape(leaf)), spec)
+        return {"names": names_by_arg, "param_specs": param_specs}
+
+    def leaf_spec(self, role, path, key_path, leaf, mesh_shape, argnum, context):
+        plain = _plain_path(key_path)
+        names = _lookup(context["names"][argnum], plain)
+        if names is not None:
+            return self._spec(names, np.shape(leaf), path, mesh_shape)
+        if role == OPT_STATE_KEY:
+            for suffix_len in range(len(plain) - 1, 0, -1):
+                mirrored = context["param_specs"].get((argnum, plain[-suffix_len:]))
+                if mirrored is not None and mirrored[0] == tuple(np.shape(leaf)):
+                    return mirrored[1]
+        return PartitionSpec()
+
+    def batch_spec(self, path, leaf, mesh_shape, argnum, key_path, context):
+        names = _lookup(context["names"][argnum], _plain_path(key_path))
+        if names is not None:
+            return self._spec(names, np.shape(leaf), path, mesh_shape)
+        return batch_leaf_spec(path, leaf, mesh_shape, argnum, self.batch_axis)
+
+    def _names_table(self, entry: Any) -> list[tuple[tuple, tuple]]:
+        if entry is None:
+            return []
+        flat = jax.tree_util.tree_flatten_with_path(entry, is_leaf=_is_names)[0]
+        return [(_plain_path(kp), tuple(names)) for kp, names in flat if names is not None]
+
+    def _spec(self, names: tuple, shape: tuple, path: str,
+              mesh_shape: Mapping[str, int]) -> PartitionSpec:
+        if len(names) != len(shape):
+            raise ValueError(f"leaf {path} has shape {tuple(shape)} ({len(shape)} dims) but "
+                             f"logical axes {names} ({len(names)} names); give one name (or "
+                             f"None) per dimension")
+        entries, used = [], set()
+        for dim, (name, size) in enumerate(zip(names, shape)):
+            target = self.rules.get(name) if name is not None else None
+            axes = tuple(a for a in (target if isinstance(target, tuple) else (target,))
+                         if a is not None)
+            ways = math.prod(mesh_shape[a] for a in axes)
+            if not axes or ways == 1:
+                entries.append(None)
+                continue
+            problem = None
+            if used.intersection(axes):
+                problem = (f"mesh axes {axes} already split another dimension of {path} "
+                           f"(logical axes {names})")
+            elif size % ways:
+                problem = (f"dimension {dim} ({name!r}, size {size}) of {path} does not divide "
+                           f"by mesh axes {axes} of size {ways}")
+            if problem:
+                if self.strict:
+                    raise ValueError(f"{problem}; change the rule for {name!r}, the mesh, or "
+                                     f"the model size (strict=True refuses to replicate it)")
+                warn_once(f"{problem}; replicating that dimension instead")
+                entries.append(None)
+                continue
+            used.update(axes)
+            entries.append(axes[0] if len(axes) == 1 else axes)
+        while entries and entries[-1] is None:
+            entries.pop()
+        return PartitionSpec(*entries)
+
+
+def _lookup(table: Sequence[tuple[tuple, tuple]], path: tuple) -> tuple | None:
+    best, best_len = None, -1
+    for prefix, names in table:
+        if len(prefix) > best_len and path[:len(prefix)] == prefix:
+            best, best_len = names, len(prefix)
+    return best
+
+
+def _manual_factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1):
+    if num_micro_batches != 1:
+        raise ValueError(f"parallel.num_micro_batches={num_micro_batches} applies to pipeline "
+                         f"methods; method 'manual' runs the whole batch at once. Set it to 1")
+    if memory_budget_bytes is not None:
+        warn_once(f"method 'manual' does not search plans, so parallel.memory_budget_bytes="
+                  f"{memory_budget_bytes} is not enforced")
+    return ManualParallel(rules=rules, mesh=mesh)
+
+
+register_method("manual", _manual_factory)

@@ -1,0 +1,336 @@
+"""Methods: objects that turn a traced step into a ``Plan``.
+
+``Method.make_plan`` is the one entry point ``parallelize`` calls. The manual methods here
+choose a ``PartitionSpec`` per input leaf from where the leaf sits in the state:
+
+* leaves under the top-level key ``"params"`` are parameters,
+* leaves under ``"opt_state"`` are optimizer state,
+* leaves of ``batch_argnums`` arguments are split on their leading (batch) dimension,
+* everything else (step counter, RNG, model state) is replicated.
+
+Outputs that mirror an input argument (the new state mirrors the state) take that argument's
+specs, so step N+1 needs no data movement; other outputs (metrics) are replicated.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from parallel import mesh as mesh_lib
+from parallel.plan import LeafPlan, Plan, make_leaf_plans
+
+PARAMS_KEY = "params"
+OPT_STATE_KEY = "opt_state"
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Emits ``message`` as a ``UserWarning`` the first time it is seen in this process."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def key_name(key: Any) -> Any:
+    """The plain name of one key-path entry: a dict key, sequence index or attribute name."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return str(key)
+
+
+def leaf_role(arg: Any, key_path: tuple, *, is_batch: bool, is_donated: bool) -> str:
+    """Classifies a leaf as ``"batch"``, ``"params"``, ``"opt_state"``, ``"state"`` or ``"other"``.
+
+    ``"state"`` is a leaf of a donated argument that is not a dict with ``"params"``: such a
+    pytree is treated as parameters and optimizer state together.
+    """
+    if is_batch:
+        return "batch"
+    if isinstance(arg, Mapping) and PARAMS_KEY in arg:
+        top = key_name(key_path[0]) if key_path else None
+        return top if top in (PARAMS_KEY, OPT_STATE_KEY) else "other"
+    return "state" if is_donated else "other"
+
+
+def largest_divisible_dim(shape: Sequence[int], ways: int) -> int | None:
+    """The index of the largest dimension divisible by ``ways`` (first on ties), or ``None``."""
+    best = None
+    for dim, size in enumerate(shape):
+        if size % ways == 0 and size >= ways and (best is None or size > shape[best]):
+            best = dim
+    return best
+
+
+class Method:
+    """Base class: decides a ``Plan`` for a function and its abstract arguments.
+
+    Subclasses implement ``make_plan`` (the automatic solvers) or, for methods that only
+    place inputs, ``leaf_spec`` and ``default_mesh``.
+
+    Args:
+      mesh: axis name -> size (``-1`` fills the rest), or ``None`` for the method's default.
+    """
+
+    name = "method"
+    batch_axis = mesh_lib.DATA_AXIS
+
+    def __init__(self, mesh: Mapping[str, int] | None = None):
+        self.mesh = dict(mesh) if mesh is not None else None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mesh={self.mesh})"
+
+    def default_mesh(self, num_devices: int) -> dict[str, int]:
+        """The mesh shape used when the user gives none."""
+        return {mesh_lib.DATA_AXIS: num_devices}
+
+    def known_axes(self) -> tuple[str, ...]:
+        """Mesh axes this method places something on (others would idle and are refused)."""
+        return (mesh_lib.DATA_AXIS,)
+
+    def resolve_mesh_shape(self, num_devices: int) -> dict[str, int]:
+        """The concrete mesh shape for ``num_devices`` devices, checked against ``known_axes``."""
+        shape = mesh_lib.resolve_mesh_shape(
+            self.mesh if self.mesh is not None else self.default_mesh(num_devices), num_devices)
+        mesh_lib.check_axes_known(shape, self.known_axes(), type(self).__name__)
+        return shape
+
+    def make_plan(
+        self,
+        fn: Callable,
+        abstract_args: Sequence[Any],
+        *,
+        batch_argnums: Sequence[int],
+        donate_argnums: Sequence[int],
+        devices: Sequence[jax.Device],
+        logical_axes: Sequence[Any] | None,
+    ) -> Plan:
+        """Plans ``fn`` over ``abstract_args`` (pytrees of ``jax.ShapeDtypeStruct``).
+
+        Args:
+          fn: the function being parallelized.
+          abstract_args: its positional arguments, abstract.
+          batch_argnums: arguments whose leading dimension is the global batch.
+          donate_argnums: arguments donated to the step.
+          devices: the devices the mesh covers.
+          logical_axes: ``None`` or one pytree (prefix) of logical axis names per argument.
+
+        Returns:
+          The plan.
+        """
+        mesh_shape = self.resolve_mesh_shape(len(devices))
+        context = self.prepare(abstract_args, mesh_shape, logical_axes)
+        inputs = []
+        for i, arg in enumerate(abstract_args):
+            is_batch, is_donated = i in batch_argnums, i in donate_argnums
+
+            def spec_fn(path, key_path, leaf, arg=arg, i=i, is_batch=is_batch,
+                        is_donated=is_donated):
+                role = leaf_role(arg, key_path, is_batch=is_batch, is_donated=is_donated)
+                if role == "batch":
+                    return self.batch_spec(path, leaf, mesh_shape, i, key_path, context)
+                return self.leaf_spec(role, path, key_path, leaf, mesh_shape, i, context)
+
+            inputs.append(make_leaf_plans(arg, spec_fn))
+        outputs = plan_outputs(fn, abstract_args, inputs, donate_argnums)
+        return Plan(self.name, mesh_shape, tuple(inputs), outputs,
+                    batch_argnums=tuple(batch_argnums), donate_argnums=tuple(donate_argnums))
+
+    def prepare(self, abstract_args: Sequence[Any], mesh_shape: dict[str, int],
+                logical_axes: Sequence[Any] | None) -> Any:
+        """Per-plan precomputation handed to ``leaf_spec`` and ``batch_spec`` (none here)."""
+        del abstract_args, mesh_shape
+        if logical_axes is not None and any(entry is not None for entry in logical_axes):
+            warn_once(f"{type(self).__name__} ignores logical_axes; use ManualParallel(rules) "
+                      f"to place parameters by their logical axis names")
+        return None
+
+    def leaf_spec(self, role: str, path: str, key_path: tuple, leaf: Any,
+                  mesh_shape: dict[str, int], argnum: int, context: Any) -> PartitionSpec:
+        """The spec of a non-batch leaf; replicated unless a subclass says otherwise."""
+        del role, path, key_path, leaf, mesh_shape, argnum, context
+        return PartitionSpec()
+
+    def batch_spec(self, path: str, leaf: Any, mesh_shape: dict[str, int], argnum: int,
+                   key_path: tuple, context: Any) -> PartitionSpec:
+        """Splits the leading dimension of a batch leaf over the data axis."""
+        del key_path, context
+        return batch_leaf_spec(path, leaf, mesh_shape, argnum, self.batch_axis)
+
+
+def batch_leaf_spec(path: str, leaf: Any, mesh_shape: Mapping[str, int], argnum: int,
+                    batch_axis: str = mesh_lib.DATA_AXIS) -> PartitionSpec:
+    """``P(batch_axis)`` for a batch leaf, ``P()`` for scalars or a mesh without the axis.
+
+    Raises:
+      ValueError: the leading dimension does not divide by the batch axis size.
+    """
+    ways = mesh_shape.get(batch_axis, 1)
+    shape = np.shape(leaf)
+    if ways == 1 or not shape:
+        return PartitionSpec()
+    if shape[0] % ways:
+        raise ValueError(
+            f"global batch size {shape[0]} (argument {argnum}, leaf {path or '<root>'}, shape "
+            f"{tuple(shape)}) is not divisible by the data-parallel size {ways} of mesh "
+            f"{dict(mesh_shape)}; use a batch size that is a multiple of {ways} or change the "
+            f"mesh's {batch_axis!r} axis"
+        )
+    return PartitionSpec(batch_axis)
+
+
+def plan_outputs(fn: Callable, abstract_args: Sequence[Any],
+                 inputs: Sequence[tuple[LeafPlan, ...]],
+                 donate_argnums: Sequence[int]) -> tuple[LeafPlan, ...]:
+    """Output placements: an output entry that mirrors an argument takes its specs.
+
+    The output (or, for a tuple/list output, each of its entries) is compared with the
+    arguments, donated ones first; an entry with the same structure and leaf shapes as an
+    argument reuses that argument's specs. Every other output leaf is replicated.
+    """
+    out = jax.eval_shape(fn, *abstract_args)
+    order = list(donate_argnums) + [i for i in range(len(abstract_args)) if i not in donate_argnums]
+    signatures = {i: _signature(abstract_args[i]) for i in order}
+
+    def specs_for(entry):
+        sig = _signature(entry)
+        for i in order:
+            if signatures[i] == sig:
+                return [leaf.spec for leaf in inputs[i]]
+        return [PartitionSpec()] * len(jax.tree.leaves(entry))
+
+    if isinstance(out, (tuple, list)):
+        specs = [spec for entry in out for spec in specs_for(entry)]
+    else:
+        specs = specs_for(out)
+    flat = iter(specs)
+    return make_leaf_plans(out, lambda path, key_path, leaf: next(flat))
+
+
+def _signature(tree: Any) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(tuple(np.shape(x)) for x in leaves)
+
+
+class DataParallel(Method):
+    """Parameters and optimizer state replicated, the batch split over ``"data"`` (like pmap).
+
+    Args:
+      mesh: default ``{"data": num_devices}``.
+    """
+
+    name = "data"
+
+
+class Zero2Parallel(Method):
+    """ZeRO stage 2: optimizer state (and so the update) sharded over ``"data"``.
+
+    Parameters stay replicated; each optimizer-state leaf is split along its largest dimension
+    that divides by the data size. Leaves with fewer than ``min_shard_elements`` elements or no
+    such dimension stay replicated.
+
+    Args:
+      mesh: default ``{"data": num_devices}``.
+      min_shard_elements: smaller leaves are replicated (a collective on them costs more
+        latency than the memory saved).
+    """
+
+    name = "zero2"
+    sharded_roles = ("opt_state",)
+
+    def __init__(self, mesh: Mapping[str, int] | None = None, min_shard_elements: int = 1024):
+        super().__init__(mesh)
+        self.min_shard_elements = min_shard_elements
+
+    def leaf_spec(self, role, path, key_path, leaf, mesh_shape, argnum, context):
+        del path, key_path, argnum, context
+        ways = mesh_shape.get(mesh_lib.DATA_AXIS, 1)
+        shape = np.shape(leaf)
+        if role not in self.sharded_roles or ways == 1 or math.prod(shape) < self.min_shard_elements:
+            return PartitionSpec()
+        dim = largest_divisible_dim(shape, ways)
+        if dim is None:
+            return PartitionSpec()
+        return PartitionSpec(*([None] * dim), mesh_lib.DATA_AXIS)
+
+
+class Zero3Parallel(Zero2Parallel):
+    """ZeRO stage 3 (FSDP): parameters sharded over ``"data"`` too, gathered where used.
+
+    Leaves of a donated argument that is not a ``{"params": ...}`` dict are sharded the same way.
+    """
+
+    name = "zero3"
+    sharded_roles = ("params", "opt_state", "state")
+
+
+_REGISTRY: dict[str, Callable[..., Method]] = {}
+
+
+def register_method(name: str, factory: Callable[..., Method]) -> None:
+    """Makes ``make_method(name, ...)`` call ``factory(mesh=, rules=, memory_budget_bytes=,
+    num_micro_batches=)``."""
+    _REGISTRY[name] = factory
+
+
+def make_method(
+    name: str,
+    mesh: Mapping[str, int] | None = None,
+    rules: Mapping[str, Any] | None = None,
+    memory_budget_bytes: int | None = None,
+    num_micro_batches: int = 1,
+) -> Method:
+    """Builds a method from the config's ``parallel:`` section.
+
+    Args:
+      name: ``"data"``, ``"zero2"``, ``"zero3"``, ``"manual"``, or a registered method such as
+        ``"shard"``/``"auto"``.
+      mesh: axis name -> size (``-1`` fills the rest); ``None`` lets the method choose.
+      rules: logical axis name -> mesh axis (``manual`` only).
+      memory_budget_bytes: per-device memory limit (solver methods only).
+      num_micro_batches: micro-batches per step (pipeline methods only).
+
+    Raises:
+      ValueError: unknown name, or an option the method does not take.
+    """
+    if name not in _REGISTRY:
+        import difflib
+
+        hint = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueError(f"unknown parallel method {name!r}{did_you_mean}; available: "
+                         f"{', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](mesh=mesh, rules=rules, memory_budget_bytes=memory_budget_bytes,
+                           num_micro_batches=num_micro_batches)
+
+
+def _placement_factory(cls: type[Method], name: str) -> Callable[..., Method]:
+    def factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1):
+        if rules:
+            raise ValueError(f"parallel.rules={dict(rules)} only applies to method 'manual'; "
+                             f"method {name!r} ignores rules. Set parallel.method=manual or drop "
+                             f"the rules")
+        if num_micro_batches != 1:
+            raise ValueError(f"parallel.num_micro_batches={num_micro_batches} applies to "
+                             f"pipeline methods; method {name!r} runs the whole batch at once. "
+                             f"Use train.grad_accum_steps for accumulation, or set it to 1")
+        if memory_budget_bytes is not None:
+            warn_once(f"method {name!r} does not search plans, so parallel.memory_budget_bytes="
+                      f"{memory_budget_bytes} is not enforced; use method 'shard' to plan "
+                      f"within a budget")
+        return cls(mesh=mesh)
+
+    return factory
+
+
+register_method("data", _placement_factory(DataParallel, "data"))
+register_method("zero2", _placement_factory(Zero2Parallel, "zero2"))
+register_method("zero3", _placement_factory(Zero3Parallel, "zero3"))
