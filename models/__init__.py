@@ -1,0 +1,17 @@
+"""shardax models (Flax NNX) and the registry that maps ``model.name`` to them.
+
+Models name logical axes on their params (``nnx.with_partitioning`` metadata, key
+``out_sharding``) and know nothing about meshes or ``parallel``.
+"""
+from models import gpt as gpt
+from models import mlp as mlp
+from models._registry import ModelSpec as ModelSpec
+from models._registry import available_models as available_models
+from models._registry import create_model as create_model
+from models._registry import get_spec as get_spec
+from models._registry import make_config as make_config
+from models._registry import register as register
+from models.gpt import GPT as GPT
+from models.gpt import GPTConfig as GPTConfig
+from models.mlp import MLP as MLP
+from models.mlp import MLPConfig as MLPConfig
