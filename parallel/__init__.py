@@ -17,3 +17,6 @@ from parallel.plan import Plan as Plan
 from parallel.plan import format_plan as format_plan
 from parallel.profiles import DeviceProfile as DeviceProfile
 from parallel.profiles import get_profile as get_profile
+from parallel.report import Report as Report
+from parallel._pmap import PmapStep as PmapStep
+from parallel._pmap import pmap_step as pmap_step

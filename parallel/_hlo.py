@@ -1,0 +1,164 @@
+"""Counts the bytes each device sends in the collectives of a compiled HLO module.
+
+Per device and per execution, with the ring formulas for a group of ``n`` devices and a full
+(unsharded) operand of ``S`` bytes:
+
+* all-reduce: ``2 (n-1)/n * S``
+* all-gather: ``(n-1)/n * S`` where ``S`` is the gathered result
+* reduce-scatter: ``(n-1)/n * S`` where ``S`` is the operand (``n`` times the result)
+* all-to-all: ``(n-1)/n * S``
+* collective-permute: ``S``
+
+Async pairs are counted once, at their ``-start``. Collectives inside a ``while`` body count
+once per iteration when XLA knows the trip count (``known_trip_count``), once otherwise.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+_BYTES = {"pred": 1, "s2": 0.25, "u2": 0.25, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2,
+          "u16": 2, "s32": 4, "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4,
+          "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s+"
+    r"(?P<op>" + "|".join(KINDS) + r")(?P<suffix>-start|-done)?\((?P<rest>.*)$")
+_WHILE = re.compile(r"\swhile\(.*\bbody=%?([\w.\-]+)")
+_CALLS = re.compile(r"\b(?:to_apply|calls|body|condition|branch_computations|"
+                    r"true_computation|false_computation)=\{?([%\w.\-, ]+)\}?")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective instruction: kind, group size and bytes sent per device per execution."""
+
+    kind: str
+    group_size: int
+    full_bytes: float
+    bytes_per_device: float
+
+
+def array_bytes(shape_text: str) -> list[float]:
+    """Bytes of each array in an HLO shape such as ``(f32[8,4]{1,0}, bf16[2])``."""
+    shape_text = re.sub(r"/\*.*?\*/", "", shape_text)
+    sizes = []
+    for dtype, dims in _ARRAY.findall(shape_text):
+        if dtype not in _BYTES:
+            continue
+        count = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        sizes.append(count * _BYTES[dtype])
+    return sizes
+
+
+def group_size(rest: str, num_devices: int) -> int:
+    """Devices per replica group of an instruction's attribute text.
+
+    Understands ``{{0,1},{2,3}}`` lists, iota ``[2,4]<=[8]`` groups and the mesh form
+    ``mesh['x'=2,'y'=4] {'y'}``; an empty or missing group means all ``num_devices``.
+    """
+    match = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", rest)
+    if match:
+        sizes = dict((name, int(size)) for name, size in
+                     re.findall(r"'([^']+)'\s*=\s*(\d+)", match.group(1)))
+        names = re.findall(r"'([^']+)'", match.group(2))
+        return math.prod(sizes[name] for name in names) if names else num_devices
+    match = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", rest)
+    if match:
+        return int(match.group(2))
+    match = re.search(r"replica_groups=\{\{([^}]*)\}", rest)
+    if match:
+        return len([x for x in match.group(1).split(",") if x.strip()])
+    return num_devices
+
+
+def parse_collective(line: str, num_devices: int) -> Collective | None:
+    """The collective on one HLO text line, or ``None`` if the line has none (or is a -done)."""
+    match = _INSTRUCTION.match(line)
+    if match is None or match.group("suffix") == "-done":
+        return None
+    kind, rest = match.group("op"), match.group("rest")
+    sizes = array_bytes(match.group("shape"))
+    if match.group("suffix") == "-start" and kind != "all-reduce":
+        # Async starts return (operands..., results..., [contexts]); keep the results.
+        sizes = sizes[len(sizes) // 2:] if kind == "all-gather" else sizes[:1]
+    n = group_size(rest, num_devices)
+    result = float(sum(sizes))
+    if kind == "all-reduce":
+        full, sent = result, 2 * (n - 1) / n * result
+    elif kind == "reduce-scatter":
+        full = result * n
+        sent = (n - 1) / n * full
+    elif kind in ("all-gather", "all-to-all"):
+        full, sent = result, (n - 1) / n * result
+    else:
+        full, sent = result, result
+    return Collective(kind, n, full, sent)
+
+
+def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, dict[str, float]]:
+    """Collective traffic of one execution of the module, by collective kind.
+
+    Args:
+      hlo_text: ``compiled.as_text()`` of an SPMD-partitioned module.
+      num_devices: devices in the module (groups written as ``{}`` span all of them).
+
+    Returns:
+      ``{kind: {"count": executions, "payload_bytes": sum of full operand sizes S,
+      "sent_bytes": bytes one device sends}}`` for each kind in ``KINDS`` (zeros when absent).
+    """
+    fields = ("count", "payload_bytes", "sent_bytes")
+    direct: dict[str, collections.Counter] = {}
+    calls: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and "=" not in line.split("{")[0]:
+            current = header.group(2)
+            direct.setdefault(current, collections.Counter())
+            if header.group(1):
+                entry = current
+            continue
+        if current is None:
+            continue
+        collective = parse_collective(line, num_devices)
+        if collective is not None:
+            direct[current].update({
+                (collective.kind, "count"): 1,
+                (collective.kind, "payload_bytes"): collective.full_bytes,
+                (collective.kind, "sent_bytes"): collective.bytes_per_device})
+            continue
+        body = _WHILE.search(line)
+        if body:
+            trip = _TRIP.search(line)
+            calls[current].append((body.group(1), int(trip.group(1)) if trip else 1))
+            continue
+        for group in _CALLS.findall(line):
+            for callee in group.split(","):
+                callee = callee.strip().lstrip("%")
+                if callee:
+                    calls[current].append((callee, 1))
+
+    def total(name: str, seen: frozenset) -> collections.Counter:
+        counts = collections.Counter(direct.get(name, {}))
+        for callee, times in calls.get(name, ()):
+            if callee in seen:
+                continue
+            for key, value in total(callee, seen | {callee}).items():
+                counts[key] += times * value
+        return counts
+
+    if entry is None:
+        counts = collections.Counter()
+        for per_computation in direct.values():
+            counts.update(per_computation)
+    else:
+        counts = total(entry, frozenset({entry}))
+    return {kind: {field: float(counts.get((kind, field), 0.0)) for field in fields}
+            for kind in KINDS}
