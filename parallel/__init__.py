@@ -1,5 +1,6 @@
 """shardax parallel: plans, sharded compilation and costs of a step on a device mesh."""
 from parallel import profiles as profiles
+from parallel._errors import PlanError as PlanError
 from parallel._manual import MEGATRON_RULES as MEGATRON_RULES
 from parallel._manual import ManualParallel as ManualParallel
 from parallel._methods import DataParallel as DataParallel
@@ -10,6 +11,8 @@ from parallel._methods import make_method as make_method
 from parallel._methods import register_method as register_method
 from parallel._parallelize import ParallelStep as ParallelStep
 from parallel._parallelize import parallelize as parallelize
+from parallel._pmap import PmapStep as PmapStep
+from parallel._pmap import pmap_step as pmap_step
 from parallel.mesh import make_mesh as make_mesh
 from parallel.plan import Constraint as Constraint
 from parallel.plan import LeafPlan as LeafPlan
@@ -18,5 +21,3 @@ from parallel.plan import format_plan as format_plan
 from parallel.profiles import DeviceProfile as DeviceProfile
 from parallel.profiles import get_profile as get_profile
 from parallel.report import Report as Report
-from parallel._pmap import PmapStep as PmapStep
-from parallel._pmap import pmap_step as pmap_step

@@ -14,6 +14,7 @@ import jax
 from jax.extend import core as jex_core
 from jax.sharding import Mesh, NamedSharding
 
+from parallel._errors import PlanError
 from parallel.plan import Constraint
 
 
@@ -34,7 +35,7 @@ def with_constraints(fn: Callable, abstract_args: Sequence[Any],
     """``fn`` with ``constraints`` applied to its intermediates.
 
     Raises:
-      ValueError: a constraint names an equation or output the jaxpr does not have, or a spec
+      PlanError: a constraint names an equation or output the jaxpr does not have, or a spec
         with more entries than the value has dimensions.
     """
     closed, in_tree, out_tree = trace_flat(fn, abstract_args)
@@ -42,12 +43,12 @@ def with_constraints(fn: Callable, abstract_args: Sequence[Any],
     by_output = {}
     for c in constraints:
         if not 0 <= c.eqn < len(eqns) or not 0 <= c.output < len(eqns[c.eqn].outvars):
-            raise ValueError(
+            raise PlanError(
                 f"constraint on equation {c.eqn} output {c.output} does not exist: the traced "
                 f"function has {len(eqns)} equations; re-plan for this function")
         ndim = len(eqns[c.eqn].outvars[c.output].aval.shape)
         if len(c.spec) > ndim:
-            raise ValueError(
+            raise PlanError(
                 f"constraint {c.spec} on equation {c.eqn} ({eqns[c.eqn].primitive}) output "
                 f"{c.output} has {len(c.spec)} entries but the value has {ndim} dimensions")
         by_output[(c.eqn, c.output)] = NamedSharding(mesh, c.spec)
@@ -55,7 +56,7 @@ def with_constraints(fn: Callable, abstract_args: Sequence[Any],
     def constrained(*args):
         flat, tree = jax.tree.flatten(tuple(args))
         if tree != in_tree:
-            raise ValueError(f"arguments have structure {tree} but the plan was traced for "
+            raise PlanError(f"arguments have structure {tree} but the plan was traced for "
                              f"{in_tree}; re-plan for these arguments")
         outs = _eval(closed.jaxpr, closed.consts, flat, by_output)
         return jax.tree.unflatten(out_tree, outs)

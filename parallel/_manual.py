@@ -20,11 +20,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from jax.sharding import PartitionSpec
-import jax
 
 from parallel import mesh as mesh_lib
+from parallel._errors import PlanError
 from parallel._methods import (OPT_STATE_KEY, PARAMS_KEY, Method, batch_leaf_spec, key_name,
                                register_method, warn_once)
 
@@ -63,7 +64,7 @@ class ManualParallel(Method):
         for logical, target in rules.items():
             targets = target if isinstance(target, tuple) else (target,)
             if not all(t is None or isinstance(t, str) for t in targets):
-                raise ValueError(f"rule {logical!r} -> {target!r}: a rule maps a logical axis "
+                raise PlanError(f"rule {logical!r} -> {target!r}: a rule maps a logical axis "
                                  f"name to a mesh axis name, a tuple of them, or None")
         self.rules = rules
         self.strict = strict
@@ -91,7 +92,7 @@ class ManualParallel(Method):
         shape = super().resolve_mesh_shape(num_devices)
         missing = [axis for axis in self.rule_axes() if axis not in shape]
         if missing:
-            raise ValueError(f"rules {self.rules} map to mesh axes {missing} that mesh "
+            raise PlanError(f"rules {self.rules} map to mesh axes {missing} that mesh "
                              f"{shape} does not have; add them to parallel.mesh or fix the rules")
         return shape
 
@@ -143,7 +144,7 @@ class ManualParallel(Method):
     def _spec(self, names: tuple, shape: tuple, path: str,
               mesh_shape: Mapping[str, int]) -> PartitionSpec:
         if len(names) != len(shape):
-            raise ValueError(f"leaf {path} has shape {tuple(shape)} ({len(shape)} dims) but "
+            raise PlanError(f"leaf {path} has shape {tuple(shape)} ({len(shape)} dims) but "
                              f"logical axes {names} ({len(names)} names); give one name (or "
                              f"None) per dimension")
         entries, used = [], set()
@@ -164,7 +165,7 @@ class ManualParallel(Method):
                            f"by mesh axes {axes} of size {ways}")
             if problem:
                 if self.strict:
-                    raise ValueError(f"{problem}; change the rule for {name!r}, the mesh, or "
+                    raise PlanError(f"{problem}; change the rule for {name!r}, the mesh, or "
                                      f"the model size (strict=True refuses to replicate it)")
                 warn_once(f"{problem}; replicating that dimension instead")
                 entries.append(None)
@@ -186,7 +187,7 @@ def _lookup(table: Sequence[tuple[tuple, tuple]], path: tuple) -> tuple | None:
 
 def _manual_factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1):
     if num_micro_batches != 1:
-        raise ValueError(f"parallel.num_micro_batches={num_micro_batches} applies to pipeline "
+        raise PlanError(f"parallel.num_micro_batches={num_micro_batches} applies to pipeline "
                          f"methods; method 'manual' runs the whole batch at once. Set it to 1")
     if memory_budget_bytes is not None:
         warn_once(f"method 'manual' does not search plans, so parallel.memory_budget_bytes="

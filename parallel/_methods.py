@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from parallel import mesh as mesh_lib
+from parallel._errors import PlanError
 from parallel.plan import LeafPlan, Plan, make_leaf_plans
 
 PARAMS_KEY = "params"
@@ -171,14 +172,14 @@ def batch_leaf_spec(path: str, leaf: Any, mesh_shape: Mapping[str, int], argnum:
     """``P(batch_axis)`` for a batch leaf, ``P()`` for scalars or a mesh without the axis.
 
     Raises:
-      ValueError: the leading dimension does not divide by the batch axis size.
+      PlanError: the leading dimension does not divide by the batch axis size.
     """
     ways = mesh_shape.get(batch_axis, 1)
     shape = np.shape(leaf)
     if ways == 1 or not shape:
         return PartitionSpec()
     if shape[0] % ways:
-        raise ValueError(
+        raise PlanError(
             f"global batch size {shape[0]} (argument {argnum}, leaf {path or '<root>'}, shape "
             f"{tuple(shape)}) is not divisible by the data-parallel size {ways} of mesh "
             f"{dict(mesh_shape)}; use a batch size that is a multiple of {ways} or change the "
@@ -299,14 +300,14 @@ def make_method(
       num_micro_batches: micro-batches per step (pipeline methods only).
 
     Raises:
-      ValueError: unknown name, or an option the method does not take.
+      PlanError: unknown name, or an option the method does not take.
     """
     if name not in _REGISTRY:
         import difflib
 
         hint = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
         did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(f"unknown parallel method {name!r}{did_you_mean}; available: "
+        raise PlanError(f"unknown parallel method {name!r}{did_you_mean}; available: "
                          f"{', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](mesh=mesh, rules=rules, memory_budget_bytes=memory_budget_bytes,
                            num_micro_batches=num_micro_batches)
@@ -315,11 +316,11 @@ def make_method(
 def _placement_factory(cls: type[Method], name: str) -> Callable[..., Method]:
     def factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1):
         if rules:
-            raise ValueError(f"parallel.rules={dict(rules)} only applies to method 'manual'; "
+            raise PlanError(f"parallel.rules={dict(rules)} only applies to method 'manual'; "
                              f"method {name!r} ignores rules. Set parallel.method=manual or drop "
                              f"the rules")
         if num_micro_batches != 1:
-            raise ValueError(f"parallel.num_micro_batches={num_micro_batches} applies to "
+            raise PlanError(f"parallel.num_micro_batches={num_micro_batches} applies to "
                              f"pipeline methods; method {name!r} runs the whole batch at once. "
                              f"Use train.grad_accum_steps for accumulation, or set it to 1")
         if memory_budget_bytes is not None:

@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from parallel._constraints import with_constraints
+from parallel._errors import PlanError
 from parallel._methods import DataParallel, Method
 from parallel.plan import Plan, shardings_from_specs
 
@@ -93,7 +94,7 @@ class ParallelStep:
         for name, nums in (("batch_argnums", self.batch_argnums),
                            ("donate_argnums", self.donate_argnums)):
             if any(not 0 <= i < n for i in nums):
-                raise ValueError(f"{name}={nums} but the function was called with {n} "
+                raise PlanError(f"{name}={nums} but the function was called with {n} "
                                  f"positional arguments")
         start = time.perf_counter()
         plan = self.method.make_plan(
@@ -102,7 +103,7 @@ class ParallelStep:
             logical_axes=self.logical_axes)
         solve_time = time.perf_counter() - start
         if plan.num_devices != len(self.devices):
-            raise ValueError(f"plan mesh {plan.mesh_shape} covers {plan.num_devices} devices but "
+            raise PlanError(f"plan mesh {plan.mesh_shape} covers {plan.num_devices} devices but "
                              f"{len(self.devices)} are in use")
         mesh = plan.make_mesh(self.devices)
         in_shardings = tuple(shardings_from_specs(mesh, s) for s in plan.input_specs(abstract_args))

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parallel._errors import PlanError
+
 _AXIS = "batch"
 
 
@@ -73,14 +75,14 @@ class PmapStep:
         """One step; returns the stacked new state and the device-averaged metrics.
 
         Raises:
-          ValueError: the global batch does not divide by the number of devices.
+          PlanError: the global batch does not divide by the number of devices.
         """
         n = self.num_devices
 
         def split(x):
             x = x if hasattr(x, "reshape") else np.asarray(x)
             if x.shape[0] % n:
-                raise ValueError(f"global batch size {x.shape[0]} (leaf shape {x.shape}) is not "
+                raise PlanError(f"global batch size {x.shape[0]} (leaf shape {x.shape}) is not "
                                  f"divisible by the {n} devices pmap runs on; use a multiple "
                                  f"of {n}")
             return x.reshape(n, x.shape[0] // n, *x.shape[1:])  # [B, ...] -> [n, B/n, ...]

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
+from parallel._errors import PlanError
+
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 
@@ -24,40 +26,40 @@ def resolve_mesh_shape(shape: Mapping[str, int] | None, num_devices: int) -> dic
       An ordered dict axis name -> positive size with product ``num_devices``.
 
     Raises:
-      ValueError: a size is not a positive integer or -1, more than one size is -1, or the
+      PlanError: a size is not a positive integer or -1, more than one size is -1, or the
         sizes do not multiply to ``num_devices``.
     """
     if shape is None:
         return {DATA_AXIS: num_devices}
     if not isinstance(shape, Mapping) or not shape:
-        raise ValueError(
+        raise PlanError(
             f"mesh shape must be a non-empty mapping axis name -> size such as "
             f"{{'data': 2, 'model': 4}}; got {shape!r}"
         )
     sizes = {}
     for name, size in shape.items():
         if not isinstance(name, str) or not name:
-            raise ValueError(f"mesh axis names must be non-empty strings; got {name!r} in {dict(shape)}")
+            raise PlanError(f"mesh axis names must be non-empty strings; got {name!r} in {dict(shape)}")
         if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
-            raise ValueError(
+            raise PlanError(
                 f"mesh axis {name!r} has size {size!r}; use a positive integer, or -1 to fill "
                 f"the remaining devices (mesh {dict(shape)})"
             )
         sizes[name] = size
     fill = [name for name, size in sizes.items() if size == -1]
     if len(fill) > 1:
-        raise ValueError(f"only one mesh axis may be -1; got {fill} in mesh {dict(shape)}")
+        raise PlanError(f"only one mesh axis may be -1; got {fill} in mesh {dict(shape)}")
     known = math.prod(size for size in sizes.values() if size != -1)
     if fill:
         if num_devices % known:
-            raise ValueError(
+            raise PlanError(
                 f"mesh {dict(shape)}: the fixed axes multiply to {known}, which does not divide "
                 f"the {num_devices} devices, so axis {fill[0]!r} cannot fill the rest; choose "
                 f"fixed sizes whose product divides {num_devices}"
             )
         sizes[fill[0]] = num_devices // known
     elif known != num_devices:
-        raise ValueError(
+        raise PlanError(
             f"mesh {dict(shape)} has {known} devices but {num_devices} are available; make the "
             f"sizes multiply to {num_devices} or set one axis to -1 to fill the rest"
         )
@@ -92,14 +94,14 @@ def check_axes_known(mesh_shape: Mapping[str, int], known: Sequence[str], who: s
       who: what is asking, for the message (e.g. ``"DataParallel"``).
 
     Raises:
-      ValueError: an axis of size > 1 is not in ``known``.
+      PlanError: an axis of size > 1 is not in ``known``.
     """
     for name, size in mesh_shape.items():
         if name in known or size == 1:
             continue
         hint = difflib.get_close_matches(name, list(known), n=1)
         did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(
+        raise PlanError(
             f"mesh axis {name!r} (size {size}) in mesh {dict(mesh_shape)} is not used by {who}"
             f"{did_you_mean}; {who} places data only on axes {sorted(known)}. Rename the axis, "
             f"add a rule that maps a logical axis to it, or drop it from the mesh"

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from parallel import mesh as mesh_lib
+from parallel._errors import PlanError
 
 
 def spec_to_json(spec: PartitionSpec) -> list:
@@ -146,10 +147,10 @@ class Plan:
         """One pytree of ``PartitionSpec`` per argument, shaped like ``args``.
 
         Raises:
-          ValueError: a leaf of ``args`` has no planned path, or another shape.
+          PlanError: a leaf of ``args`` has no planned path, or another shape.
         """
         if len(args) != len(self.inputs):
-            raise ValueError(
+            raise PlanError(
                 f"the plan has {len(self.inputs)} arguments but {len(args)} were given"
             )
         return tuple(_specs_like(arg, planned, f"argument {i}")
@@ -256,10 +257,10 @@ def _specs_like(tree: Any, planned: Sequence[LeafPlan], what: str) -> Any:
         path = jax.tree_util.keystr(kp)
         entry = by_path.get(path)
         if entry is None:
-            raise ValueError(f"{what}: leaf {path or '<root>'} is not in the plan; re-plan for "
+            raise PlanError(f"{what}: leaf {path or '<root>'} is not in the plan; re-plan for "
                              f"this pytree structure")
         if entry.shape != tuple(np.shape(leaf)):
-            raise ValueError(f"{what}: leaf {path} has shape {tuple(np.shape(leaf))} but the plan "
+            raise PlanError(f"{what}: leaf {path} has shape {tuple(np.shape(leaf))} but the plan "
                              f"was made for {entry.shape}; re-plan for these shapes")
         specs.append(entry.spec)
     return jax.tree_util.tree_unflatten(treedef, specs)
