@@ -5,6 +5,7 @@ Models name logical axes on their params (``nnx.with_partitioning`` metadata, ke
 """
 from models import gpt as gpt
 from models import mlp as mlp
+from models import moe as moe
 from models._registry import ModelSpec as ModelSpec
 from models._registry import available_models as available_models
 from models._registry import create_model as create_model
@@ -15,3 +16,4 @@ from models.gpt import GPT as GPT
 from models.gpt import GPTConfig as GPTConfig
 from models.mlp import MLP as MLP
 from models.mlp import MLPConfig as MLPConfig
+from models.moe import MoEConfig as MoEConfig

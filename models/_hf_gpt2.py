@@ -91,8 +91,6 @@ def convert(state_dict, hf_config) -> GPT:
     if not config.tie_embeddings:
         params["lm_head"] = get("lm_head.weight", (config.vocab_size, e)).T  # (E, V)
 
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: GPT(config, nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(config, nnx.Rngs(0))))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)

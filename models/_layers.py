@@ -36,8 +36,13 @@ def to_dtype(name: Optional[str]):
 
 
 def param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
-    """A parameter initialized by ``init`` whose dims carry the logical axis ``names``."""
-    return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, dtype))
+    """A parameter initialized by ``init`` whose dims carry the logical axis ``names``.
+
+    The names are metadata only (``out_sharding``; eager sharding off): ``parallel`` maps them
+    to mesh axes and places the params, so a model can be built with or without a mesh.
+    """
+    init = nnx.with_partitioning(init, names, eager_sharding=False)
+    return nnx.Param(init(rngs.params(), shape, dtype))
 
 
 def value(p: nnx.Param, dtype):

@@ -84,8 +84,8 @@ def make_config(name: str, options: dict):
 def create_model(name: str, options: dict, rngs: nnx.Rngs) -> nnx.Module:
     """Creates the registered model ``name`` with ``options`` (the YAML ``model:`` section minus name).
 
-    Params carry logical axis names as metadata; they are not placed on any mesh here
-    (eager sharding is off), ``parallel`` decides placement later.
+    Params carry logical axis names as metadata; they are not placed on any mesh here,
+    ``parallel`` decides placement later.
 
     Args:
       name: registry name, e.g. ``"gpt"``.
@@ -95,9 +95,7 @@ def create_model(name: str, options: dict, rngs: nnx.Rngs) -> nnx.Module:
     Returns:
       An ``nnx.Module`` with ``forward(x, train=False) -> (out, aux_losses)`` and ``__call__``.
     """
-    config = make_config(name, dict(options))
-    with nnx.use_eager_sharding(False):
-        return get_spec(name).build(config, rngs)
+    return get_spec(name).build(make_config(name, dict(options)), rngs)
 
 
 def _check_type(model: str, key: str, value: Any, hint: Any) -> Any:
