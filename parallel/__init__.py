@@ -13,6 +13,9 @@ from parallel._parallelize import ParallelStep as ParallelStep
 from parallel._parallelize import parallelize as parallelize
 from parallel._pmap import PmapStep as PmapStep
 from parallel._pmap import pmap_step as pmap_step
+from parallel.checkpoint import CheckpointError as CheckpointError
+from parallel.checkpoint import CheckpointInfo as CheckpointInfo
+from parallel.checkpoint import Checkpointer as Checkpointer
 from parallel.mesh import make_mesh as make_mesh
 from parallel.plan import Constraint as Constraint
 from parallel.plan import LeafPlan as LeafPlan
