@@ -73,8 +73,9 @@ def _eval(jaxpr, consts, args, by_output):
     env.update(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
     for index, eqn in enumerate(jaxpr.eqns):
-        subfuns, params = eqn.primitive.get_bind_params(eqn.params)
-        outs = eqn.primitive.bind(*subfuns, *map(read, eqn.invars), **params)
+        params = eqn.primitive.get_bind_params(eqn.params)
+        with eqn.ctx.manager:
+            outs = eqn.primitive.bind(*map(read, eqn.invars), **params)
         if not eqn.primitive.multiple_results:
             outs = [outs]
         for output, (var, value) in enumerate(zip(eqn.outvars, outs)):

@@ -27,8 +27,9 @@ _BYTES = {"pred": 1, "s2": 0.25, "u2": 0.25, "s4": 0.5, "u4": 0.5, "s8": 1, "u8"
 _ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s+"
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>\([^=]*?\)|\S+)\s+"
     r"(?P<op>" + "|".join(KINDS) + r")(?P<suffix>-start|-done)?\((?P<rest>.*)$")
+_COMMENT = re.compile(r"/\*.*?\*/")
 _WHILE = re.compile(r"\swhile\(.*\bbody=%?([\w.\-]+)")
 _CALLS = re.compile(r"\b(?:to_apply|calls|body|condition|branch_computations|"
                     r"true_computation|false_computation)=\{?([%\w.\-, ]+)\}?")
@@ -47,7 +48,7 @@ class Collective:
 
 def array_bytes(shape_text: str) -> list[float]:
     """Bytes of each array in an HLO shape such as ``(f32[8,4]{1,0}, bf16[2])``."""
-    shape_text = re.sub(r"/\*.*?\*/", "", shape_text)
+    shape_text = _COMMENT.sub("", shape_text)
     sizes = []
     for dtype, dims in _ARRAY.findall(shape_text):
         if dtype not in _BYTES:
@@ -80,7 +81,7 @@ def group_size(rest: str, num_devices: int) -> int:
 
 def parse_collective(line: str, num_devices: int) -> Collective | None:
     """The collective on one HLO text line, or ``None`` if the line has none (or is a -done)."""
-    match = _INSTRUCTION.match(line)
+    match = _INSTRUCTION.match(_COMMENT.sub("", line))
     if match is None or match.group("suffix") == "-done":
         return None
     kind, rest = match.group("op"), match.group("rest")
