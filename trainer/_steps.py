@@ -127,7 +127,7 @@ def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedu
             "rng": rng,
         }
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-        metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
                        learning_rate=jnp.asarray(schedule(state["step"]), jnp.float32))
         return new_state, metrics
 

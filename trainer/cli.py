@@ -17,7 +17,8 @@ def user_errors() -> tuple:
     from trainer.trainer import TrainingDiverged
 
     extra = tuple(getattr(parallel, name) for name in ("PlanError", "CheckpointError") if hasattr(parallel, name))
-    return USER_ERRORS + extra + (TrainingDiverged,)
+    # parallel reports plan problems (batch not divisible, bad mesh) as ValueError
+    return USER_ERRORS + extra + (TrainingDiverged, ValueError)
 
 
 def run(fn) -> int:
@@ -43,3 +44,14 @@ def train(config_name: str, overrides) -> dict:
     from trainer.trainer import Trainer
 
     return Trainer(load_config(config_name, overrides)).fit()
+
+
+def plan(config_name: str, overrides, profile=None) -> str:
+    """The plan table and cost report of a config, built from abstract shapes only."""
+    import parallel
+    from trainer.trainer import Trainer
+
+    trainer = Trainer(load_config(config_name, overrides)).build()
+    report = trainer.step_fn.analyze(trainer.abstract_state, trainer.batch_spec, profile=profile)
+    header = f"model: {trainer.spec.name} with {trainer.num_params():,} parameters"
+    return header + "\n" + parallel.format_plan(trainer.plan, report)

@@ -88,8 +88,8 @@ class Trainer:
             self._data_cache = build_datasets(cfg.data, self.spec.task, cfg.train.seed, cfg.model.options)
         return self._data_cache
 
-    def setup(self):
-        """Builds the pure step functions, the parallel plan and the (restored or new) state."""
+    def build(self):
+        """Builds the pure step functions and the parallel plan; allocates no model state."""
         cfg = self.config
         self.train_set, self.eval_set = self.train_data(), self.eval_data()
         example = self.train_set.batch(0, cfg.train.batch_size)
@@ -102,14 +102,23 @@ class Trainer:
             cfg.parallel.method, mesh=cfg.parallel.mesh, rules=cfg.parallel.rules,
             memory_budget_bytes=cfg.parallel.memory_budget_bytes,
             num_micro_batches=cfg.parallel.num_micro_batches)
+        # Only rule-based methods read the models' logical axis names.
+        axes = (self.fns.logical_axes, None) if cfg.parallel.method == "manual" else None
         self.step_fn = parallel.parallelize(
             self.fns.train_step, method=method, batch_argnums=(1,), donate_argnums=(0,),
-            logical_axes=(self.fns.logical_axes, None))
+            logical_axes=axes)
         self.eval_fn = parallel.parallelize(
             self.fns.eval_step, method=method, batch_argnums=(1,), donate_argnums=(),
-            logical_axes=(self.fns.logical_axes, None))
-        abstract_state = jax.eval_shape(self.fns.init, jax.random.key(cfg.train.seed))
-        self.plan = self.step_fn.plan(abstract_state, self.batch_spec)
+            logical_axes=axes)
+        self.abstract_state = jax.eval_shape(self.fns.init, jax.random.key(cfg.train.seed))
+        self.plan = self.step_fn.plan(self.abstract_state, self.batch_spec)
+        return self
+
+    def setup(self):
+        """``build``, then the state: restored from the newest valid checkpoint, or new."""
+        cfg = self.config
+        self.build()
+        abstract_state = self.abstract_state
         self.checkpointer = parallel.Checkpointer(
             self.workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints,
             keep_every=cfg.train.keep_every)
@@ -119,14 +128,14 @@ class Trainer:
                 f"{self.workdir} already holds checkpoints (latest step {latest}) and "
                 "train.resume=false; pass train.resume=true to continue, or train.overwrite=true "
                 "to start over (old checkpoints are moved aside, not deleted)")
-        if latest is not None and not cfg.train.resume:
+        if latest is not None and not cfg.train.resume:  # overwrite=true: old ones moved aside
             self.checkpointer.close()
             self.checkpointer = parallel.Checkpointer.start_over(
                 self.workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints,
                 keep_every=cfg.train.keep_every)
             latest = None
         if latest is not None:
-            target = self.step_fn.abstract_placed(abstract_state, self.batch_spec)[0]
+            target = self.step_fn.abstract_inputs(abstract_state, self.batch_spec)[0]
             self.state, extras = self.checkpointer.restore(latest, target)
             self.last_metrics = extras.get("metrics", {})
         else:
@@ -222,8 +231,7 @@ class Trainer:
         return bytes(np.clip(tokens, 0, 255).astype(np.uint8)).decode("utf-8", errors="replace")
 
     def num_params(self) -> int:
-        shapes = jax.eval_shape(lambda s: s["params"], self.state)
-        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
+        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.abstract_state["params"])))
 
     # ----- helpers --------------------------------------------------------------------------
     def _evaluate_and_log(self, logger, step, callbacks) -> dict:

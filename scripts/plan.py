@@ -1,0 +1,31 @@
+"""Print the parallel plan of a config: ``python scripts/plan.py --config gpt.yaml [key=value ...]``.
+
+Each parameter's shape, PartitionSpec and bytes per device, then the step's cost report
+(memory, communication, FLOPs, estimated time). Nothing is allocated: shapes are abstract.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="gpt.yaml", help="a YAML path or a name in configs/")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="simulate this many CPU devices (set before jax starts)")
+    parser.add_argument("--profile", default=None, help="device profile for the estimate: cpu, h100, a100")
+    parser.add_argument("overrides", nargs="*", help="key.path=value, e.g. parallel.method=zero3")
+    args = parser.parse_args(argv)
+    if args.devices:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={args.devices}")
+    from trainer import cli
+
+    return cli.run(lambda: print(cli.plan(args.config, args.overrides, args.profile)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
