@@ -67,8 +67,9 @@ def test_nan_loss_stops_and_saves_nothing(tmp_path):
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
-def test_parallel_eval_matches_single_device_eval():
-    trainer = Trainer(load_config("tiny/gpt.yaml", TINY + ["parallel.method=zero3"])).setup()
+def test_parallel_eval_matches_single_device_eval(tmp_path):
+    trainer = Trainer(load_config("tiny/gpt.yaml", TINY + ["parallel.method=zero3",
+                                                           f"workdir={tmp_path}"])).setup()
     batch = trainer.eval_set.batch(0, 8)
     sharded = trainer.eval_fn(trainer.state, batch)
     state = jax.device_get(trainer.state)
