@@ -107,10 +107,15 @@ def gpt_setup(batch_size=8, seq_len=8, learning_rate=1e-2) -> Setup:
                  optimizer)
 
 
-def run_reference(setup: Setup, steps: int = 3):
-    """``steps`` steps of ``jax.jit(train_step)`` on one device: (final state, losses)."""
+def run_reference(setup: Setup, steps: int = 3, initial=None):
+    """``steps`` steps of ``jax.jit(train_step)`` on one device: (final state, losses).
+
+    Starts from ``initial`` (copied, not donated) or ``setup.init(jax.random.key(0))``.
+    """
     device = jax.devices()[0]
-    state = jax.device_put(setup.init(jax.random.key(0)), device)
+    if initial is None:
+        initial = setup.init(jax.random.key(0))
+    state = jax.device_put(jax.tree.map(jnp.copy, initial), device)
     step = jax.jit(setup.train_step)
     losses = []
     for _ in range(steps):
