@@ -1,0 +1,338 @@
+"""Groups of equations that share one decision, and classes of groups that share one solution.
+
+A group is a leader (an input, a ``dot_general``, a gather…) plus the element-wise, shape and
+reduction ops that follow it. Groups with the same structure and the same neighbourhood (repeated
+layers) form a class; the integer program has one set of variables per class, so a 48-layer
+model costs little more to solve than a 1-layer one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from parallel.auto import _rules
+from parallel.auto._cost import MeshModel, Spec
+from parallel.auto._graph import Graph
+
+_LEADER_RULES = {
+    "dot_general": "dot", "conv_general_dilated": "conv", "gather": "gather",
+    "scatter-add": "scatter", "scatter": "scatter",
+}
+
+
+@dataclasses.dataclass
+class Requirement:
+    """An operand that must arrive in a spec the consuming group picks.
+
+    Attributes:
+      src: value id of the operand.
+      member: position of the consuming equation in its group (-1: the leader); -2 when the
+        requirement is that ``src`` take the spec of the group's local value ``operand``
+        (loop carries, updated state).
+      operand: operand index in the consuming equation (or the local value for member -2).
+      weight: how many times per call the operand is moved.
+    """
+
+    src: int
+    member: int
+    operand: int
+    weight: float
+
+
+@dataclasses.dataclass
+class Group:
+    kind: str  # "input", "constant", "free", "fallback" or a key of _LEADER_RULES' values
+    leader: int  # eqn index; -1 for inputs and constants
+    values: list[int]
+    members: list[int] = dataclasses.field(default_factory=list)
+    follow: list[int] = dataclasses.field(default_factory=list)  # local value each member follows
+    follow_operand: list[int] = dataclasses.field(default_factory=list)  # ...as which operand
+    reqs: list[Requirement] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Table:
+    """The strategies of one class of groups on one mesh.
+
+    Attributes:
+      leaders: the leader's strategy behind each ``k``.
+      specs: ``specs[local_value][k]``: the value's spec under strategy ``k``.
+      compute, comm: seconds per call under each strategy (intra-group resharding is comm).
+      req_specs: ``req_specs[r][k]``: the spec requirement ``r`` asks for (``None``: none).
+    """
+
+    leaders: list[_rules.Strategy]
+    specs: list[list[Spec]]
+    compute: np.ndarray
+    comm: np.ndarray
+    req_specs: list[list[Spec | None]]
+
+    @property
+    def size(self) -> int:
+        return len(self.leaders)
+
+
+class Structure:
+    """Groups and classes of a graph; independent of the mesh.
+
+    Args:
+      graph: the flattened program.
+      paired: ``(output value, input value)`` pairs: updated state must come back in its input's
+        spec.
+    """
+
+    def __init__(self, graph: Graph, paired: list[tuple[int, int]]):
+        self.graph = graph
+        n = len(graph.values)
+        self.group_of = np.full(n, -1, np.int64)
+        self.local = np.full(n, -1, np.int64)
+        self.groups: list[Group] = []
+        self._weight = np.zeros(n)
+        for v in graph.inputs:
+            self._new_group("input", -1, [v])
+        for v in graph.constants:
+            self._new_group("constant", -1, [v])
+        for i, eqn in enumerate(graph.eqns):
+            self._place(i, eqn)
+        for out, into, weight in graph.loops:
+            self._add_value_req(out, into, weight)
+        for out, into in paired:
+            self._add_value_req(out, into, 1.0)
+        self.warned = sorted({graph.eqns[g.leader].prim for g in self.groups
+                              if g.kind == "fallback"}
+                             - _rules.REPLICATED_OK)
+        self._classify()
+
+    def _new_group(self, kind, leader, values) -> Group:
+        g = Group(kind, leader, [])
+        self.groups.append(g)
+        for v in values:
+            self._add_value(len(self.groups) - 1, v)
+        return g
+
+    def _add_value(self, gid: int, v: int):
+        g = self.groups[gid]
+        self.group_of[v] = gid
+        self.local[v] = len(g.values)
+        g.values.append(v)
+        value = self.graph.values[v]
+        if g.kind in ("constant", "free"):
+            self._weight[v] = 0.0
+        elif value.producer >= 0 and self.graph.eqns[value.producer].prim == "broadcast_in_dim":
+            src = self.graph.eqns[value.producer].inputs[0]
+            self._weight[v] = 0.0 if src is None else self._weight[src]
+        else:
+            self._weight[v] = value.nbytes
+
+    def _place(self, i: int, eqn):
+        graph = self.graph
+        f = _rules.followed_operand(eqn, graph, lambda v: self._weight[v])
+        if f is not None:
+            gid = int(self.group_of[eqn.inputs[f]])
+            g = self.groups[gid]
+            member = len(g.members)
+            g.members.append(i)
+            g.follow.append(int(self.local[eqn.inputs[f]]))
+            g.follow_operand.append(f)
+            for v in eqn.outputs:
+                self._add_value(gid, v)
+            skip = f
+        else:
+            if all(v is None for v in eqn.inputs):
+                kind = "free"
+            elif eqn.prim == "conv_general_dilated" and (
+                    eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1):
+                kind = "fallback"
+            else:
+                kind = _LEADER_RULES.get(eqn.prim, "fallback")
+            g = self._new_group(kind, i, eqn.outputs)
+            member, skip = -1, None
+        for k, v in enumerate(eqn.inputs):
+            if k != skip and v is not None and graph.values[v].ndim > 0:
+                g.reqs.append(Requirement(v, member, k, eqn.weight))
+
+    def _add_value_req(self, src: int | None, target: int, weight: float):
+        if src is None or self.graph.values[target].ndim == 0:
+            return
+        g = self.groups[int(self.group_of[target])]
+        g.reqs.append(Requirement(src, -2, int(self.local[target]), weight))
+
+    # ----------------------------------------------------------------------------------------
+    def _signature(self, g: Group) -> str:
+        graph = self.graph
+
+        def eqn_key(i):
+            e = graph.eqns[i]
+            params = tuple(sorted((k, repr(v)) for k, v in e.params.items()
+                                  if not hasattr(v, "jaxpr") and k not in ("jaxpr", "name")))
+            shapes = tuple(None if v is None else (graph.values[v].shape, graph.values[v].itemsize)
+                           for v in e.inputs + e.outputs)
+            return (e.prim, params, shapes, e.weight)
+
+        if g.leader >= 0:
+            head = eqn_key(g.leader)
+        else:
+            v = graph.values[g.values[0]]
+            head = (v.shape, v.itemsize)
+        reqs = tuple(
+            (r.member, r.operand, r.weight,
+             int(self.local[r.src]) if self.groups[int(self.group_of[r.src])] is g else -1)
+            for r in g.reqs)
+        key = (g.kind, head, tuple(eqn_key(i) for i in g.members), tuple(g.follow),
+               tuple(g.follow_operand), reqs)
+        return hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest()
+
+    def _classify(self, rounds: int = 1):
+        """Weisfeiler-Lehman refinement: groups alike up to ``rounds`` hops share a class."""
+        sig = [self._signature(g) for g in self.groups]
+        self.structural = list(sig)
+        edges: list[list[tuple]] = [[] for _ in self.groups]
+        # out_weight[gid][local]: how often per call the value is read by other groups.
+        self.out_weight: list[dict[int, float]] = [defaultdict(float) for _ in self.groups]
+        for gid, g in enumerate(self.groups):
+            for r_index, r in enumerate(g.reqs):
+                src = int(self.group_of[r.src])
+                if src != gid:
+                    edges[gid].append(("in", r_index, int(self.local[r.src]), src))
+                    edges[src].append(("out", int(self.local[r.src]), r_index, gid))
+                    self.out_weight[src][int(self.local[r.src])] += r.weight
+        for _ in range(rounds):
+            sig = [
+                hashlib.blake2b(
+                    repr((sig[gid], sorted((a, b, c, sig[o]) for a, b, c, o in edges[gid])))
+                    .encode(), digest_size=12).hexdigest()
+                for gid in range(len(self.groups))]
+        ids: dict[str, int] = {}
+        self.cls = np.array([ids.setdefault(s, len(ids)) for s in sig], np.int64)
+        self.members_of: list[list[int]] = [[] for _ in ids]
+        for gid, c in enumerate(self.cls):
+            self.members_of[c].append(gid)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.members_of)
+
+    # ----------------------------------------------------------------------------------------
+    def table(self, c: int, mm: MeshModel, cache: dict[Any, Table]) -> Table:
+        """The strategy table of class ``c`` on mesh ``mm``, without dominated strategies."""
+        rep = self.members_of[c][0]
+        key = self.structural[rep]
+        if key not in cache:
+            cache[key] = self._build_table(self.groups[rep], mm)
+        return self._prune(cache[key], rep, mm)
+
+    def _prune(self, table: Table, gid: int, mm: MeshModel) -> Table:
+        """Drops strategy ``b`` when some ``a`` costs less even after converting every value
+        that crosses the group's boundary from ``a``'s spec to ``b``'s, and stores no more.
+
+        Resharding costs obey the triangle inequality, so the dropped strategies never beat
+        the kept ones; the integer program shrinks without losing its optimum.
+        """
+        if table.size <= 2:
+            return table
+        graph, g = self.graph, self.groups[gid]
+        cost = table.compute + table.comm
+        extra = np.zeros((table.size, table.size))  # extra[a, b]: running a where b was planned
+        crossing = [(table.specs[local], graph.values[g.values[local]], w, False)
+                    for local, w in self.out_weight[gid].items()]
+        crossing += [(table.req_specs[i], graph.values[r.src], r.weight, True)
+                     for i, r in enumerate(g.reqs) if int(self.group_of[r.src]) != gid]
+        for specs, value, weight, incoming in crossing:
+            distinct: dict = {}
+            part = np.array([distinct.setdefault(spec, len(distinct)) for spec in specs])
+            if len(distinct) == 1 or None in distinct:
+                continue
+            keys = list(distinct)
+            move = np.array([[mm.reshard(value.shape, value.itemsize, a, b) for b in keys]
+                             for a in keys]) * weight
+            extra += move[part[None, :], part[:, None]] if incoming else move[part[:, None],
+                                                                               part[None, :]]
+        memory = sum(graph.values[v].nbytes / np.array([mm.shards(s) for s in table.specs[i]])
+                     for i, v in enumerate(g.values))
+        total = cost[:, None] + extra
+        index = np.arange(table.size)
+        beats = (total < cost[None, :]) | ((total == cost[None, :]) & (index[:, None] < index))
+        beats &= memory[:, None] <= memory[None, :]
+        np.fill_diagonal(beats, False)
+        keep = np.flatnonzero(~beats.any(axis=0))
+        if len(keep) == table.size:
+            return table
+        return Table([table.leaders[k] for k in keep],
+                     [[specs[k] for k in keep] for specs in table.specs],
+                     table.compute[keep], table.comm[keep],
+                     [[specs[k] for k in keep] for specs in table.req_specs])
+
+    def _build_table(self, g: Group, mm: MeshModel) -> Table:
+        graph = self.graph
+        leaders = self._leader_strategies(g, mm)
+        specs: list[list[Spec]] = [[] for _ in g.values]
+        compute = np.zeros(len(leaders))
+        comm = np.zeros(len(leaders))
+        req_specs: list[list[Spec | None]] = [[] for _ in g.reqs]
+        weight = 1.0 if g.leader < 0 else graph.eqns[g.leader].weight
+        first = len(leaders[0].outputs)
+        memo: dict[tuple, _rules.Strategy] = {}
+        for k, lead in enumerate(leaders):
+            for j, s in enumerate(lead.outputs):
+                specs[j].append(s)
+            member_ops = {-1: lead.operands}
+            compute[k] += lead.compute * weight
+            comm[k] += lead.comm * weight
+            pos = first
+            for m, (i, f_local, f) in enumerate(zip(g.members, g.follow, g.follow_operand)):
+                eqn = graph.eqns[i]
+                in_spec = specs[f_local][k]
+                memo_key = (i, in_spec)
+                st = memo.get(memo_key)
+                if st is None:
+                    st = memo[memo_key] = _rules.follow(eqn, graph, f, in_spec, mm)
+                for s in st.outputs:
+                    specs[pos].append(s)
+                    pos += 1
+                member_ops[m] = st.operands
+                compute[k] += st.compute * eqn.weight
+                comm[k] += st.comm * eqn.weight
+            for r_index, r in enumerate(g.reqs):
+                want = specs[r.operand][k] if r.member == -2 else member_ops[r.member][r.operand]
+                req_specs[r_index].append(want)
+                if want is not None and self.groups[int(self.group_of[r.src])] is g:
+                    have = specs[int(self.local[r.src])][k]
+                    value = graph.values[r.src]
+                    comm[k] += mm.reshard(value.shape, value.itemsize, have, want) * r.weight
+        return Table(leaders, specs, compute, comm, req_specs)
+
+    def _leader_strategies(self, g: Group, mm: MeshModel) -> list[_rules.Strategy]:
+        graph = self.graph
+        if g.kind == "input":
+            return _rules.input_strategies(graph.values[g.values[0]].shape, mm)
+        if g.kind == "constant":
+            return [_rules.Strategy("constant", (((),) * graph.values[g.values[0]].ndim,), (),
+                                    0.0, 0.0)]
+        eqn = graph.eqns[g.leader]
+        found = None
+        if g.kind == "dot":
+            found = _rules.dot_strategies(eqn, graph, mm)
+        elif g.kind == "conv":
+            found = _rules.conv_strategies(eqn, graph, mm)
+        elif g.kind == "gather":
+            found = _rules.gather_strategies(eqn, graph, mm)
+        elif g.kind == "scatter":
+            found = _rules.scatter_strategies(eqn, graph, mm)
+        if found:
+            return found
+        kind = "free" if g.kind == "free" else f"replicated {eqn.prim}"
+        return [_rules.replicated_strategy(eqn, graph, mm, kind)]
+
+
+def warn_fallbacks(structure: Structure) -> None:
+    """One warning naming the primitives that run replicated because no rule covers them."""
+    if structure.warned:
+        warnings.warn(
+            f"ShardParallel has no sharding rule for {', '.join(structure.warned)}; these run "
+            "replicated on every device (correct, but their work is not split).",
+            stacklevel=3)

@@ -1,0 +1,109 @@
+"""A small mixed-integer program builder over ``scipy.optimize.milp`` (HiGHS)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import scipy.optimize
+import scipy.sparse
+
+
+@dataclasses.dataclass
+class Result:
+    """What the solver returned.
+
+    Attributes:
+      x: variable values (``None`` when no feasible point was found).
+      objective: objective value at ``x``.
+      status: ``"optimal"``, ``"time_limit"`` (``x`` is the best found) or ``"infeasible"``.
+      seconds: wall time of the solve.
+    """
+
+    x: np.ndarray | None
+    objective: float
+    status: str
+    seconds: float
+
+
+class Program:
+    """Binary choice variables, continuous product variables, linear rows; minimize cost."""
+
+    def __init__(self):
+        self._cost: list[np.ndarray] = []
+        self._extra: list[tuple[np.ndarray, np.ndarray]] = []
+        self._integer: list[np.ndarray] = []
+        self._upper: list[np.ndarray] = []
+        self.num_vars = 0
+        self._rows: list[tuple[np.ndarray, np.ndarray]] = []
+        self._lo: list[float] = []
+        self._hi: list[float] = []
+
+    def _add_vars(self, cost: np.ndarray, integer: bool, upper: float = 1.0) -> np.ndarray:
+        ids = np.arange(self.num_vars, self.num_vars + len(cost))
+        self.num_vars += len(cost)
+        self._cost.append(np.asarray(cost, float))
+        self._integer.append(np.full(len(cost), 1 if integer else 0))
+        self._upper.append(np.full(len(cost), upper))
+        return ids
+
+    def add_row(self, ids: np.ndarray, coefs: np.ndarray, lo: float, hi: float):
+        self._rows.append((np.asarray(ids), np.asarray(coefs, float)))
+        self._lo.append(lo)
+        self._hi.append(hi)
+
+    def add_choice(self, cost: np.ndarray) -> np.ndarray:
+        """Binary variables of which exactly one is 1; returns their ids."""
+        ids = self._add_vars(cost, True)
+        self.add_row(ids, np.ones(len(ids)), 1.0, 1.0)
+        return ids
+
+    def add_vars(self, cost: np.ndarray, upper: float = 1.0) -> np.ndarray:
+        """Continuous variables in ``[0, upper]``; returns their ids."""
+        return self._add_vars(cost, False, upper)
+
+    def add_cost(self, ids: np.ndarray, cost: np.ndarray):
+        """Adds ``cost`` to the objective coefficients of ``ids``."""
+        self._extra.append((np.asarray(ids), np.asarray(cost, float)))
+
+    def add_product(self, src: list[np.ndarray], dst: list[np.ndarray], cost: np.ndarray):
+        """Charges ``cost[a, b]`` when one of ``src[a]`` and one of ``dst[b]`` is chosen.
+
+        ``src[a]`` and ``dst[b]`` are sets of choice-variable ids (partitions of two choices).
+        The product is linearized exactly by a transportation block: ``y[a, b] >= 0``,
+        ``sum_b y[a, b] = sum(x[src[a]])``, ``sum_a y[a, b] = sum(x[dst[b]])``.
+        """
+        na, nb = cost.shape
+        y = self._add_vars(cost.reshape(-1), False).reshape(na, nb)
+        for a in range(na):
+            self.add_row(np.concatenate([y[a], src[a]]),
+                         np.concatenate([np.ones(nb), -np.ones(len(src[a]))]), 0.0, 0.0)
+        for b in range(nb):
+            self.add_row(np.concatenate([y[:, b], dst[b]]),
+                         np.concatenate([np.ones(na), -np.ones(len(dst[b]))]), 0.0, 0.0)
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        """(variables, rows, integer variables)."""
+        return self.num_vars, len(self._rows), int(sum(i.sum() for i in self._integer))
+
+    def solve(self, time_limit: float, gap: float = 1e-6) -> Result:
+        cost = np.concatenate(self._cost) if self._cost else np.zeros(0)
+        for ids, extra in self._extra:
+            np.add.at(cost, ids, extra)
+        integrality = np.concatenate(self._integer) if self._integer else np.zeros(0)
+        rows = np.concatenate([np.full(len(ids), r) for r, (ids, _) in enumerate(self._rows)])
+        cols = np.concatenate([ids for ids, _ in self._rows])
+        vals = np.concatenate([c for _, c in self._rows])
+        matrix = scipy.sparse.csr_array((vals, (rows, cols)), shape=(len(self._rows), self.num_vars))
+        start = time.perf_counter()
+        res = scipy.optimize.milp(
+            cost, integrality=integrality, bounds=scipy.optimize.Bounds(0, np.concatenate(self._upper)),
+            constraints=scipy.optimize.LinearConstraint(matrix, self._lo, self._hi),
+            options={"time_limit": time_limit, "mip_rel_gap": gap, "disp": False})
+        seconds = time.perf_counter() - start
+        if res.x is None:
+            return Result(None, float("inf"), "infeasible" if res.status == 2 else "time_limit",
+                          seconds)
+        status = "optimal" if res.status == 0 else "time_limit"
+        return Result(np.round(res.x, 6), float(res.fun), status, seconds)

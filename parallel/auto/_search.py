@@ -1,0 +1,302 @@
+"""ShardParallel's search: trace the step, try each mesh shape, keep the cheapest plan."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from parallel.auto._cost import MeshModel
+from parallel.auto._graph import build_graph
+from parallel.auto._groups import Structure, warn_fallbacks
+from parallel.auto._memory import Liveness
+from parallel.auto._solve import MeshProblem, MeshResult
+from parallel.profiles import DeviceProfile, get_profile
+
+log = logging.getLogger(__name__)
+
+AXIS_NAMES = ("data", "model")
+# Re-solves that add the memory constraint at a newly found peak before giving up.
+_MEMORY_ROUNDS = 6
+
+
+class MemoryBudgetError(ValueError):
+    """No plan keeps the per-device memory within the budget."""
+
+
+@dataclasses.dataclass
+class Solution:
+    """What :func:`solve` found.
+
+    Attributes:
+      best: the chosen plan (mesh, per-leaf specs, constraints, cost split).
+      tried: every mesh shape tried, best first; the others are the runner-ups.
+      memory_budget_bytes: the per-device budget the plans were held to.
+      solve_time_s: seconds from tracing to the last solve.
+      num_equations, num_groups, num_classes: size of the flattened program, of the decision
+        groups, and of the integer program after tying repeated layers.
+      in_tree: tree structure of the arguments (as a tuple).
+      out_shape: the output as a pytree of ``jax.ShapeDtypeStruct``.
+    """
+
+    best: MeshResult
+    tried: list[MeshResult]
+    memory_budget_bytes: float
+    solve_time_s: float
+    num_equations: int
+    num_groups: int
+    num_classes: int
+    in_tree: Any
+    out_shape: Any
+
+    @property
+    def mesh_shape(self) -> dict[str, int]:
+        return dict(self.best.mesh_shape)
+
+    def stats(self) -> dict[str, Any]:
+        """Solver figures as JSON-friendly data (saved in the plan's extras)."""
+        return {
+            "solve_time_s": self.solve_time_s,
+            "memory_budget_bytes": self.memory_budget_bytes,
+            "num_equations": self.num_equations,
+            "num_groups": self.num_groups,
+            "num_classes": self.num_classes,
+            "meshes": [{"mesh_shape": r.mesh_shape, "status": r.status,
+                        "step_time_s": r.step_time_s, "compute_s": r.compute_s,
+                        "comm_s": r.comm_s, "memory_bytes": r.memory_bytes,
+                        "solve_time_s": r.solve_time_s} for r in self.tried],
+        }
+
+    def input_specs(self) -> tuple:
+        """One ``PartitionSpec`` per argument leaf, as a tuple of per-argument pytrees."""
+        return jax.tree.unflatten(self.in_tree, self.best.input_specs)
+
+    def output_specs(self):
+        """One ``PartitionSpec`` per output leaf, in the output's structure."""
+        return jax.tree.unflatten(jax.tree.structure(self.out_shape), self.best.output_specs)
+
+    def explain(self) -> str:
+        """The chosen mesh, its cost split, the runner-ups and why they lost, and solve stats."""
+        b = self.best
+        lines = [
+            f"ShardParallel: mesh {b.mesh_shape}, estimated step {_ms(b.step_time_s)} "
+            f"(compute {_ms(b.compute_s)}, communication {_ms(b.comm_s)}), "
+            f"memory {_mb(b.memory_bytes)} per device (budget {_mb(self.memory_budget_bytes)})",
+            f"solved in {self.solve_time_s:.2f} s: {self.num_equations} equations -> "
+            f"{self.num_groups} groups -> {self.num_classes} classes after tying repeated layers",
+            "operator strategies (most used first):",
+        ]
+        for what, label, used in b.choices[:12]:
+            lines.append(f"  {used:4d}x {what}: {label}")
+        if len(self.tried) > 1:
+            lines.append("runner-ups:")
+        for r in self.tried[1:]:
+            lines.append(f"  mesh {r.mesh_shape}: {self._why_lost(r)}")
+        return "\n".join(lines)
+
+    def _why_lost(self, r: MeshResult) -> str:
+        if r.status == "over_budget":
+            return (f"needs {_mb(r.memory_bytes)} per device, over the budget "
+                    f"{_mb(self.memory_budget_bytes)}")
+        b = self.best
+        worse = "communication" if r.comm_s - b.comm_s > r.compute_s - b.compute_s else "compute"
+        return (f"{r.step_time_s / max(b.step_time_s, 1e-30):.2f}x the step time "
+                f"({_ms(r.step_time_s)}: compute {_ms(r.compute_s)}, communication "
+                f"{_ms(r.comm_s)}; more {worse})")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"
+
+
+def mesh_candidates(num_devices: int) -> list[tuple[int, int]]:
+    """``(data, model)`` sizes to try: the 1-D mesh, then each 2-D factorization."""
+    out = [(num_devices, 1)]
+    out += [(d, num_devices // d) for d in range(2, num_devices) if num_devices % d == 0]
+    return out
+
+
+def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None = None,
+          mesh_shape: dict[str, int] | None = None, profile: str | DeviceProfile | None = None,
+          memory_budget_bytes: float | None = None, donate_argnums: Sequence[int] = (0,),
+          batch_argnums: Sequence[int] = (1,), time_limit_s: float = 30.0) -> Solution:
+    """Finds the sharding of ``fn(*abstract_args)`` with the lowest estimated step time.
+
+    Args:
+      fn: the step, a pure function of pytrees of arrays.
+      abstract_args: its arguments; ``jax.ShapeDtypeStruct`` leaves suffice (nothing is
+        allocated).
+      num_devices: devices to plan for (default: ``jax.device_count()``).
+      mesh_shape: ``{"data": d, "model": m}`` to plan on one mesh only; default tries each.
+      profile: device profile name or object pricing compute and links (default: the running
+        platform's).
+      memory_budget_bytes: per-device memory limit (default: the profile's device memory).
+      donate_argnums: arguments whose buffers the step may reuse; outputs with the same
+        structure as one of them are updated state and keep its shardings.
+      batch_argnums: arguments that carry the batch (used to name a 1-D mesh's axis).
+      time_limit_s: solver time limit per mesh shape; on a time-out the best plan found is used.
+
+    Returns:
+      A :class:`Solution`.
+
+    Raises:
+      MemoryBudgetError: no mesh shape has a plan within ``memory_budget_bytes``.
+    """
+    start = time.perf_counter()
+    args = tuple(abstract_args)
+    n = num_devices or jax.device_count()
+    if mesh_shape is not None:
+        sizes = tuple(int(mesh_shape.get(a, 1)) for a in AXIS_NAMES)
+        unknown = set(mesh_shape) - set(AXIS_NAMES)
+        if unknown or np.prod(sizes) != n:
+            raise ValueError(
+                f"ShardParallel mesh {mesh_shape} must use axes {AXIS_NAMES} with sizes whose "
+                f"product is the device count {n}; e.g. {{'data': {n // 2 or 1}, 'model': 2}}")
+        meshes = [sizes]
+    else:
+        meshes = mesh_candidates(n)
+    if not isinstance(profile, DeviceProfile):
+        profile = get_profile(profile, n)
+    budget = float(memory_budget_bytes if memory_budget_bytes is not None
+                   else profile.memory_bytes)
+
+    closed, in_tree, out_shape = trace(fn, args)
+    graph = build_graph(closed)
+    offsets = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in args])
+    paired = _pair_state(args, out_shape, donate_argnums, offsets)
+    structure = Structure(graph, [(graph.outputs[o], graph.inputs[i]) for o, i in paired.items()])
+    warn_fallbacks(structure)
+    donated = {graph.inputs[j] for i in donate_argnums for j in range(offsets[i], offsets[i + 1])}
+    batch_leaves = [j for i in batch_argnums for j in range(offsets[i], offsets[i + 1])]
+    liveness = Liveness(graph, donated)
+    fed = set(graph.inputs) - donated
+
+    def problem(sizes):
+        return MeshProblem(structure, MeshModel(AXIS_NAMES, sizes, profile), liveness, paired, fed)
+
+    results = [_solve_mesh(problem(sizes), budget, time_limit_s, batch_leaves)
+               for sizes in meshes]
+    fitting = sorted((r for r in results if r.status != "over_budget"),
+                     key=lambda r: r.step_time_s)
+    if not fitting:
+        smallest = min(_min_memory(problem(sizes), time_limit_s) for sizes in meshes)
+        raise MemoryBudgetError(
+            f"no sharding of this step on {n} devices fits memory_budget_bytes={budget:.0f}: "
+            f"the smallest per-device memory reached is {smallest[0]:.0f} bytes (mesh "
+            f"{smallest[1]}). Raise memory_budget_bytes to at least {smallest[0]:.0f}, use more "
+            "devices, or shrink the model or batch.")
+    over = [r for r in results if r.status == "over_budget"]
+    return Solution(
+        best=fitting[0], tried=fitting + over, memory_budget_bytes=budget,
+        solve_time_s=time.perf_counter() - start, num_equations=len(graph.eqns),
+        num_groups=len(structure.groups), num_classes=structure.num_classes,
+        in_tree=in_tree, out_shape=out_shape)
+
+
+def trace(fn: Callable, args: tuple):
+    """The closed jaxpr of ``fn`` over its flattened arguments (the jaxpr whose equation
+    indices ``parallel.Constraint`` refers to), the arguments' tree, and the output shapes."""
+    flat_args, in_tree = jax.tree.flatten(args)
+    out_tree = []
+
+    def flat_fn(*flat):
+        leaves, tree = jax.tree.flatten(fn(*jax.tree.unflatten(in_tree, flat)))
+        out_tree.append(tree)
+        return leaves
+
+    closed = jax.make_jaxpr(flat_fn)(*flat_args)
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in closed.out_avals]
+    return closed, in_tree, jax.tree.unflatten(out_tree[0], shapes)
+
+
+def _pair_state(args, out_shape, donate_argnums, offsets) -> dict[int, int]:
+    """Output leaf -> input leaf for outputs that are updated donated arguments."""
+    parts = list(out_shape) if isinstance(out_shape, (tuple, list)) else [out_shape]
+    part_offsets = np.cumsum([0] + [len(jax.tree.leaves(p)) for p in parts])
+    paired: dict[int, int] = {}
+    for i in donate_argnums:
+        want = jax.tree.structure(args[i])
+        want_leaves = [(tuple(x.shape), x.dtype) for x in jax.tree.leaves(args[i])]
+        for p, part in enumerate(parts):
+            leaves = [(tuple(x.shape), x.dtype) for x in jax.tree.leaves(part)]
+            if jax.tree.structure(part) == want and leaves == want_leaves:
+                for j in range(len(leaves)):
+                    paired[int(part_offsets[p]) + j] = int(offsets[i]) + j
+                break
+    return paired
+
+
+def _solve_mesh(problem: MeshProblem, budget: float, time_limit_s: float,
+                batch_leaves: list[int]) -> MeshResult:
+    start = time.perf_counter()
+    structure, mm = problem.s, problem.mm
+    prog, x, _ = problem.build()
+    points = problem.first_points()
+    for point in points:
+        problem.add_memory_row(prog, x, point, budget, None)
+    result, choice, specs, peak = None, None, None, np.inf
+    for _ in range(_MEMORY_ROUNDS):
+        remaining = max(time_limit_s - (time.perf_counter() - start), 1.0)
+        result = prog.solve(remaining)
+        log.debug("mesh %s: %d variables, %d rows, %d integer; %s in %.2f s", mm.axis_sizes,
+                  *prog.size, result.status, result.seconds)
+        if result.x is None:
+            break
+        choice = problem.choose(result, x)
+        specs = problem.specs(choice)
+        profile = problem.memory_profile(specs)
+        peak = float(profile.max())
+        point = int(np.argmax(profile)) - 1
+        if peak <= budget * (1 + 1e-9) or point in points:
+            break
+        points.append(point)
+        problem.add_memory_row(prog, x, point, budget, None)
+    shape = dict(zip(mm.axis_names, mm.axis_sizes))
+    if result is None or result.x is None or peak > budget * (1 + 1e-9):
+        if result is not None and result.status == "time_limit" and result.x is None:
+            warnings.warn(f"ShardParallel found no plan on mesh {shape} within its "
+                          f"{time_limit_s:.0f} s time limit; raise time_limit_s", stacklevel=3)
+        return MeshResult(shape, "over_budget", np.inf, np.inf, np.inf, peak,
+                          time.perf_counter() - start, [], [], [], [])
+    if result.status == "time_limit":
+        warnings.warn(f"ShardParallel hit its {time_limit_s:.0f} s solver time limit on mesh "
+                      f"{shape}; using the best plan found so far", stacklevel=3)
+    if mm.axis_sizes[1] == 1 and not any(specs[structure.graph.inputs[j]] != ((),) * len(
+            specs[structure.graph.inputs[j]]) for j in batch_leaves):
+        # A 1-D mesh that does not split the batch is a model axis.
+        problem.mm = mm = MeshModel(AXIS_NAMES[::-1], mm.axis_sizes, mm.profile)
+        shape = {"data": 1, "model": mm.axis_sizes[0]}
+    compute, comm = problem.evaluate(choice, specs)
+    ins, outs = problem.io_specs(specs)
+    return MeshResult(shape, result.status, compute + comm, compute, comm, peak,
+                      time.perf_counter() - start, ins, outs, problem.constraints(specs),
+                      problem.describe(choice))
+
+
+def _min_memory(problem: MeshProblem, time_limit_s: float) -> tuple[float, dict[str, int]]:
+    """The lowest peak per-device memory any plan reaches on the problem's mesh."""
+    mm = problem.mm
+    prog, x, peak_var = problem.build(minimize_memory=True)
+    points = problem.first_points()
+    for point in points:
+        problem.add_memory_row(prog, x, point, 0.0, peak_var)
+    best = np.inf
+    for _ in range(_MEMORY_ROUNDS):
+        result = prog.solve(time_limit_s)
+        if result.x is None:
+            break
+        profile = problem.memory_profile(problem.specs(problem.choose(result, x)))
+        best = min(best, float(profile.max()))
+        point = int(np.argmax(profile)) - 1
+        if point in points:
+            break
+        points.append(point)
+        problem.add_memory_row(prog, x, point, 0.0, peak_var)
+    return best, dict(zip(mm.axis_names, mm.axis_sizes))

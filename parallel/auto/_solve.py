@@ -1,0 +1,246 @@
+"""The integer program of one mesh: build it from a :class:`Structure`, solve it, read it back."""
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from parallel.auto._cost import MeshModel, Spec
+from parallel.auto._groups import Structure, Table
+from parallel.auto._ilp import Program, Result
+from parallel.auto._memory import Liveness, peak_points
+
+# Leaders whose chosen output spec is pinned with a sharding constraint.
+CONSTRAINED_KINDS = ("dot", "conv", "gather", "scatter")
+# Objective weight of stored bytes, relative to moving them once through memory: breaks ties
+# between equally fast plans in favour of the one that stores less.
+_STORAGE_TIE_BREAK = 1e-3
+
+
+@dataclasses.dataclass
+class MeshResult:
+    """The best plan on one mesh shape.
+
+    Attributes:
+      mesh_shape: axis name -> size.
+      status: ``"optimal"``, ``"time_limit"`` (best found before the limit) or ``"over_budget"``.
+      step_time_s: estimated seconds per step (``compute_s + comm_s``).
+      compute_s: compute part (work divided by the shards that run it).
+      comm_s: collectives inside operations plus resharding between them.
+      memory_bytes: estimated peak bytes per device.
+      solve_time_s: seconds spent building and solving the integer program.
+      input_specs: one ``PartitionSpec`` per flat input leaf.
+      output_specs: one ``PartitionSpec`` per flat output leaf.
+      constraints: ``(site, output index, PartitionSpec)`` for intermediates to pin.
+      choices: ``(leader description, strategy label, times used)`` per class of the solution.
+    """
+
+    mesh_shape: dict[str, int]
+    status: str
+    step_time_s: float
+    compute_s: float
+    comm_s: float
+    memory_bytes: float
+    solve_time_s: float
+    input_specs: list[PartitionSpec]
+    output_specs: list[PartitionSpec]
+    constraints: list[tuple[tuple[int, ...], int, PartitionSpec]]
+    choices: list[tuple[str, str, int]]
+
+
+class MeshProblem:
+    """The integer program of ``structure`` on mesh ``mm``.
+
+    Args:
+      structure: groups and classes of the program.
+      mm: the mesh and its cost model.
+      liveness: live ranges for the memory constraint.
+      paired: output index -> input index of state that must keep its input's spec.
+      fed: value ids of inputs that arrive anew each call (the batch), priced by their
+        per-device bytes.
+    """
+
+    def __init__(self, structure: Structure, mm: MeshModel, liveness: Liveness,
+                 paired: dict[int, int], fed: set[int]):
+        self.s = structure
+        self.fed = fed
+        self.mm = mm
+        self.liveness = liveness
+        self.paired = paired
+        cache: dict = {}
+        self.tables: list[Table] = [structure.table(c, mm, cache)
+                                    for c in range(structure.num_classes)]
+        self.counts = np.array([len(m) for m in structure.members_of], float)
+        self._inv_shards: dict[tuple[int, int], np.ndarray] = {}
+        nbytes = np.array([v.nbytes for v in structure.graph.values], float)
+        self.nbytes = nbytes
+
+    def inv_shards(self, c: int, local: int) -> np.ndarray:
+        key = (c, local)
+        if key not in self._inv_shards:
+            self._inv_shards[key] = np.array(
+                [1.0 / self.mm.shards(spec) for spec in self.tables[c].specs[local]])
+        return self._inv_shards[key]
+
+    # ----------------------------------------------------------------------------------------
+    def build(self, minimize_memory: bool = False) -> tuple[Program, list[np.ndarray], np.ndarray | None]:
+        """The program; ``minimize_memory`` swaps the step-time objective for the peak memory."""
+        s, mm = self.s, self.mm
+        prog = Program()
+        x = []
+        for c, table in enumerate(self.tables):
+            if minimize_memory:
+                x.append(prog.add_choice(np.zeros(table.size)))
+                continue
+            cost = self.counts[c] * (table.compute + table.comm)
+            g = s.groups[s.members_of[c][0]]
+            if g.kind == "input":
+                stored = self.nbytes[g.values[0]] * self.inv_shards(c, 0)
+                scale = 1.0 if g.values[0] in self.fed else _STORAGE_TIE_BREAK
+                cost = cost + self.counts[c] * scale * mm.memory_time(stored, 1)
+            x.append(prog.add_choice(cost))
+        peak = prog.add_vars(np.ones(1), upper=np.inf) if minimize_memory else None
+        if not minimize_memory:
+            self._add_edges(prog, x)
+        return prog, x, peak
+
+    def _add_edges(self, prog: Program, x: list[np.ndarray]):
+        s, mm = self.s, self.mm
+        counts: dict[tuple[int, int, int, int], int] = defaultdict(int)
+        for gid, g in enumerate(s.groups):
+            cd = int(s.cls[gid])
+            for r_index, r in enumerate(g.reqs):
+                gs = int(s.group_of[r.src])
+                if gs != gid:
+                    counts[(int(s.cls[gs]), int(s.local[r.src]), cd, r_index)] += 1
+        products: dict[tuple, np.ndarray] = {}
+        for (cs, ls, cd, r_index), count in counts.items():
+            have = self.tables[cs].specs[ls]
+            want = self.tables[cd].req_specs[r_index]
+            if all(w is None for w in want):
+                continue
+            rep = s.groups[s.members_of[cd][0]]
+            weight = rep.reqs[r_index].weight * count
+            value = s.graph.values[rep.reqs[r_index].src]
+            if cs == cd:
+                diag = np.array([0.0 if w is None else mm.reshard(value.shape, value.itemsize, h, w)
+                                 for h, w in zip(have, want)])
+                prog.add_cost(x[cd], weight * diag)
+                continue
+            src_ids, src_part = _partition(have)
+            dst_ids, dst_part = _partition(want)
+            cost = np.array([[0.0 if w is None else mm.reshard(value.shape, value.itemsize, h, w)
+                              for w in dst_ids] for h in src_ids]) * weight
+            if not cost.any():
+                continue
+            if len(src_ids) == 1:
+                prog.add_cost(x[cd], cost[0][dst_part])
+            elif len(dst_ids) == 1:
+                prog.add_cost(x[cs], cost[:, 0][src_part])
+            else:
+                key = (cs, cd, tuple(src_part), tuple(dst_part))
+                products[key] = products.get(key, 0.0) + cost
+        for (cs, cd, src_part, dst_part), cost in products.items():
+            src = [x[cs][np.asarray(src_part) == a] for a in range(cost.shape[0])]
+            dst = [x[cd][np.asarray(dst_part) == b] for b in range(cost.shape[1])]
+            prog.add_product(src, dst, cost)
+
+    def add_memory_row(self, prog: Program, x: list[np.ndarray], point: int, budget: float,
+                       peak: np.ndarray | None):
+        """Bytes alive after ``point`` must stay within ``budget`` (or below the peak variable)."""
+        s = self.s
+        coef: dict[int, np.ndarray] = {}
+        for v in self.liveness.live_at(point):
+            gid = int(s.group_of[v])
+            c = int(s.cls[gid])
+            contrib = self.nbytes[v] * self.inv_shards(c, int(s.local[v]))
+            coef[c] = coef[c] + contrib if c in coef else contrib
+        ids = np.concatenate([x[c] for c in coef] + [peak if peak is not None else []])
+        vals = np.concatenate([coef[c] for c in coef] + [[-1.0] if peak is not None else []])
+        prog.add_row(ids.astype(np.int64), vals, -np.inf, 0.0 if peak is not None else budget)
+
+    # ----------------------------------------------------------------------------------------
+    def choose(self, result: Result, x: list[np.ndarray]) -> np.ndarray:
+        return np.array([int(np.argmax(result.x[ids])) for ids in x])
+
+    def specs(self, choice: np.ndarray) -> list[Spec | None]:
+        s = self.s
+        out: list[Spec | None] = [None] * len(s.graph.values)
+        for gid, g in enumerate(s.groups):
+            table = self.tables[int(s.cls[gid])]
+            k = choice[int(s.cls[gid])]
+            for local, v in enumerate(g.values):
+                out[v] = table.specs[local][k]
+        return out
+
+    def memory_profile(self, specs: list[Spec | None]) -> np.ndarray:
+        local = np.array([self.nbytes[v] / self.mm.shards(spec) if spec is not None else
+                          self.nbytes[v] for v, spec in enumerate(specs)])
+        return self.liveness.profile(local)
+
+    def evaluate(self, choice: np.ndarray, specs: list[Spec | None]) -> tuple[float, float]:
+        """(compute seconds, communication seconds) of a solution."""
+        s, mm = self.s, self.mm
+        compute = float(sum(self.counts[c] * t.compute[choice[c]] for c, t in enumerate(self.tables)))
+        comm = float(sum(self.counts[c] * t.comm[choice[c]] for c, t in enumerate(self.tables)))
+        for gid, g in enumerate(s.groups):
+            table = self.tables[int(s.cls[gid])]
+            k = choice[int(s.cls[gid])]
+            for r_index, r in enumerate(g.reqs):
+                want = table.req_specs[r_index][k]
+                if want is None or int(s.group_of[r.src]) == gid:
+                    continue
+                value = s.graph.values[r.src]
+                comm += mm.reshard(value.shape, value.itemsize, specs[r.src], want) * r.weight
+        return compute, comm
+
+    def describe(self, choice: np.ndarray) -> list[tuple[str, str, int]]:
+        """The leader strategies picked for dot-like classes, most used first."""
+        s = self.s
+        rows = []
+        for c, members in enumerate(s.members_of):
+            g = s.groups[members[0]]
+            if g.kind not in CONSTRAINED_KINDS:
+                continue
+            eqn = s.graph.eqns[g.leader]
+            shapes = " x ".join(str(list(s.graph.values[v].shape)) for v in eqn.inputs
+                                if v is not None)
+            rows.append((f"{eqn.prim} {shapes}",
+                         self.tables[c].leaders[choice[c]].describe(self.mm), len(members)))
+        rows.sort(key=lambda r: -r[2])
+        return rows
+
+    def constraints(self, specs: list[Spec | None]) -> list[tuple[tuple[int, ...], int, PartitionSpec]]:
+        s = self.s
+        out = []
+        for g in s.groups:
+            if g.kind in CONSTRAINED_KINDS:
+                eqn = s.graph.eqns[g.leader]
+                if eqn.site is not None:
+                    out.append((eqn.site, 0, self.mm.partition_spec(specs[eqn.outputs[0]])))
+        return out
+
+    def io_specs(self, specs: list[Spec | None]) -> tuple[list[PartitionSpec], list[PartitionSpec]]:
+        graph, mm = self.s.graph, self.mm
+        ins = [mm.partition_spec(specs[v]) for v in graph.inputs]
+        outs = []
+        for i, v in enumerate(graph.outputs):
+            if i in self.paired:
+                outs.append(ins[self.paired[i]])
+            elif v is None:
+                outs.append(PartitionSpec())
+            else:
+                outs.append(mm.partition_spec(specs[v]))
+        return ins, outs
+
+    def first_points(self, count: int = 4) -> list[int]:
+        return peak_points(self.liveness.profile(self.nbytes), count)
+
+
+def _partition(specs: list) -> tuple[list, np.ndarray]:
+    """Distinct entries of ``specs`` and, per position, the index of its entry."""
+    distinct: dict = {}
+    part = np.array([distinct.setdefault(spec, len(distinct)) for spec in specs])
+    return list(distinct), part
