@@ -13,6 +13,7 @@ from parallel._parallelize import ParallelStep as ParallelStep
 from parallel._parallelize import parallelize as parallelize
 from parallel._pmap import PmapStep as PmapStep
 from parallel._pmap import pmap_step as pmap_step
+from parallel.auto import ShardParallel as ShardParallel
 from parallel.checkpoint import CheckpointError as CheckpointError
 from parallel.checkpoint import CheckpointInfo as CheckpointInfo
 from parallel.checkpoint import Checkpointer as Checkpointer
