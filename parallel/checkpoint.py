@@ -247,6 +247,17 @@ class Checkpointer:
             reader.close()
         return state, dict(head["extras"])
 
+    def extras(self, step: int) -> dict:
+        """The JSON dict saved with ``step`` (data position, config, plan, metrics), no arrays read."""
+        step_dir = self.directory / str(int(step))
+        reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+        try:
+            return dict(reader.restore(step_dir, args=ocp.args.Composite(extras=ocp.args.JsonRestore()))["extras"])
+        except Exception as e:  # orbax raises many types for a missing or unreadable item
+            raise CheckpointError(f"cannot read the extras of checkpoint {step_dir}: {type(e).__name__}: {e}") from e
+        finally:
+            reader.close()
+
     # ----- helpers --------------------------------------------------------------------------
     def _open_manager(self) -> ocp.CheckpointManager:
         if self._manager is not None:
