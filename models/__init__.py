@@ -6,6 +6,7 @@ Models name logical axes on their params (``nnx.with_partitioning`` metadata, ke
 from models import gpt as gpt
 from models import mlp as mlp
 from models import moe as moe
+from models import wide_resnet as wide_resnet
 from models._registry import ModelSpec as ModelSpec
 from models._registry import available_models as available_models
 from models._registry import create_model as create_model
@@ -17,3 +18,5 @@ from models.gpt import GPTConfig as GPTConfig
 from models.mlp import MLP as MLP
 from models.mlp import MLPConfig as MLPConfig
 from models.moe import MoEConfig as MoEConfig
+from models.wide_resnet import WideResNet as WideResNet
+from models.wide_resnet import WideResNetConfig as WideResNetConfig
