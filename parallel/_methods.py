@@ -13,6 +13,7 @@ specs, so step N+1 needs no data movement; other outputs (metrics) are replicate
 """
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -303,8 +304,6 @@ def make_method(
       PlanError: unknown name, or an option the method does not take.
     """
     if name not in _REGISTRY:
-        import difflib
-
         hint = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
         did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise PlanError(f"unknown parallel method {name!r}{did_you_mean}; available: "

@@ -1,4 +1,6 @@
 """``step.analyze``: memory, communication and FLOPs of compiled steps, checked by arithmetic."""
+import json
+
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -75,6 +77,8 @@ def test_flops_and_estimated_time(reports):
     assert data.profile == "cpu" and data.estimated_step_time_s > 0
     assert data.compile_time_s > 0 and data.solve_time_s >= 0 and data.stages is None
     assert "per-device memory" in data.format()
+    saved = json.loads(json.dumps(data.to_dict()))
+    assert saved["communication_bytes"] == data.communication_bytes and "shardings" not in saved
 
 
 def test_a_model_too_large_for_this_machine_is_analyzed_without_allocating():

@@ -120,6 +120,9 @@ def test_plan_json_round_trip(mlp):
     assert restored == plan
     assert restored.input_specs((abstract_state(mlp), mlp.batch)) == plan.input_specs(
         (abstract_state(mlp), mlp.batch))
+    assert restored.matches((abstract_state(mlp), mlp.batch))
+    assert not restored.matches((abstract_state(mlp), {"x": mlp.batch["x"][:8], "y": mlp.batch["y"]}))
+    assert not restored.matches((abstract_state(mlp), {"x": mlp.batch["x"]}))
     with_constraint = dataclasses.replace(
         plan, constraints=(parallel.Constraint(3, 0, P(None, ("data",))),), extras={"k": [1]})
     assert parallel.Plan.from_json(with_constraint.to_json()) == with_constraint
@@ -145,6 +148,10 @@ def test_init_state_is_created_with_the_plan_shardings(mlp):
     assert state["opt_state"][0].mu["dense_1"]["kernel"].sharding.spec == P("data")
     reference = mlp.init(jax.random.key(0))
     jax.tree.map(np.testing.assert_array_equal, state["params"], reference["params"])
+    # the checkpoint-restore target: abstract leaves carrying the same shardings
+    target = step.abstract_inputs(abstract_state(mlp), mlp.batch)[0]
+    assert target["params"]["dense_0"]["kernel"].sharding == kernel.sharding
+    assert target["params"]["dense_0"]["kernel"].shape == (16, 64)
 
 
 def test_new_structure_or_shapes_are_planned_again(mlp):
