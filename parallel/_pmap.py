@@ -77,6 +77,19 @@ class PmapStep:
         Raises:
           PlanError: the global batch does not divide by the number of devices.
         """
+        new_state, metrics = self._pmapped(stacked_state, self.split_batch(batch))
+        return new_state, jax.tree.map(lambda m: m[0], metrics)
+
+    def lower(self, stacked_state: Any, batch: Any):
+        """The ``jax.stages.Lowered`` pmapped step (for its compiled memory and collectives)."""
+        return self._pmapped.lower(stacked_state, self.split_batch(batch))
+
+    def split_batch(self, batch: Any) -> Any:
+        """Reshapes each global batch leaf ``[B, ...] -> [num_devices, B / num_devices, ...]``.
+
+        Raises:
+          PlanError: the global batch does not divide by the number of devices.
+        """
         n = self.num_devices
 
         def split(x):
@@ -87,8 +100,7 @@ class PmapStep:
                                  f"of {n}")
             return x.reshape(n, x.shape[0] // n, *x.shape[1:])  # [B, ...] -> [n, B/n, ...]
 
-        new_state, metrics = self._pmapped(stacked_state, jax.tree.map(split, batch))
-        return new_state, jax.tree.map(lambda m: m[0], metrics)
+        return jax.tree.map(split, batch)
 
 
 def pmap_step(loss_fn: Callable, optimizer: Any,

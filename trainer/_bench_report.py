@@ -1,0 +1,178 @@
+"""Benchmark results as Markdown tables and a PNG chart."""
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+MiB = 2**20
+
+
+def can_plot() -> bool:
+    """Whether matplotlib (the ``bench`` extra) is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def plan_text(result: dict[str, Any], max_leaves: int = 3) -> str:
+    """The mesh and the specs of the largest parameter leaves: ``data=8; [4096,4096]:P()``."""
+    plan = result["plan"]
+    mesh = ",".join(f"{axis}={size}" for axis, size in plan["mesh_shape"].items())
+    params = plan["params"]
+    if not isinstance(params, dict):
+        return f"{mesh}; params {params}"
+    largest = sorted(params.values(), key=lambda p: -_prod(p["shape"]))[:max_leaves]
+    specs = " ".join(f"[{','.join(map(str, p['shape']))}]:P({','.join(map(_axes, p['spec']))})"
+                     for p in largest)
+    return f"{mesh}; {specs}"
+
+
+def _axes(entry) -> str:
+    return "+".join(entry) if isinstance(entry, list) else str(entry)
+
+
+def _prod(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def _ms(seconds) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def _ratio(value) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def _seed_tables(data: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, summary in _by_workload(data).items():
+        rows, base = summary
+        lines += [f"### {name} ({data['devices']} devices)", "",
+                  f"| method | step time (ms) | vs {base} | per-device memory (MiB) | vs {base} "
+                  f"| communication (MiB/step) | plan (mesh; largest params) |",
+                  "|---|---|---|---|---|---|---|"]
+        ratios = data["summary"].get(name, {})
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['method']} | failed: {r['error']} | | | | | |")
+                continue
+            ratio = ratios.get(r["method"], {})
+            lines.append(
+                f"| {r['method']} | {_ms(r['step_time_s'])} | {_ratio(ratio.get('step_time_s'))} "
+                f"| {r['per_device_memory_bytes'] / MiB:.2f} "
+                f"| {_ratio(ratio.get('per_device_memory_bytes'))} "
+                f"| {r['communication_bytes'] / MiB:.2f} | {plan_text(r)} |")
+        lines.append("")
+    return lines
+
+
+def _models_tables(data: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, (rows, base) in _by_workload(data).items():
+        params = next((r["num_params"] for r in rows if "num_params" in r), 0)
+        lines += [f"### {name} ({params / 1e6:.2f} M params, {data['devices']} devices)", "",
+                  f"| method | CPU step (ms) | vs {base} | CPU TFLOP/s | H100 est. step (ms) "
+                  f"| H100 est. TFLOP/s | per-device memory (MiB) | communication (MiB/step) "
+                  f"| mesh |", "|---|---|---|---|---|---|---|---|---|"]
+        ratios = data["summary"].get(name, {})
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['method']} | failed: {r['error']} | | | | | | | |")
+                continue
+            h100 = r.get("estimates", {}).get("h100", {})
+            tflops = "n/a" if r.get("tflops") is None else f"{r['tflops']:.4f}"
+            est_tflops = f"{h100['tflops']:.1f}" if h100 else "n/a"
+            mesh = ",".join(f"{a}={s}" for a, s in r["plan"]["mesh_shape"].items())
+            lines.append(
+                f"| {r['method']} | {_ms(r['step_time_s'])} "
+                f"| {_ratio(ratios.get(r['method'], {}).get('step_time_s'))} | {tflops} "
+                f"| {_ms(h100.get('step_time_s'))} | {est_tflops} "
+                f"| {r['per_device_memory_bytes'] / MiB:.2f} "
+                f"| {r['communication_bytes'] / MiB:.2f} | {mesh} |")
+        lines.append("")
+    return lines
+
+
+def _solver_table(data: dict[str, Any]) -> list[str]:
+    lines = ["| workload | devices | equations | ILP classes | solve (s) | compile (s) | mesh |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        if "error" in r:
+            lines.append(f"| {r['workload']} | {r['devices']} | failed: {r['error']} | | | | |")
+            continue
+        solver = r.get("solver", {})
+        mesh = ",".join(f"{a}={s}" for a, s in r["plan"]["mesh_shape"].items())
+        lines.append(f"| {r['workload']} | {r['devices']} | {solver.get('num_equations', '')} "
+                     f"| {solver.get('num_classes', '')} | {r['solve_time_s']:.2f} "
+                     f"| {r['compile_time_s']:.2f} | {mesh} |")
+    return lines + [""]
+
+
+def _by_workload(data: dict[str, Any]) -> dict[str, tuple[list, str]]:
+    out = {}
+    for name in dict.fromkeys(r["workload"] for r in data["results"]):
+        rows = [r for r in data["results"] if r["workload"] == name]
+        out[name] = (rows, data["summary"].get(name, {}).get("baseline", "pmap"))
+    return out
+
+
+def format_markdown(data: dict[str, Any]) -> str:
+    """The suite's results as Markdown tables (one per workload; one for the solver suite)."""
+    tables = {"seed": _seed_tables, "models": _models_tables, "solver": _solver_table}
+    env = data.get("environment", {})
+    head = [f"Suite `{data['suite']}`, {data['devices']} devices, jax {env.get('jax', '?')}, "
+            f"{env.get('cpu_count', '?')} CPU cores, load average at the end "
+            f"{', '.join(f'{x:.1f}' for x in env.get('load_average') or [])}, "
+            f"{env.get('date', '')}.", ""]
+    return "\n".join(head + tables[data["suite"]](data))
+
+
+def plot(data: dict[str, Any], path: str) -> None:
+    """Draws the suite's results to a PNG at ``path``.
+
+    Seed and models suites: per workload, each method's step time and per-device memory
+    relative to the baseline (log scale). Solver suite: solve and compile time per case.
+
+    Raises:
+      RuntimeError: matplotlib is not installed.
+    """
+    if not can_plot():
+        raise RuntimeError("plotting needs matplotlib: pip install -e '.[bench]'")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if data["suite"] == "solver":
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ok = [r for r in data["results"] if "error" not in r]
+        labels = [f"{r['workload']}\n{r['devices']} dev" for r in ok]
+        x = range(len(ok))
+        ax.bar([i - 0.2 for i in x], [r["solve_time_s"] for r in ok], 0.4, label="solve")
+        ax.bar([i + 0.2 for i in x], [r["compile_time_s"] for r in ok], 0.4, label="compile")
+        ax.set_xticks(list(x), labels, fontsize=7)
+        ax.set_ylabel("seconds")
+        ax.legend()
+        ax.set_title("ShardParallel: solve and compile time")
+    else:
+        groups = _by_workload(data)
+        fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+        for ax, (name, (rows, base)) in zip(axes[0], groups.items()):
+            ratios = data["summary"].get(name, {})
+            methods = [r["method"] for r in rows if r["method"] in ratios]
+            x = range(len(methods))
+            for offset, key, label in ((-0.2, "step_time_s", "step time"),
+                                       (0.2, "per_device_memory_bytes", "per-device memory")):
+                values = [ratios[m].get(key, 0.0) for m in methods]
+                bars = ax.bar([i + offset for i in x], values, 0.4, label=label)
+                ax.bar_label(bars, [f"{v:.2f}" for v in values], fontsize=7)
+            ax.axhline(1.0, color="gray", linewidth=0.8)
+            ax.set_yscale("log")
+            ax.set_xticks(list(x), methods)
+            ax.set_ylabel(f"relative to {base} (lower is better)")
+            ax.set_title(f"{name}, {data['devices']} devices")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,180 @@
+"""One benchmark case in this process: build the step for a method, time it, measure its cost.
+
+``python -m trainer._bench_run CASE_JSON`` runs one case and prints its result as JSON on the
+last line of stdout; ``trainer.benchmarks`` starts one such process per case with the device
+count in ``XLA_FLAGS`` (set before jax is imported, which only a fresh process allows).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import parallel
+from parallel._hlo import collective_bytes
+from parallel.plan import spec_to_json
+from parallel.report import cost_figures, memory_bytes
+from trainer._bench_workloads import Workload, WorkloadSpec, build_workload
+
+METHODS = ("pmap", "data", "zero2", "zero3", "manual", "auto")
+RESULT_MARKER = "BENCHMARK_RESULT "
+
+
+def make_method(name: str, profile: str | None = None) -> parallel.Method:
+    """The ``parallel`` method benchmarked under ``name`` (``"manual"`` is Megatron-style).
+
+    ``profile`` names the device profile the automatic method prices its plan with
+    (``None``: the running platform's).
+
+    Raises:
+      ValueError: ``name`` is not one of ``METHODS`` (or is ``"pmap"``, which is no method).
+    """
+    if name == "manual":
+        return parallel.ManualParallel(parallel.MEGATRON_RULES)
+    if name == "auto":
+        auto = importlib.import_module("parallel.auto")  # registers "auto" with make_method
+        return auto.ShardParallel(profile=profile)
+    if name in ("data", "zero2", "zero3"):
+        return parallel.make_method(name)
+    raise ValueError(f"unknown benchmark method {name!r}; expected one of {METHODS[1:]} "
+                     f"('pmap' runs the jax.pmap baseline instead of a parallel.Method)")
+
+
+def _time_steps(step, state, batch, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """Runs ``warmup + steps`` steps; returns the timed steps' seconds and every step's loss."""
+    times, losses = [], []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        losses.append(float(metrics["loss"]))
+    return times, losses
+
+
+def _plan_summary(plan: parallel.Plan) -> dict[str, Any]:
+    """The mesh and every parameter leaf's shape and spec (keyed by its path below params)."""
+    params = {leaf.path.removeprefix("['params']"): {"shape": list(leaf.shape),
+                                                     "spec": spec_to_json(leaf.spec)}
+              for leaf in plan.inputs[0] if leaf.path.startswith("['params']")}
+    return {"method": plan.method, "mesh_shape": dict(plan.mesh_shape), "params": params}
+
+
+def _compile_figures(compiled, num_devices: int) -> dict[str, Any]:
+    collectives = collective_bytes(compiled.as_text(), num_devices)
+    flops, _ = cost_figures(compiled)
+    return {"per_device_memory_bytes": memory_bytes(compiled),
+            "communication_bytes": sum(c["sent_bytes"] for c in collectives.values()),
+            "collectives": {k: c for k, c in collectives.items() if c["count"]},
+            "flops_per_device": flops}
+
+
+def run_pmap(workload: Workload, devices: list, warmup: int, steps: int) -> dict[str, Any]:
+    """The ``jax.pmap`` baseline: replicated state, batch split over the devices."""
+    if workload.has_model_state:
+        raise ValueError(f"workload {workload.spec.name!r} keeps non-param model state "
+                         f"(batch norm); the pmap baseline steps params and optimizer state only")
+    step = parallel.pmap_step(workload.loss_fn, workload.optimizer, devices)
+    state = step.replicate(jax.jit(workload.init)(jax.random.key(0)))  # [n, ...] per leaf
+    mesh = Mesh(np.array(devices), ("batch",))
+    batch = jax.device_put(workload.batch, NamedSharding(mesh, PartitionSpec("batch")))
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_time = time.perf_counter() - start
+    times, losses = _time_steps(step, state, batch, warmup, steps)
+    plan = {"method": "pmap", "mesh_shape": {"batch": len(devices)}, "params": "replicated"}
+    return {**_compile_figures(compiled, len(devices)), "compile_time_s": compile_time,
+            "solve_time_s": 0.0, "step_times_s": times, "losses": losses, "plan": plan}
+
+
+def run_parallel(workload: Workload, method_name: str, devices: list, warmup: int, steps: int,
+                 measure: bool, profile: str | None,
+                 estimate_profiles: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A ``parallel.parallelize`` step: plan, compile, report and (if ``measure``) time it.
+
+    ``profile`` prices the plan and the estimate (``None``: the running platform's);
+    ``estimate_profiles`` adds the cost model's step time for other devices, e.g. ``h100``.
+    """
+    logical_axes = workload.logical_axes if method_name == "manual" else None
+    step = parallel.parallelize(workload.train_step, method=make_method(method_name, profile),
+                                logical_axes=logical_axes, devices=devices)
+    abstract_state = jax.eval_shape(workload.init, jax.random.key(0))
+    abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), workload.batch)
+    report = step.analyze(abstract_state, abstract_batch, profile=profile)
+    result = {"per_device_memory_bytes": report.per_device_memory_bytes,
+              "communication_bytes": report.communication_bytes,
+              "collectives": {k: c for k, c in report.collectives.items() if c["count"]},
+              "flops_per_device": report.flops,
+              "estimated_step_time_s": report.estimated_step_time_s,
+              "profile": report.profile,
+              "compile_time_s": report.compile_time_s, "solve_time_s": report.solve_time_s,
+              "plan": _plan_summary(step.plan(abstract_state, abstract_batch))}
+    solver = step.plan(abstract_state, abstract_batch).extras.get("solver")
+    if solver:
+        result["solver"] = solver
+    estimates = {}
+    for name in estimate_profiles:
+        estimate = step.analyze(abstract_state, abstract_batch, profile=name)
+        estimates[name] = {"step_time_s": estimate.estimated_step_time_s,
+                           "tflops": workload.flops_per_step / estimate.estimated_step_time_s / 1e12}
+    if estimates:
+        result["estimates"] = estimates
+    if measure:
+        state = step.init_state(workload.init, jax.random.key(0), abstract_batch)
+        batch = jax.device_put(workload.batch, step.input_shardings(state, abstract_batch)[1])
+        result["step_times_s"], result["losses"] = _time_steps(step, state, batch, warmup, steps)
+    return result
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Runs one benchmark case in this process.
+
+    Args:
+      case: ``{"workload": WorkloadSpec fields, "method": one of METHODS, "devices": N,
+        "warmup": steps, "steps": timed steps, "measure": bool (time real steps; else
+        compile and estimate only), "profile": device profile for the estimate or None}``.
+
+    Returns:
+      ``{"workload", "method", "devices", "step_time_s" (median of the timed steps, or None
+      when not measured), "per_device_memory_bytes", "communication_bytes", "plan", ...}``.
+
+    Raises:
+      ValueError: fewer devices than the case asks for, or an unknown method.
+    """
+    spec = WorkloadSpec(**case["workload"])
+    n = int(case["devices"])
+    if jax.device_count() < n:
+        raise ValueError(f"case asks for {n} devices but jax sees {jax.device_count()}; on CPU "
+                         f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before "
+                         f"importing jax (trainer.benchmarks does this per case)")
+    devices = jax.devices()[:n]
+    workload = build_workload(spec)
+    warmup, steps = int(case.get("warmup", 2)), int(case.get("steps", 5))
+    if case["method"] == "pmap":
+        result = run_pmap(workload, devices, warmup, steps)
+    else:
+        result = run_parallel(workload, case["method"], devices, warmup, steps,
+                              bool(case.get("measure", True)), case.get("profile"),
+                              tuple(case.get("estimate_profiles", ())))
+    times = result.get("step_times_s")
+    step_time = statistics.median(times) if times else None
+    return {"workload": spec.name, "method": case["method"], "devices": n,
+            "platform": devices[0].platform, "step_time_s": step_time,
+            "per_device_memory_bytes": result.pop("per_device_memory_bytes"),
+            "communication_bytes": result.pop("communication_bytes"),
+            "num_params": workload.num_params, "batch_size": spec.batch_size,
+            "model_flops_per_step": workload.flops_per_step,
+            "tflops": workload.flops_per_step / step_time / 1e12 if step_time else None,
+            **result}
+
+
+if __name__ == "__main__":
+    print(RESULT_MARKER + json.dumps(run_case(json.loads(sys.argv[1]))), flush=True)

@@ -1,0 +1,201 @@
+"""Benchmarks: ``parallelize`` against ``jax.pmap`` and hand-written plans, measured.
+
+Suites (``scripts/benchmark.py --suite NAME``):
+
+* ``seed``: the two workloads of the Alpa tutorial, "data parallelism preferred" (a small MLP,
+  a large batch) and "model parallelism preferred" (a 4096-wide MLP, batch 32, Adam), each with
+  ``pmap``, ``data``, ``zero2``, ``zero3`` and ``auto``.
+* ``models``: GPT, MoE and Wide-ResNet with ``data``, ``zero2``, ``zero3``, ``manual``
+  (Megatron-style rules) and ``auto``: CPU step time measured, H100 step time estimated by the
+  cost model from the same compiled step.
+* ``solver``: the automatic method's solve and compile time against model depth and device
+  count (compiled on abstract shapes; nothing is run).
+
+Every case runs in a fresh process whose ``XLA_FLAGS`` simulate the suite's device count on a
+CPU (real devices are used on a GPU host), warms up, and times at least five steps; the
+median is reported. Ratios compare cases of one run only.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from trainer._bench_report import can_plot as can_plot
+from trainer._bench_report import format_markdown as format_markdown
+from trainer._bench_report import plot as plot
+from trainer._bench_run import RESULT_MARKER
+from trainer._bench_workloads import SEED_WORKLOADS, WorkloadSpec
+
+__all__ = ["SUITES", "can_plot", "format_markdown", "format_result", "plot", "run_case_subprocess",
+           "run_suite", "suite_cases", "summarize", "write_json"]
+
+SUITES = ("seed", "models", "solver")
+SEED_METHODS = ("pmap", "data", "zero2", "zero3", "auto")
+MODEL_METHODS = ("data", "zero2", "zero3", "manual", "auto")
+ESTIMATE_PROFILE = "h100"
+
+# Scaled-down sizes of the models Alpa benchmarked, small enough that a step runs in well
+# under a second on 8 simulated CPU devices sharing two cores.
+MODEL_WORKLOADS = {
+    "gpt": WorkloadSpec("gpt", "gpt", {
+        "vocab_size": 1024, "block_size": 64, "num_layers": 2, "num_heads": 8,
+        "hidden_size": 256}, batch_size=16, seq_len=64),
+    "moe": WorkloadSpec("moe", "moe", {
+        "vocab_size": 1024, "block_size": 64, "num_layers": 2, "num_heads": 8,
+        "hidden_size": 256, "num_experts": 8, "expert_group_size": 256}, batch_size=16,
+        seq_len=64),
+    "wide_resnet": WorkloadSpec("wide_resnet", "wide_resnet", {
+        "depth": 14, "base_channels": 16, "width_factor": 2, "num_classes": 10,
+        "image_size": 32}, batch_size=16, seq_len=32),
+}
+SOLVER_DEPTHS = (1, 2, 4, 8)
+SOLVER_DEVICE_COUNTS = (2, 4, 8)
+
+
+def solver_workload(num_layers: int) -> WorkloadSpec:
+    """The GPT of the ``solver`` suite with ``num_layers`` blocks."""
+    return WorkloadSpec(f"gpt_{num_layers}_layers", "gpt", {
+        "vocab_size": 1024, "block_size": 64, "num_layers": num_layers, "num_heads": 8,
+        "hidden_size": 256}, batch_size=16, seq_len=64)
+
+
+def suite_cases(suite: str, devices: int = 8, steps: int = 5,
+                warmup: int = 2) -> list[dict[str, Any]]:
+    """The cases of ``suite`` on ``devices`` devices, in the order they run.
+
+    Raises:
+      ValueError: an unknown suite, or fewer than 5 timed steps.
+    """
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; expected one of {SUITES}")
+    if steps < 5:
+        raise ValueError(f"steps={steps}: the median needs at least 5 timed steps")
+
+    def case(spec: WorkloadSpec, method: str, n: int = devices, **extra):
+        return {"workload": spec.to_json(), "method": method, "devices": n, "steps": steps,
+                "warmup": warmup, "measure": True, "profile": None, **extra}
+
+    if suite == "seed":
+        return [case(spec, method) for spec in SEED_WORKLOADS.values() for method in SEED_METHODS]
+    if suite == "models":
+        return [case(spec, method, estimate_profiles=[ESTIMATE_PROFILE])
+                for spec in MODEL_WORKLOADS.values() for method in MODEL_METHODS]
+    cases = [case(solver_workload(depth), "auto", measure=False) for depth in SOLVER_DEPTHS]
+    cases += [case(solver_workload(2), "auto", n, measure=False)
+              for n in SOLVER_DEVICE_COUNTS if n != devices or 2 not in SOLVER_DEPTHS]
+    return cases
+
+
+def run_case_subprocess(case: dict[str, Any], timeout_s: float = 1800.0) -> dict[str, Any]:
+    """Runs ``case`` in a fresh Python process with ``case["devices"]`` simulated CPU devices.
+
+    Returns:
+      The case's result; on failure ``{"workload", "method", "devices", "error": message}``.
+    """
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+                        f"{case['devices']}").strip()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    failed = {"workload": case["workload"]["name"], "method": case["method"],
+              "devices": case["devices"]}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "trainer._bench_run", json.dumps(case)],
+                              capture_output=True, text=True, timeout=timeout_s, env=env, cwd=root)
+    except subprocess.TimeoutExpired:
+        return {**failed, "error": f"timed out after {timeout_s:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {**failed, "error": f"exit code {proc.returncode}: {tail}"}
+
+
+def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per workload, each method's step time and memory as a ratio of the baseline's.
+
+    The baseline is ``pmap`` when the workload ran it, else ``data``.
+    """
+    summary: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["workload"] for r in results):
+        rows = {r["method"]: r for r in results if r["workload"] == name and "error" not in r}
+        base_name = "pmap" if "pmap" in rows else "data"
+        base = rows.get(base_name)
+        if base is None:
+            continue
+        entry: dict[str, Any] = {"baseline": base_name}
+        for method, row in rows.items():
+            ratios = {}
+            for key in ("step_time_s", "per_device_memory_bytes"):
+                if row.get(key) is not None and base.get(key):
+                    ratios[key] = row[key] / base[key]
+            entry[method] = ratios
+        summary[name] = entry
+    return summary
+
+
+def environment() -> dict[str, Any]:
+    """Where and when the numbers were taken."""
+    import jax
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "jax": jax.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def run_suite(suite: str, devices: int = 8, *, steps: int = 5, warmup: int = 2,
+              cases: Sequence[dict[str, Any]] | None = None,
+              runner: Callable[[dict[str, Any]], dict[str, Any]] = run_case_subprocess,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs every case of ``suite`` and collects the results.
+
+    Args:
+      suite: one of ``SUITES``.
+      devices: devices per case (simulated on a CPU).
+      steps: timed steps per case (at least 5; the median is reported).
+      warmup: untimed steps first (compilation happens in the first).
+      cases: run these instead of ``suite_cases(suite, devices, steps, warmup)``.
+      runner: runs one case; the default starts a fresh process per case.
+      log: receives one progress line per case.
+
+    Returns:
+      ``{"suite", "devices", "results": [one dict per case], "summary": summarize(results),
+      "environment": environment()}``.
+    """
+    cases = list(cases if cases is not None else suite_cases(suite, devices, steps, warmup))
+    results = []
+    for i, case in enumerate(cases, 1):
+        result = runner(case)
+        results.append(result)
+        log(f"[{i}/{len(cases)}] {format_result(result)}")
+    return {"suite": suite, "devices": devices, "results": results,
+            "summary": summarize(results), "environment": environment()}
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """One readable line for a case's result."""
+    head = f"{result['workload']:<26} {result['method']:<7} devices={result['devices']}"
+    if "error" in result:
+        return f"{head} FAILED: {result['error']}"
+    step = result.get("step_time_s")
+    parts = [f"step {step * 1e3:9.2f} ms" if step is not None else "step       n/a",
+             f"memory {result['per_device_memory_bytes'] / 2**20:8.2f} MiB",
+             f"comm {result['communication_bytes'] / 2**20:8.2f} MiB",
+             f"mesh {result['plan']['mesh_shape']}",
+             f"solve {result.get('solve_time_s', 0.0):.2f} s",
+             f"compile {result.get('compile_time_s', 0.0):.2f} s"]
+    return head + " " + "  ".join(parts)
+
+
+def write_json(data: dict[str, Any], path: str) -> None:
+    """Writes the suite's results as indented JSON."""
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
