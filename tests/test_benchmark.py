@@ -1,0 +1,129 @@
+"""The benchmark harness on a tiny MLP: real numbers, exact communication arithmetic, schema."""
+import json
+import statistics
+
+import jax
+import numpy as np
+import pytest
+
+import models
+from trainer import benchmarks
+from trainer._bench_run import run_case
+from trainer._bench_workloads import WorkloadSpec, build_workload
+
+TINY = WorkloadSpec("tiny", "mlp", {"in_features": 32, "hidden_size": 64, "num_layers": 1,
+                                    "out_features": 16}, batch_size=16)
+# Kernels 32x64 and 64x16, biases 64 and 16 (ZeRO shards leaves of >= 1024 elements).
+TINY_PARAMS = 32 * 64 + 64 + 64 * 16 + 16
+
+
+def _case(method, devices=8, **extra):
+    return {"workload": TINY.to_json(), "method": method, "devices": devices, "steps": 5,
+            "warmup": 2, "measure": True, "profile": None, **extra}
+
+
+@pytest.fixture(scope="module")
+def tiny_results():
+    return {method: run_case(_case(method)) for method in ("pmap", "data", "zero3")}
+
+
+def test_tiny_param_count_matches_the_model():
+    assert models.get_spec("mlp").num_params(models.make_config("mlp", TINY.options)) == 3152
+    assert TINY_PARAMS == 3152
+
+
+def test_data_parallel_communication_is_one_ring_all_reduce_of_the_gradients(tiny_results):
+    # Gradients (3152 float32) and the loss (one float32) are all-reduced together once:
+    # a ring all-reduce over 8 devices sends 2 * 7/8 of the payload per device.
+    payload = 4 * TINY_PARAMS + 4
+    for method in ("pmap", "data"):
+        result = tiny_results[method]
+        assert result["collectives"] == {"all-reduce": {
+            "count": 1.0, "payload_bytes": payload, "sent_bytes": 2 * 7 / 8 * payload}}
+        assert result["communication_bytes"] == 2 * 7 / 8 * payload == 22071.0
+
+
+def test_pmap_and_parallelize_train_identically_from_the_same_init(tiny_results):
+    workload = build_workload(TINY)
+    state = jax.jit(workload.init)(jax.random.key(0))
+    first_loss = float(jax.jit(workload.loss_fn)(state["params"], workload.batch))
+    for method in ("pmap", "data", "zero3"):
+        losses = tiny_results[method]["losses"]
+        assert len(losses) == 7  # 2 warm-up + 5 timed steps
+        np.testing.assert_allclose(losses[0], first_loss, rtol=1e-6)
+        np.testing.assert_allclose(losses, tiny_results["pmap"]["losses"], rtol=1e-5)
+        assert losses[-1] < losses[0]  # Adam is making progress
+
+
+def test_step_time_is_the_median_of_five_timed_steps(tiny_results):
+    for result in tiny_results.values():
+        assert len(result["step_times_s"]) == 5
+        assert result["step_time_s"] == statistics.median(result["step_times_s"]) > 0
+
+
+def test_memory_and_plans_per_method(tiny_results):
+    # Replicated params and both Adam moments are at least 3 * 3152 float32 per device; ZeRO-3
+    # shards all three over 8 devices, so it holds less than data parallelism.
+    data, zero3 = tiny_results["data"], tiny_results["zero3"]
+    assert data["per_device_memory_bytes"] >= 3 * 4 * TINY_PARAMS
+    assert zero3["per_device_memory_bytes"] < data["per_device_memory_bytes"]
+    assert tiny_results["pmap"]["plan"] == {"method": "pmap", "mesh_shape": {"batch": 8},
+                                            "params": "replicated"}
+    assert data["plan"]["mesh_shape"] == {"data": 8}
+    assert data["plan"]["params"]["['kernels'][0]"] == {"shape": [32, 64], "spec": []}
+    assert zero3["plan"]["params"]["['kernels'][0]"] == {"shape": [32, 64], "spec": [None, "data"]}
+
+
+def test_run_suite_schema_summary_and_tables(tiny_results):
+    cases = [_case("pmap"), _case("data")]
+    data = benchmarks.run_suite("seed", 8, cases=cases, log=lambda line: None,
+                                runner=lambda case: tiny_results[case["method"]])
+    assert data["suite"] == "seed" and data["devices"] == 8
+    assert [(r["workload"], r["method"]) for r in data["results"]] == [("tiny", "pmap"),
+                                                                       ("tiny", "data")]
+    for r in data["results"]:
+        assert {"workload", "method", "step_time_s", "per_device_memory_bytes",
+                "communication_bytes"} <= set(r)
+    pmap, dp = tiny_results["pmap"], tiny_results["data"]
+    assert data["summary"]["tiny"]["baseline"] == "pmap"
+    assert data["summary"]["tiny"]["data"] == {
+        "step_time_s": dp["step_time_s"] / pmap["step_time_s"],
+        "per_device_memory_bytes": dp["per_device_memory_bytes"] / pmap["per_device_memory_bytes"]}
+    json.loads(json.dumps(data))  # JSON-serializable as written by --json
+    table = benchmarks.format_markdown(data)
+    assert "| method | step time (ms) | vs pmap |" in table
+    assert f"| data | {dp['step_time_s'] * 1e3:.2f} |" in table
+
+
+def test_fresh_process_case_uses_the_requested_device_count():
+    # Two simulated devices in a child process: the all-reduce sends 2 * 1/2 of the payload.
+    result = benchmarks.run_case_subprocess(_case("data", devices=2))
+    assert "error" not in result, result
+    assert result["devices"] == 2 and result["plan"]["mesh_shape"] == {"data": 2}
+    assert result["communication_bytes"] == 4 * TINY_PARAMS + 4 == 12612
+
+
+def test_suite_cases_name_the_tutorial_workloads_and_methods():
+    cases = benchmarks.suite_cases("seed", 8)
+    assert [(c["workload"]["name"], c["method"]) for c in cases] == [
+        (w, m) for w in ("data_parallel_preferred", "model_parallel_preferred")
+        for m in ("pmap", "data", "zero2", "zero3", "auto")]
+    assert {c["steps"] for c in cases} == {5}
+    with pytest.raises(ValueError, match="at least 5 timed steps"):
+        benchmarks.suite_cases("seed", 8, steps=3)
+    with pytest.raises(ValueError, match="unknown suite 'seeds'"):
+        benchmarks.suite_cases("seeds")
+
+
+def test_cli_plot_without_matplotlib_fails_with_one_line(monkeypatch, capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark.py")
+    spec = importlib.util.spec_from_file_location("benchmark_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    monkeypatch.setattr(benchmarks, "can_plot", lambda: False)
+    assert cli.main(["--suite", "seed", "--plot", "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --plot needs matplotlib: pip install -e '.[bench]'\n"
