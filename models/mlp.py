@@ -72,6 +72,7 @@ class MLP(nnx.Module):
 
     def forward(self, x, train: bool = False):
         """Returns ``(y [B, out_features], {})``."""
+        x = x.astype(self.dtype or self.kernels[0].dtype)  # the compute dtype
         for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
             x = x @ value(kernel, self.dtype) + value(bias, self.dtype)
             if i < len(self.kernels) - 1:

@@ -156,7 +156,7 @@ class WideResNet(nnx.Module):
 
     def forward(self, images, train: bool = False):
         """Returns ``(logits [B, num_classes], {})``; ``train`` selects batch statistics."""
-        x = images if self.dtype is None else images.astype(self.dtype)
+        x = images.astype(self.dtype or self.stem.kernel.dtype)  # the compute dtype
         x = jax.nn.relu(self.stem_bn(self.stem(x), train))  # (B, H/2, W/2, base)
         x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                   [(0, 0), (1, 1), (1, 1), (0, 0)])  # (B, H/4, W/4, base)
