@@ -68,3 +68,14 @@ def test_token_file(tmp_path):
     assert train.tokens.size == 400 and held.tokens.size == 100
     with pytest.raises(DataError, match="raise model.vocab_size to at least 50"):
         build_datasets(DataConfig(source="tokens", path=str(path), seq_len=4), "lm", 0, {"vocab_size": 40})
+
+
+def test_synthetic_eval_shares_the_task_but_not_the_samples():
+    train, held = build_datasets(DataConfig(source="synthetic", image_size=4, num_classes=3),
+                                 "classify", 5, {"num_classes": 3})
+    np.testing.assert_array_equal(train.prototypes, held.prototypes)
+    assert not np.array_equal(train.batch(0, 4)["inputs"], held.batch(0, 4)["inputs"])
+    train, held = build_datasets(DataConfig(), "regress", 5, {"in_features": 3, "out_features": 2})
+    np.testing.assert_array_equal(train.teacher, held.teacher)
+    batch = held.batch(2, 4)
+    np.testing.assert_allclose(batch["targets"], np.tanh(batch["inputs"] @ held.teacher), rtol=1e-5)

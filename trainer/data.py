@@ -93,14 +93,18 @@ class TokenDataset:
 
 
 class SyntheticImages:
-    """Random images whose label is a fixed function of the image, so a model can learn it."""
+    """Noisy copies of one random prototype image per class, so a model can learn the labels.
 
-    def __init__(self, image_size: int, num_classes: int, seed: int, channels: int = 3):
-        self.shape, self.num_classes, self.seed = (image_size, image_size, channels), num_classes, seed
+    Train and eval share the prototypes (``seed``) and differ in their ``stream`` of samples.
+    """
+
+    def __init__(self, image_size: int, num_classes: int, seed: int, stream: int = 0, channels: int = 3):
+        self.shape, self.num_classes = (image_size, image_size, channels), num_classes
+        self.seed, self.stream = seed, stream
         self.prototypes = np.random.default_rng([seed, 7]).normal(size=(num_classes, *self.shape))
 
     def batch(self, index: int, batch_size: int) -> dict:
-        rng = np.random.default_rng([self.seed, index])
+        rng = np.random.default_rng([self.seed, self.stream, index])
         labels = rng.integers(0, self.num_classes, size=batch_size)
         noise = rng.normal(size=(batch_size, *self.shape))
         images = (self.prototypes[labels] + noise).astype(np.float32)  # (B, H, W, C)
@@ -108,15 +112,15 @@ class SyntheticImages:
 
 
 class SyntheticRegression:
-    """Inputs ``x`` and targets ``tanh(x @ W)`` for a fixed random teacher ``W``."""
+    """Inputs ``x`` and targets ``tanh(x @ W)`` for a fixed random teacher ``W`` (from ``seed``)."""
 
-    def __init__(self, in_dim: int, out_dim: int, seed: int):
+    def __init__(self, in_dim: int, out_dim: int, seed: int, stream: int = 0):
         self.in_dim = in_dim
         self.teacher = np.random.default_rng([seed, 11]).normal(size=(in_dim, out_dim)) / np.sqrt(in_dim)
-        self.seed = seed
+        self.seed, self.stream = seed, stream
 
     def batch(self, index: int, batch_size: int) -> dict:
-        x = np.random.default_rng([self.seed, index]).normal(size=(batch_size, self.in_dim))
+        x = np.random.default_rng([self.seed, self.stream, index]).normal(size=(batch_size, self.in_dim))
         return {"inputs": x.astype(np.float32), "targets": np.tanh(x @ self.teacher).astype(np.float32)}
 
 
@@ -189,13 +193,13 @@ def build_datasets(data, task: str, seed: int, model_options) -> tuple:
     """
     if task == "classify":
         classes = model_options.get("num_classes", data.num_classes)
-        return (SyntheticImages(data.image_size, classes, seed),
-                SyntheticImages(data.image_size, classes, seed + 1_000_003))
+        return (SyntheticImages(data.image_size, classes, seed, stream=0),
+                SyntheticImages(data.image_size, classes, seed, stream=1))
     if task == "regress":
         in_dim = model_options.get("in_features", 16)
         out_dim = model_options.get("out_features", in_dim)
-        return (SyntheticRegression(in_dim, out_dim, seed),
-                SyntheticRegression(in_dim, out_dim, seed + 1_000_003))
+        return (SyntheticRegression(in_dim, out_dim, seed, stream=0),
+                SyntheticRegression(in_dim, out_dim, seed, stream=1))
     vocab = model_options.get("vocab_size", 256)
     if data.source == "synthetic":
         tokens = np.random.default_rng([seed, 13]).integers(0, vocab, size=2**20).astype(np.int32)
