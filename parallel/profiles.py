@@ -24,6 +24,8 @@ class DeviceProfile:
       memory_bandwidth: bytes/s between the device's memory and its compute units.
       link_bandwidth: bytes/s one device sends over the collective links (the alpha-beta beta).
       link_latency_s: seconds a collective costs before the first byte (the alpha-beta alpha).
+      native_reduce_scatter: whether XLA emits a real reduce-scatter on this platform; XLA:CPU
+        lowers it to an all-reduce followed by a slice, which costs as much as the all-reduce.
     """
 
     name: str
@@ -32,6 +34,7 @@ class DeviceProfile:
     memory_bandwidth: float
     link_bandwidth: float
     link_latency_s: float
+    native_reduce_scatter: bool = True
 
     def comm_time(self, num_bytes: float) -> float:
         """Alpha-beta time of moving ``num_bytes`` per device over the links."""
@@ -88,6 +91,7 @@ def measured_cpu_profile(num_devices: int = 1) -> DeviceProfile:
         memory_bandwidth=bandwidth / share,
         link_bandwidth=bandwidth / share,
         link_latency_s=20e-6,
+        native_reduce_scatter=False,
     )
 
 

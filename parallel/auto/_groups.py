@@ -187,7 +187,7 @@ class Structure:
                tuple(g.follow_operand), reqs)
         return hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest()
 
-    def _classify(self, rounds: int = 1):
+    def _classify(self, rounds: int = 3):
         """Weisfeiler-Lehman refinement: groups alike up to ``rounds`` hops share a class."""
         sig = [self._signature(g) for g in self.groups]
         self.structural = list(sig)

@@ -87,7 +87,12 @@ class Program:
         """(variables, rows, integer variables)."""
         return self.num_vars, len(self._rows), int(sum(i.sum() for i in self._integer))
 
-    def solve(self, time_limit: float, gap: float = 1e-6) -> Result:
+    def solve(self, time_limit: float, gap: float = 1e-2) -> Result:
+        """Minimizes the objective within ``time_limit`` seconds, to a relative ``gap``.
+
+        A 1% gap is far below the cost model's own error and keeps memory-constrained programs,
+        whose relaxation is loose, from spending seconds on proving optimality.
+        """
         cost = np.concatenate(self._cost) if self._cost else np.zeros(0)
         for ids, extra in self._extra:
             np.add.at(cost, ids, extra)

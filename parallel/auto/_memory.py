@@ -1,4 +1,4 @@
-"""Per-device memory of a program: which arrays are alive after each equation."""
+"""Per-device memory of a program: which arrays are alive while each equation runs."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,23 +7,28 @@ from parallel.auto._graph import Graph
 
 
 class Liveness:
-    """Live ranges of every value in program order.
+    """Live ranges of the arrays XLA keeps in memory, in program order.
 
-    A value is alive after equation ``t`` when it was produced at or before ``t`` and is read
-    after ``t`` (outputs and inputs that are not donated stay alive to the end). Point ``-1`` is
-    before the first equation. Donated inputs die at their last read, which is where XLA reuses
-    their buffers for the updated state.
+    Point ``t`` is "while equation ``t`` runs": a value is alive from the equation that produces
+    it through the last one that reads it (inputs from the start; outputs, and inputs that are
+    not donated, to the end). Donated inputs die at their last read, where XLA reuses their
+    buffers for the updated state.
+
+    Only values XLA keeps in memory count: inputs, outputs, and what goes into or comes out of
+    an operation that is not fused; ``fused`` names the fusible primitives (element-wise ops),
+    whose intermediate results live only in registers.
 
     Args:
       graph: the program.
       donated: value ids of donated inputs.
+      fused: primitive names whose results are not kept unless a non-fused op reads them.
     """
 
-    def __init__(self, graph: Graph, donated: set[int]):
-        end = len(graph.eqns)
-        self.num_points = end + 1  # points -1 .. end-1, stored at index t + 1
-        self.start = np.array([v.producer for v in graph.values], np.int64)
-        self.stop = self.start.copy()  # alive while start <= t < stop
+    def __init__(self, graph: Graph, donated: set[int], fused: frozenset[str] = frozenset()):
+        end = len(graph.eqns) - 1
+        self.num_points = len(graph.eqns)
+        self.start = np.array([max(v.producer, 0) for v in graph.values], np.int64)
+        self.stop = self.start.copy()
         for i, eqn in enumerate(graph.eqns):
             for v in eqn.inputs:
                 if v is not None:
@@ -36,24 +41,31 @@ class Liveness:
                 self.stop[v] = end
         for out, into, _ in graph.loops:
             self.stop[into] = max(self.stop[into], self.stop[out])
-        self._ids = np.flatnonzero(self.stop > self.start)
+        kept = np.zeros(len(graph.values), bool)
+        kept[graph.inputs + graph.constants] = True
+        kept[[v for v in graph.outputs if v is not None]] = True
+        for eqn in graph.eqns:
+            if eqn.prim not in fused:
+                kept[list(eqn.outputs)] = True
+                kept[[v for v in eqn.inputs if v is not None]] = True
+        self._ids = np.flatnonzero(kept)
 
     def profile(self, nbytes: np.ndarray) -> np.ndarray:
-        """Bytes alive after each point, for per-value sizes ``nbytes``."""
+        """Bytes alive at each point, for per-value sizes ``nbytes``."""
         delta = np.zeros(self.num_points + 1)
         ids = self._ids
-        np.add.at(delta, self.start[ids] + 1, nbytes[ids])
+        np.add.at(delta, self.start[ids], nbytes[ids])
         np.add.at(delta, self.stop[ids] + 1, -nbytes[ids])
         return np.cumsum(delta)[:-1]
 
     def live_at(self, point: int) -> np.ndarray:
-        """Ids of the values alive after ``point`` (-1: before the first equation)."""
+        """Ids of the values alive while equation ``point`` runs."""
         ids = self._ids
-        return ids[(self.start[ids] <= point) & (self.stop[ids] > point)]
+        return ids[(self.start[ids] <= point) & (self.stop[ids] >= point)]
 
 
 def peak_points(profile: np.ndarray, count: int) -> list[int]:
-    """Up to ``count`` well-separated points with the most bytes alive (as equation indices)."""
+    """Up to ``count`` well-separated points with the most bytes alive."""
     order = np.argsort(-profile, kind="stable")
     spacing = max(1, len(profile) // (4 * count))
     chosen: list[int] = []
@@ -62,4 +74,4 @@ def peak_points(profile: np.ndarray, count: int) -> list[int]:
             chosen.append(int(i))
             if len(chosen) == count:
                 break
-    return [c - 1 for c in chosen]
+    return chosen

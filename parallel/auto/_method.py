@@ -6,11 +6,16 @@ from typing import Any
 
 import jax
 
+from parallel._constraints import with_constraints
 from parallel._errors import PlanError
 from parallel._methods import Method, register_method
-from parallel.auto._search import AXIS_NAMES, solve
-from parallel.plan import Constraint, Plan, make_leaf_plans
+from parallel.auto._search import AXIS_NAMES, MemoryBudgetError, Solution, solve
+from parallel.plan import Constraint, Plan, make_leaf_plans, shardings_from_specs
 from parallel.profiles import DeviceProfile
+from parallel.report import memory_bytes
+
+# Re-plans with a tighter target when XLA's memory analysis finds the plan over the budget.
+_BUDGET_CHECKS = 3
 
 
 class ShardParallel(Method):
@@ -28,6 +33,10 @@ class ShardParallel(Method):
         links; ``None`` uses the running platform's.
       time_limit_s: solver time limit per mesh shape; on a time-out the best plan found so far
         is used, with a warning.
+
+    With a ``memory_budget_bytes``, the chosen plan is compiled and XLA's memory analysis
+    checked against the budget (the solver's own estimate is approximate); if XLA needs more,
+    the solver runs again with its target lowered by the observed ratio.
     """
 
     name = "shard"
@@ -50,13 +59,34 @@ class ShardParallel(Method):
     def make_plan(self, fn: Callable, abstract_args: Sequence[Any], *,
                   batch_argnums: Sequence[int], donate_argnums: Sequence[int],
                   devices: Sequence[jax.Device], logical_axes: Sequence[Any] | None) -> Plan:
-        """Solves for the plan of ``fn(*abstract_args)`` on ``devices`` (see ``Method``)."""
+        """Solves for the plan of ``fn(*abstract_args)`` on ``devices`` (see ``Method``).
+
+        Raises:
+          MemoryBudgetError: no plan fits ``memory_budget_bytes``.
+        """
         del logical_axes
         mesh_shape = None if self.mesh is None else self.resolve_mesh_shape(len(devices))
-        solution = solve(fn, abstract_args, num_devices=len(devices), mesh_shape=mesh_shape,
-                         profile=self.profile, memory_budget_bytes=self.memory_budget_bytes,
-                         donate_argnums=donate_argnums, batch_argnums=batch_argnums,
-                         time_limit_s=self.time_limit_s)
+        budget = self.memory_budget_bytes
+        target = budget
+        for _ in range(_BUDGET_CHECKS):
+            solution = solve(fn, abstract_args, num_devices=len(devices), mesh_shape=mesh_shape,
+                             profile=self.profile, memory_budget_bytes=target,
+                             donate_argnums=donate_argnums, batch_argnums=batch_argnums,
+                             time_limit_s=self.time_limit_s)
+            plan = self._plan(solution, abstract_args, batch_argnums, donate_argnums)
+            if budget is None:
+                return plan
+            used = _compiled_memory(fn, plan, abstract_args, devices)
+            if used <= budget:
+                return plan
+            target = target * budget / used
+        raise MemoryBudgetError(
+            f"ShardParallel's plans do not fit memory_budget_bytes={budget:.0f} once compiled: "
+            f"XLA needs {used} bytes per device for the last one (mesh {plan.mesh_shape}). "
+            "Raise memory_budget_bytes, use more devices, or shrink the model or batch.")
+
+    def _plan(self, solution: Solution, abstract_args: Sequence[Any],
+              batch_argnums: Sequence[int], donate_argnums: Sequence[int]) -> Plan:
         best = solution.best
         in_specs = iter(best.input_specs)
         inputs = tuple(make_leaf_plans(arg, lambda path, key_path, leaf: next(in_specs))
@@ -70,6 +100,19 @@ class ShardParallel(Method):
         return Plan(self.name, dict(best.mesh_shape), inputs, outputs, constraints,
                     batch_argnums=tuple(batch_argnums), donate_argnums=tuple(donate_argnums),
                     extras=extras)
+
+
+def _compiled_memory(fn: Callable, plan: Plan, abstract_args: Sequence[Any],
+                     devices: Sequence[jax.Device]) -> int:
+    """Peak bytes per device XLA assigns to ``fn`` compiled with ``plan`` (nothing runs)."""
+    mesh = plan.make_mesh(devices)
+    in_shardings = tuple(shardings_from_specs(mesh, s) for s in plan.input_specs(abstract_args))
+    out_shardings = shardings_from_specs(mesh, plan.output_specs(jax.eval_shape(fn, *abstract_args)))
+    if plan.constraints:
+        fn = with_constraints(fn, abstract_args, plan.constraints, mesh)
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                     donate_argnums=plan.donate_argnums)
+    return memory_bytes(jitted.lower(*abstract_args).compile())
 
 
 def _factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1):

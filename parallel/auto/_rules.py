@@ -131,10 +131,12 @@ def _contracted(kind, slots, contract_slots, out_dims, out_shape, itemsize, flop
     out = [Strategy(kind, (out_spec,), operands, compute, mm.all_reduce(local, partial),
                     ("all-reduce", partial, None))]
     # Reduce-scatter onto the largest output dimension that divides evenly (like ZeRO does).
+    # Without a native reduce-scatter it is an all-reduce plus a free slice: the all-reduce
+    # strategy followed by a sliced consumer already prices that.
     n = mm.group_size(partial)
     dims = [d for d in range(len(out_spec))
             if out_shape[d] % (mm.group_size(out_spec[d]) * n) == 0]
-    if dims:
+    if dims and mm.profile.native_reduce_scatter:
         d = max(dims, key=lambda d: (out_shape[d] // mm.group_size(out_spec[d]), -d))
         scattered = out_spec[:d] + (out_spec[d] + partial,) + out_spec[d + 1:]
         out.append(Strategy(kind, (scattered,), operands, compute,

@@ -13,6 +13,7 @@ from parallel.auto._cost import MeshModel
 from parallel.auto._graph import build_graph
 from parallel.auto._groups import Structure, warn_fallbacks
 from parallel.auto._memory import Liveness
+from parallel.auto._rules import FOLLOWERS
 from parallel.auto._solve import MeshProblem, MeshResult
 from parallel.profiles import DeviceProfile, get_profile
 
@@ -175,7 +176,7 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
     warn_fallbacks(structure)
     donated = {graph.inputs[j] for i in donate_argnums for j in range(offsets[i], offsets[i + 1])}
     batch_leaves = [j for i in batch_argnums for j in range(offsets[i], offsets[i + 1])]
-    liveness = Liveness(graph, donated)
+    liveness = Liveness(graph, donated, FOLLOWERS)
     fed = set(graph.inputs) - donated
 
     def problem(sizes):
@@ -186,7 +187,8 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
     fitting = sorted((r for r in results if r.status != "over_budget"),
                      key=lambda r: r.step_time_s)
     if not fitting:
-        smallest = min(_min_memory(problem(sizes), time_limit_s) for sizes in meshes)
+        smallest = min((_min_memory(problem(sizes), time_limit_s) for sizes in meshes),
+                       key=lambda found: found[0])
         raise MemoryBudgetError(
             f"no sharding of this step on {n} devices fits memory_budget_bytes={budget:.0f}: "
             f"the smallest per-device memory reached is {smallest[0]:.0f} bytes (mesh "
@@ -236,46 +238,47 @@ def _pair_state(args, out_shape, donate_argnums, offsets) -> dict[int, int]:
 def _solve_mesh(problem: MeshProblem, budget: float, time_limit_s: float,
                 batch_leaves: list[int]) -> MeshResult:
     start = time.perf_counter()
-    structure, mm = problem.s, problem.mm
+    mm = problem.mm
+    shape = dict(zip(mm.axis_names, mm.axis_sizes))
     prog, x, _ = problem.build()
     points = problem.first_points()
     for point in points:
         problem.add_memory_row(prog, x, point, budget, None)
-    result, choice, specs, peak = None, None, None, np.inf
+    choice, specs, peak, status = None, None, np.inf, "infeasible"
     for _ in range(_MEMORY_ROUNDS):
-        remaining = max(time_limit_s - (time.perf_counter() - start), 1.0)
-        result = prog.solve(remaining)
+        result = prog.solve(max(time_limit_s - (time.perf_counter() - start), 1e-3))
         log.debug("mesh %s: %d variables, %d rows, %d integer; %s in %.2f s", mm.axis_sizes,
                   *prog.size, result.status, result.seconds)
-        if result.x is None:
+        status = result.status
+        if result.x is not None:
+            choice = problem.choose(result, x)
+        elif status == "time_limit":
+            choice = problem.cheapest_each()
+        else:
             break
-        choice = problem.choose(result, x)
         specs = problem.specs(choice)
-        profile = problem.memory_profile(specs)
+        profile = problem.memory_profile(choice, specs)
         peak = float(profile.max())
-        point = int(np.argmax(profile)) - 1
-        if peak <= budget * (1 + 1e-9) or point in points:
+        point = int(np.argmax(profile))
+        if peak <= budget * (1 + 1e-9) or point in points or result.x is None:
             break
         points.append(point)
         problem.add_memory_row(prog, x, point, budget, None)
-    shape = dict(zip(mm.axis_names, mm.axis_sizes))
-    if result is None or result.x is None or peak > budget * (1 + 1e-9):
-        if result is not None and result.status == "time_limit" and result.x is None:
-            warnings.warn(f"ShardParallel found no plan on mesh {shape} within its "
-                          f"{time_limit_s:.0f} s time limit; raise time_limit_s", stacklevel=3)
+    if choice is None or peak > budget * (1 + 1e-9):
         return MeshResult(shape, "over_budget", np.inf, np.inf, np.inf, peak,
                           time.perf_counter() - start, [], [], [], [])
-    if result.status == "time_limit":
-        warnings.warn(f"ShardParallel hit its {time_limit_s:.0f} s solver time limit on mesh "
-                      f"{shape}; using the best plan found so far", stacklevel=3)
-    if mm.axis_sizes[1] == 1 and not any(specs[structure.graph.inputs[j]] != ((),) * len(
-            specs[structure.graph.inputs[j]]) for j in batch_leaves):
+    if status == "time_limit":
+        warnings.warn(f"ShardParallel hit its {time_limit_s:g} s solver time limit on mesh "
+                      f"{shape}; using the best plan found by then (raise time_limit_s for a "
+                      "better one)", stacklevel=3)
+    graph = problem.s.graph
+    if mm.axis_sizes[1] == 1 and not any(any(specs[graph.inputs[j]]) for j in batch_leaves):
         # A 1-D mesh that does not split the batch is a model axis.
         problem.mm = mm = MeshModel(AXIS_NAMES[::-1], mm.axis_sizes, mm.profile)
         shape = {"data": 1, "model": mm.axis_sizes[0]}
     compute, comm = problem.evaluate(choice, specs)
     ins, outs = problem.io_specs(specs)
-    return MeshResult(shape, result.status, compute + comm, compute, comm, peak,
+    return MeshResult(shape, status, compute + comm, compute, comm, peak,
                       time.perf_counter() - start, ins, outs, problem.constraints(specs),
                       problem.describe(choice))
 
@@ -292,9 +295,10 @@ def _min_memory(problem: MeshProblem, time_limit_s: float) -> tuple[float, dict[
         result = prog.solve(time_limit_s)
         if result.x is None:
             break
-        profile = problem.memory_profile(problem.specs(problem.choose(result, x)))
+        choice = problem.choose(result, x)
+        profile = problem.memory_profile(choice, problem.specs(choice))
         best = min(best, float(profile.max()))
-        point = int(np.argmax(profile)) - 1
+        point = int(np.argmax(profile))
         if point in points:
             break
         points.append(point)

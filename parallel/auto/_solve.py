@@ -17,6 +17,10 @@ CONSTRAINED_KINDS = ("dot", "conv", "gather", "scatter")
 # Objective weight of stored bytes, relative to moving them once through memory: breaks ties
 # between equally fast plans in favour of the one that stores less.
 _STORAGE_TIE_BREAK = 1e-3
+# The program counts time in microseconds and memory in MiB, which keeps HiGHS's coefficients
+# near 1.
+_PER_SECOND = 1e6
+_PER_BYTE = 1.0 / 2**20
 
 
 @dataclasses.dataclass
@@ -94,12 +98,12 @@ class MeshProblem:
             if minimize_memory:
                 x.append(prog.add_choice(np.zeros(table.size)))
                 continue
-            cost = self.counts[c] * (table.compute + table.comm)
+            cost = self.counts[c] * (table.compute + table.comm) * _PER_SECOND
             g = s.groups[s.members_of[c][0]]
             if g.kind == "input":
                 stored = self.nbytes[g.values[0]] * self.inv_shards(c, 0)
                 scale = 1.0 if g.values[0] in self.fed else _STORAGE_TIE_BREAK
-                cost = cost + self.counts[c] * scale * mm.memory_time(stored, 1)
+                cost = cost + self.counts[c] * scale * mm.memory_time(stored, 1) * _PER_SECOND
             x.append(prog.add_choice(cost))
         peak = prog.add_vars(np.ones(1), upper=np.inf) if minimize_memory else None
         if not minimize_memory:
@@ -122,7 +126,7 @@ class MeshProblem:
             if all(w is None for w in want):
                 continue
             rep = s.groups[s.members_of[cd][0]]
-            weight = rep.reqs[r_index].weight * count
+            weight = rep.reqs[r_index].weight * count * _PER_SECOND
             value = s.graph.values[rep.reqs[r_index].src]
             if cs == cd:
                 diag = np.array([0.0 if w is None else mm.reshard(value.shape, value.itemsize, h, w)
@@ -143,27 +147,48 @@ class MeshProblem:
                 key = (cs, cd, tuple(src_part), tuple(dst_part))
                 products[key] = products.get(key, 0.0) + cost
         for (cs, cd, src_part, dst_part), cost in products.items():
-            src = [x[cs][np.asarray(src_part) == a] for a in range(cost.shape[0])]
-            dst = [x[cd][np.asarray(dst_part) == b] for b in range(cost.shape[1])]
-            prog.add_product(src, dst, cost)
+            cost, src_part, dst_part = _merge_alike(cost, np.asarray(src_part),
+                                                    np.asarray(dst_part))
+            if cost.shape[0] == 1:
+                prog.add_cost(x[cd], cost[0][dst_part])
+            elif cost.shape[1] == 1:
+                prog.add_cost(x[cs], cost[:, 0][src_part])
+            else:
+                src = [x[cs][src_part == a] for a in range(cost.shape[0])]
+                dst = [x[cd][dst_part == b] for b in range(cost.shape[1])]
+                prog.add_product(src, dst, cost)
 
     def add_memory_row(self, prog: Program, x: list[np.ndarray], point: int, budget: float,
                        peak: np.ndarray | None):
-        """Bytes alive after ``point`` must stay within ``budget`` (or below the peak variable)."""
+        """Bytes alive while equation ``point`` runs must stay within ``budget`` (or below the
+        peak variable)."""
         s = self.s
         coef: dict[int, np.ndarray] = {}
         for v in self.liveness.live_at(point):
             gid = int(s.group_of[v])
             c = int(s.cls[gid])
-            contrib = self.nbytes[v] * self.inv_shards(c, int(s.local[v]))
+            contrib = self.nbytes[v] * _PER_BYTE * self.inv_shards(c, int(s.local[v]))
+            coef[c] = coef[c] + contrib if c in coef else contrib
+        gid, reqs = self._operand_buffers(point)
+        if reqs:
+            c = int(s.cls[gid])
+            table = self.tables[c]
+            contrib = sum(self.nbytes[s.groups[gid].reqs[r].src] * _PER_BYTE
+                          / np.array([self.mm.shards(spec) for spec in table.req_specs[r]])
+                          for r in reqs)
             coef[c] = coef[c] + contrib if c in coef else contrib
         ids = np.concatenate([x[c] for c in coef] + [peak if peak is not None else []])
         vals = np.concatenate([coef[c] for c in coef] + [[-1.0] if peak is not None else []])
-        prog.add_row(ids.astype(np.int64), vals, -np.inf, 0.0 if peak is not None else budget)
+        prog.add_row(ids.astype(np.int64), vals, -np.inf,
+                     0.0 if peak is not None else budget * _PER_BYTE)
 
     # ----------------------------------------------------------------------------------------
     def choose(self, result: Result, x: list[np.ndarray]) -> np.ndarray:
         return np.array([int(np.argmax(result.x[ids])) for ids in x])
+
+    def cheapest_each(self) -> np.ndarray:
+        """Each class's cheapest strategy on its own (a plan when the solver found none)."""
+        return np.array([int(np.argmin(t.compute + t.comm)) for t in self.tables])
 
     def specs(self, choice: np.ndarray) -> list[Spec | None]:
         s = self.s
@@ -175,10 +200,33 @@ class MeshProblem:
                 out[v] = table.specs[local][k]
         return out
 
-    def memory_profile(self, specs: list[Spec | None]) -> np.ndarray:
+    def _operand_buffers(self, point: int) -> tuple[int, list[int]]:
+        """The group led by equation ``point`` and its operand requirements: a leader's
+        operands are materialized in the spec it asks for (a resharded copy when they came in
+        another one)."""
+        eqn = self.s.graph.eqns[point]
+        if not eqn.outputs:
+            return -1, []
+        gid = int(self.s.group_of[eqn.outputs[0]])
+        g = self.s.groups[gid]
+        if g.leader != point or g.kind in ("free", "constant"):
+            return gid, []
+        return gid, [r for r, req in enumerate(g.reqs) if req.member == -1]
+
+    def memory_profile(self, choice: np.ndarray, specs: list[Spec | None]) -> np.ndarray:
+        """Estimated bytes per device alive at each point of the program under a solution."""
         local = np.array([self.nbytes[v] / self.mm.shards(spec) if spec is not None else
                           self.nbytes[v] for v, spec in enumerate(specs)])
-        return self.liveness.profile(local)
+        profile = self.liveness.profile(local)
+        for gid, g in enumerate(self.s.groups):
+            if g.leader < 0:
+                continue
+            _, reqs = self._operand_buffers(g.leader)
+            table = self.tables[int(self.s.cls[gid])]
+            k = choice[int(self.s.cls[gid])]
+            profile[g.leader] += sum(self.nbytes[g.reqs[r].src] / self.mm.shards(table.req_specs[r][k])
+                                     for r in reqs)
+        return profile
 
     def evaluate(self, choice: np.ndarray, specs: list[Spec | None]) -> tuple[float, float]:
         """(compute seconds, communication seconds) of a solution."""
@@ -237,6 +285,19 @@ class MeshProblem:
 
     def first_points(self, count: int = 4) -> list[int]:
         return peak_points(self.liveness.profile(self.nbytes), count)
+
+
+def _merge_alike(cost: np.ndarray, src_part: np.ndarray, dst_part: np.ndarray):
+    """Merges source specs whose cost rows are equal, and destination specs whose columns are:
+    the product only needs to tell apart choices that cost differently."""
+    while True:
+        rows, row_of = np.unique(cost, axis=0, return_inverse=True)
+        cols, col_of = np.unique(rows, axis=1, return_inverse=True)
+        if cols.shape == cost.shape:
+            return cost, src_part, dst_part
+        cost = cols
+        src_part = row_of.reshape(-1)[src_part]
+        dst_part = col_of.reshape(-1)[dst_part]
 
 
 def _partition(specs: list) -> tuple[list, np.ndarray]:
