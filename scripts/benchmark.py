@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", type=int, default=8, help="devices per case (default 8)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case (>= 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds over all cases; timed steps are pooled per case")
     parser.add_argument("--json", metavar="PATH", help="write the results here")
     parser.add_argument("--plot", metavar="PATH", help="draw the results as a PNG here")
     parser.add_argument("--markdown", metavar="PATH", help="write the results as tables here")
@@ -29,7 +31,8 @@ def main(argv=None) -> int:
         print("error: --plot needs matplotlib: pip install -e '.[bench]'", file=sys.stderr)
         return 2
     try:
-        data = benchmarks.run_suite(args.suite, args.devices, steps=args.steps, warmup=args.warmup)
+        data = benchmarks.run_suite(args.suite, args.devices, steps=args.steps, warmup=args.warmup,
+                                    repeat=args.repeat)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

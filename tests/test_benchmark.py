@@ -127,3 +127,37 @@ def test_cli_plot_without_matplotlib_fails_with_one_line(monkeypatch, capsys):
     assert cli.main(["--suite", "seed", "--plot", "x.png"]) == 2
     err = capsys.readouterr().err
     assert err == "error: --plot needs matplotlib: pip install -e '.[bench]'\n"
+
+
+def test_repeated_rounds_pool_the_timed_steps_of_each_case():
+    rounds = iter([[0.5, 0.1, 0.2, 0.3, 0.4], [0.6, 0.7, 0.8, 0.9, 1.0]])
+
+    def runner(case):
+        times = next(rounds)
+        return {"workload": "w", "method": case["method"], "devices": 8,
+                "step_times_s": times, "step_time_s": statistics.median(times),
+                "tflops": 1.0, "model_flops_per_step": 3e12, "per_device_memory_bytes": 10,
+                "communication_bytes": 0.0, "plan": {"mesh_shape": {"data": 8}}}
+
+    data = benchmarks.run_suite("seed", 8, cases=[_case("data")], repeat=2, runner=runner,
+                                log=lambda line: None)
+    (result,) = data["results"]
+    assert data["repeat"] == 2 and result["rounds"] == 2
+    assert result["step_times_s"] == [0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert result["step_time_s"] == pytest.approx(0.55)  # median of the 10 pooled steps
+    assert result["tflops"] == pytest.approx(3e12 / 0.55 / 1e12)
+
+
+def test_models_and_solver_suites_cover_their_workloads():
+    cases = benchmarks.suite_cases("models", 8)
+    assert [(c["workload"]["name"], c["method"], c["measure"], c["profile"]) for c in cases] == [
+        (w, m, measure, profile)
+        for ws, measure, profile in ((("gpt", "moe", "wide_resnet"), True, None),
+                                     (("gpt-125m", "moe-380m", "wide_resnet-250m"), False, "h100"))
+        for w in ws for m in ("data", "zero2", "zero3", "manual", "auto")]
+    gpt_125m = next(c["workload"] for c in cases if c["workload"]["name"] == "gpt-125m")
+    assert gpt_125m["options"]["hidden_size"] == 768 and gpt_125m["seq_len"] == 1024
+    solver = benchmarks.suite_cases("solver", 8)
+    assert [(c["workload"]["options"]["num_layers"], c["devices"]) for c in solver] == [
+        (1, 8), (2, 8), (4, 8), (8, 8), (2, 2), (2, 4)]
+    assert {(c["method"], c["measure"]) for c in solver} == {("auto", False)}

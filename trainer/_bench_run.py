@@ -117,9 +117,10 @@ def run_parallel(workload: Workload, method_name: str, devices: list, warmup: in
               "profile": report.profile,
               "compile_time_s": report.compile_time_s, "solve_time_s": report.solve_time_s,
               "plan": _plan_summary(step.plan(abstract_state, abstract_batch))}
-    solver = step.plan(abstract_state, abstract_batch).extras.get("solver")
-    if solver:
-        result["solver"] = solver
+    extras = step.plan(abstract_state, abstract_batch).extras
+    if "solver" in extras:
+        result["solver"] = extras["solver"]
+        result["explanation"] = extras.get("explanation")
     estimates = {}
     for name in estimate_profiles:
         estimate = step.analyze(abstract_state, abstract_batch, profile=name)

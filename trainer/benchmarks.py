@@ -21,10 +21,13 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import yaml
 
 from trainer._bench_report import can_plot as can_plot
 from trainer._bench_report import format_markdown as format_markdown
@@ -32,10 +35,12 @@ from trainer._bench_report import plot as plot
 from trainer._bench_run import RESULT_MARKER
 from trainer._bench_workloads import SEED_WORKLOADS, WorkloadSpec
 
-__all__ = ["SUITES", "can_plot", "format_markdown", "format_result", "plot", "run_case_subprocess",
-           "run_suite", "suite_cases", "summarize", "write_json"]
+__all__ = ["SUITES", "can_plot", "format_markdown", "format_result", "merge_rounds", "plot",
+           "run_case_subprocess", "run_suite", "suite_cases", "summarize", "write_json"]
 
 SUITES = ("seed", "models", "solver")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "configs", "benchmarks")
 SEED_METHODS = ("pmap", "data", "zero2", "zero3", "auto")
 MODEL_METHODS = ("data", "zero2", "zero3", "manual", "auto")
 ESTIMATE_PROFILE = "h100"
@@ -54,8 +59,31 @@ MODEL_WORKLOADS = {
         "depth": 14, "base_channels": 16, "width_factor": 2, "num_classes": 10,
         "image_size": 32}, batch_size=16, seq_len=32),
 }
+# The smallest of Alpa's sizes (configs/benchmarks/), compiled on abstract shapes only and
+# priced with the H100 profile; global batches cut to what 8 GPUs hold without pipelining.
+ESTIMATE_CONFIGS = {"gpt-125m": 64, "moe-380m": 64, "wide_resnet-250m": 256}
 SOLVER_DEPTHS = (1, 2, 4, 8)
 SOLVER_DEVICE_COUNTS = (2, 4, 8)
+
+
+def config_workload(name: str, batch_size: int) -> WorkloadSpec:
+    """The model of ``configs/benchmarks/NAME.yaml`` at ``batch_size``, computing in bfloat16.
+
+    Raises:
+      ValueError: no such benchmark config.
+    """
+    path = os.path.join(CONFIG_DIR, f"{name}.yaml")
+    if not os.path.exists(path):
+        known = sorted(f.removesuffix(".yaml") for f in os.listdir(CONFIG_DIR))
+        raise ValueError(f"no benchmark config {path}; known: {', '.join(known)}")
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    options = {k: v for k, v in config["model"].items() if k != "name"}
+    options["dtype"] = "bfloat16"
+    data = config.get("data", {})
+    seq_len = data.get("seq_len") or data.get("image_size") or options.get("image_size")
+    return WorkloadSpec(name, config["model"]["name"], options, batch_size=batch_size,
+                        seq_len=seq_len)
 
 
 def solver_workload(num_layers: int) -> WorkloadSpec:
@@ -84,8 +112,12 @@ def suite_cases(suite: str, devices: int = 8, steps: int = 5,
     if suite == "seed":
         return [case(spec, method) for spec in SEED_WORKLOADS.values() for method in SEED_METHODS]
     if suite == "models":
-        return [case(spec, method, estimate_profiles=[ESTIMATE_PROFILE])
-                for spec in MODEL_WORKLOADS.values() for method in MODEL_METHODS]
+        measured = [case(spec, method, estimate_profiles=[ESTIMATE_PROFILE])
+                    for spec in MODEL_WORKLOADS.values() for method in MODEL_METHODS]
+        estimated = [case(config_workload(name, batch), method, measure=False,
+                          profile=ESTIMATE_PROFILE, estimate_profiles=[ESTIMATE_PROFILE])
+                     for name, batch in ESTIMATE_CONFIGS.items() for method in MODEL_METHODS]
+        return measured + estimated
     cases = [case(solver_workload(depth), "auto", measure=False) for depth in SOLVER_DEPTHS]
     cases += [case(solver_workload(2), "auto", n, measure=False)
               for n in SOLVER_DEVICE_COUNTS if n != devices or 2 not in SOLVER_DEPTHS]
@@ -150,8 +182,22 @@ def environment() -> dict[str, Any]:
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
+def merge_rounds(first: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """One result from two runs of a case: timed steps pooled, the median taken over all."""
+    if "error" in first or "error" in later:
+        return first if "error" in first else later
+    merged = dict(first)
+    if first.get("step_times_s") and later.get("step_times_s"):
+        merged["step_times_s"] = first["step_times_s"] + later["step_times_s"]
+        merged["step_time_s"] = statistics.median(merged["step_times_s"])
+        if first.get("tflops") is not None:
+            merged["tflops"] = first["model_flops_per_step"] / merged["step_time_s"] / 1e12
+    merged["rounds"] = first.get("rounds", 1) + 1
+    return merged
+
+
 def run_suite(suite: str, devices: int = 8, *, steps: int = 5, warmup: int = 2,
-              cases: Sequence[dict[str, Any]] | None = None,
+              repeat: int = 1, cases: Sequence[dict[str, Any]] | None = None,
               runner: Callable[[dict[str, Any]], dict[str, Any]] = run_case_subprocess,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs every case of ``suite`` and collects the results.
@@ -161,6 +207,8 @@ def run_suite(suite: str, devices: int = 8, *, steps: int = 5, warmup: int = 2,
       devices: devices per case (simulated on a CPU).
       steps: timed steps per case (at least 5; the median is reported).
       warmup: untimed steps first (compilation happens in the first).
+      repeat: rounds over all cases; each case's timed steps are pooled over the rounds, so
+        a burst of load from other processes weighs on every method alike.
       cases: run these instead of ``suite_cases(suite, devices, steps, warmup)``.
       runner: runs one case; the default starts a fresh process per case.
       log: receives one progress line per case.
@@ -170,12 +218,17 @@ def run_suite(suite: str, devices: int = 8, *, steps: int = 5, warmup: int = 2,
       "environment": environment()}``.
     """
     cases = list(cases if cases is not None else suite_cases(suite, devices, steps, warmup))
-    results = []
-    for i, case in enumerate(cases, 1):
-        result = runner(case)
-        results.append(result)
-        log(f"[{i}/{len(cases)}] {format_result(result)}")
-    return {"suite": suite, "devices": devices, "results": results,
+    results: list[dict[str, Any]] = []
+    for round_index in range(repeat):
+        for i, case in enumerate(cases):
+            result = runner(case)
+            log(f"[round {round_index + 1}/{repeat}, {i + 1}/{len(cases)}] "
+                f"{format_result(result)}")
+            if round_index == 0:
+                results.append(result)
+            else:
+                results[i] = merge_rounds(results[i], result)
+    return {"suite": suite, "devices": devices, "repeat": repeat, "results": results,
             "summary": summarize(results), "environment": environment()}
 
 
