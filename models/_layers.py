@@ -54,9 +54,8 @@ def value(p: nnx.Param, dtype):
 class LayerNorm(nnx.Module):
     """Layer norm over the last axis; statistics in float32, output in the input's dtype."""
 
-    def __init__(self, size: int, eps: float, use_bias: bool, param_dtype, rngs: nnx.Rngs,
-                 dtype=None):
-        self.eps, self.dtype = eps, dtype
+    def __init__(self, size: int, eps: float, use_bias: bool, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
         self.scale = param(rngs, nnx.initializers.ones, (size,), ("embed",), param_dtype)
         self.bias = param(rngs, nnx.initializers.zeros, (size,), ("embed",), param_dtype) if use_bias else None
 

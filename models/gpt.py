@@ -175,7 +175,8 @@ class GPT(nnx.Module):
 
         Args:
           tokens: int array ``[B, T]`` with ``T <= block_size``.
-          train: training mode (passed to the feed-forward layers; a plain GPT ignores it).
+          train: training mode; GPT and MoE compute the same in both (no dropout, and MoE
+            routing is deterministic), it is passed on for feed-forward layers that differ.
 
         Returns:
           ``(logits [B, T, vocab_size], aux_losses)``; ``aux_losses`` is a dict of scalars
@@ -257,6 +258,8 @@ def from_hf_gpt2(state_dict, hf_config) -> GPT:
     Returns:
       A ``GPT`` whose ``config`` is the equivalent ``GPTConfig``; ``model(tokens)`` maps
       ``int[B, T]`` to logits ``[B, T, vocab]`` equal to the Hugging Face model's.
+      ``dataclasses.asdict(model.config)`` is the YAML ``model:`` section (with ``name: gpt``)
+      of the same architecture, and ``nnx.state(model, nnx.Param)`` its parameters.
     """
     from models import _hf_gpt2
 

@@ -12,7 +12,8 @@ import models
 def hf_model(**overrides):
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=97, n_positions=24, n_embd=32, n_layer=2, n_head=4,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **overrides)
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     bos_token_id=0, eos_token_id=0, **overrides)
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():  # the default init leaves biases and norms at 0/1: randomize all of them
         for p in model.parameters():
@@ -31,7 +32,7 @@ def test_logits_match_hugging_face(overrides):
     gpt = models.gpt.from_hf_gpt2(model.state_dict(), config)
     tokens = np.random.default_rng(0).integers(0, 97, size=(3, 24)).astype(np.int32)
     expected = hf_logits(model, tokens)
-    logits = np.asarray(gpt(tokens))
+    logits = np.asarray(nnx.jit(lambda gpt, x: gpt(x))(gpt, tokens))
     assert logits.shape == (3, 24, 97)
     assert np.abs(logits - expected).max() <= 1e-4
     assert np.abs(expected).max() > 0.1  # the comparison is not between near-zero arrays
@@ -45,6 +46,7 @@ def test_converted_config_and_count():
     hf_count = sum(p.numel() for p in model.parameters())
     shardax_count = sum(x.size for x in jax.tree.leaves(nnx.state(gpt, nnx.Param)))
     assert shardax_count == hf_count == models.gpt.num_params(gpt.config)
+    assert gpt.blocks[1].attn.qkv_kernel.get_metadata()["out_sharding"] == ("embed", None, "heads", "kv")
 
 
 def test_rejects_what_it_cannot_convert():

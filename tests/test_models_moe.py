@@ -59,8 +59,8 @@ def test_identical_experts_equal_the_dense_mlp():
     for name, src in [("wi", dense.fc_kernel), ("bi", dense.fc_bias), ("wo", dense.proj_kernel), ("bo", dense.proj_bias)]:
         getattr(layer, name)[...] = jnp.broadcast_to(src[...], getattr(layer, name).shape)
     x = jnp.asarray(rng.normal(size=(2, 8, 8)), jnp.float32)
-    y, aux = layer(x)
-    np.testing.assert_allclose(y, dense(x)[0], atol=1e-5)
+    y, aux = nnx.jit(lambda layer, x: layer(x))(layer, x)
+    np.testing.assert_allclose(y, nnx.jit(lambda dense, x: dense(x)[0])(dense, x), atol=1e-5)
     assert set(aux) == {"moe_aux_loss"} and float(aux["moe_aux_loss"]) > 0
 
 
@@ -71,7 +71,7 @@ def test_moe_model_shapes_count_and_axes():
     assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == 3976
     assert models.get_spec("moe").num_params(models.make_config("moe", SMALL_MOE)) == 3976
     tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 50)
-    logits, aux = model.forward(tokens, train=True)
+    logits, aux = nnx.jit(lambda model, x: model.forward(x, train=True))(model, tokens)
     assert logits.shape == (2, 16, 50)
     assert set(aux) == {"moe_aux_loss"}
     assert 0.01 <= float(aux["moe_aux_loss"]) <= 0.04  # weight 0.01 * balance loss in [1, num_experts]
