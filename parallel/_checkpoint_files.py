@@ -117,17 +117,21 @@ def layout(tree: Any) -> list[list]:
 
 
 def first_mismatch(saved: list[list], wanted: list[list]) -> str | None:
-    """Describes the first leaf whose path or shape differs between checkpoint and target."""
+    """Describes the first leaf whose path or shape differs between checkpoint and target.
+
+    Parameters (paths under ``params/``) are compared first, so a different model is reported
+    by the parameter that differs rather than by its optimizer state.
+    """
     saved_shapes = {path: tuple(shape) for path, shape, _ in saved}
     wanted_paths = set()
-    for path, shape, _ in wanted:
+    for path, shape, _ in sorted(wanted, key=lambda leaf: not leaf[0].startswith("params/")):
         wanted_paths.add(path)
         if path not in saved_shapes:
             return f"parameter {path}: the checkpoint has none, the model expects shape {tuple(shape)}"
         if saved_shapes[path] != tuple(shape):
             return (f"parameter {path}: the checkpoint has shape {saved_shapes[path]}, "
                     f"the model expects shape {tuple(shape)}")
-    for path, shape, _ in saved:
+    for path, shape, _ in sorted(saved, key=lambda leaf: not leaf[0].startswith("params/")):
         if path not in wanted_paths:
             return f"parameter {path}: the checkpoint has shape {tuple(shape)}, the model has no such parameter"
     return None

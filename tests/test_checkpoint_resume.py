@@ -8,6 +8,7 @@ that step, bit for bit (CPU, same device count, same compiled program).
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,13 +155,36 @@ def test_the_kept_checkpoints_hold_data_position_config_plan_and_metrics(scenari
 
 
 def test_resume_false_refuses_to_overwrite_checkpoints(scenario, capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import train as train_script
-
     workdir = scenario["workdir"]
     before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-    assert train_script.main([*ARGS, f"workdir={workdir}", "train.resume=false"]) == 2
+    assert _train_in_process(workdir, "train.resume=false") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1
     assert f"{workdir} already holds checkpoints (latest step {STEPS})" in err and "train.overwrite=true" in err
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+def _train_in_process(workdir, *overrides) -> int:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train as train_script
+
+    return train_script.main([*ARGS, f"workdir={workdir}", *overrides])
+
+
+def test_no_valid_checkpoint_stops_with_an_error(scenario, tmp_path, capsys):
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(scenario["workdir"] / "checkpoints" / "30", checkpoints / "30")
+    (checkpoints / "30" / "state" / "_METADATA").unlink()
+    assert _train_in_process(tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: no valid checkpoint in {checkpoints}: {checkpoints / '30'}: file state/_METADATA "
+                   f"is missing. Nothing was deleted; move {checkpoints} aside to start from scratch")
+    assert not (tmp_path / "metrics.jsonl").exists() and (checkpoints / "30").is_dir()
+
+
+def test_a_different_model_names_the_first_mismatched_parameter(scenario, tmp_path, capsys):
+    shutil.copytree(scenario["workdir"] / "checkpoints" / "30", tmp_path / "checkpoints" / "30")
+    assert _train_in_process(tmp_path, "model.hidden_size=48") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: checkpoint {tmp_path / 'checkpoints' / '30'} does not match the model: parameter "
+                   "params/blocks/0/attn/out_bias: the checkpoint has shape (32,), the model expects shape (48,)")
