@@ -167,16 +167,18 @@ def flops_per_example(config: MoEConfig, seq_len: Optional[int] = None) -> float
     """Training FLOPs (3x forward) of one sequence, counting what the layers compute.
 
     Per token, forward: dense blocks and the head as in ``models.gpt``; an MoE layer adds the
-    router ``2 E X``, the dispatch and combine einsums ``2 * 2 X C E / S`` (C slots per expert
-    per group of S tokens) and the experts ``X C / S * 4 E M`` (every slot is computed).
+    router ``2 E X``, the dispatch and combine einsums ``2 * 2 X C E`` (each contracts a group
+    of S tokens into X * C expert slots of width E) and the experts ``X C / S * 4 E M`` (every
+    slot is computed, filled or not), C being the capacity for groups of ``expert_group_size``.
     """
     t = config.block_size if seq_len is None else seq_len
     e, m, x = config.hidden_size, config.hidden_size * config.mlp_ratio, config.num_experts
     group = config.expert_group_size  # groups span sequences when batch * T >= group size
-    slots_per_token = x * capacity_for(config, group) / group
+    capacity = capacity_for(config, group)
+    slots_per_token = x * capacity / group
     dense = config.num_layers - config.num_moe_layers
     per_token = (2 * (config.num_layers * 4 * e * e + dense * 2 * e * m + e * config.vocab_size)
-                 + config.num_moe_layers * (2 * e * x + 4 * slots_per_token * e + 4 * slots_per_token * e * m))
+                 + config.num_moe_layers * (2 * e * x + 4 * x * capacity * e + 4 * slots_per_token * e * m))
     return 3.0 * t * per_token + gpt.attention_flops(config, t)
 
 
