@@ -170,8 +170,8 @@ class Checkpointer:
             raise self._write_error(step, e) from e
         self._saved_steps.add(step)
         if self.async_save:
-            self._watcher = threading.Thread(target=self._finish, args=(step,), daemon=True,
-                                             name=f"checkpoint-{step}")
+            # not a daemon: an exiting interpreter still verifies a save orbax has committed
+            self._watcher = threading.Thread(target=self._finish, args=(step,), name=f"checkpoint-{step}")
             self._watcher.start()
         else:
             self._finish(step)
