@@ -73,7 +73,9 @@ def test_dot_strategies_enumerate_splits_and_their_collectives():
     mm = MeshModel(("data", "model"), (1, 8), PROFILE)
     graph, eqn = _eqn(jnp.dot, jax.ShapeDtypeStruct((32, 64), jnp.float32),
                       jax.ShapeDtypeStruct((64, 128), jnp.float32))
-    found = {(s.operands, s.outputs, s.collective): s for s in _rules.dot_strategies(eqn, graph, mm)}
+    no_batch = [frozenset()] * len(graph.values)
+    found = {(s.operands, s.outputs, s.collective): s
+             for s in _rules.dot_strategies(eqn, graph, mm, no_batch)}
     rep, rows, cols = ((), ()), (MODEL, ()), ((), MODEL)
     megatron = ((rep, cols), (cols,), None)
     all_reduce = ((cols, rows), (rep,), ("all-reduce", MODEL, None))
@@ -94,7 +96,8 @@ def test_no_reduce_scatter_where_xla_has_none():
     mm = MeshModel(("data", "model"), (1, 8), cpu_like)
     graph, eqn = _eqn(jnp.dot, jax.ShapeDtypeStruct((32, 64), jnp.float32),
                       jax.ShapeDtypeStruct((64, 128), jnp.float32))
-    kinds = sorted(str(s.collective) for s in _rules.dot_strategies(eqn, graph, mm))
+    no_batch = [frozenset()] * len(graph.values)
+    kinds = sorted(str(s.collective) for s in _rules.dot_strategies(eqn, graph, mm, no_batch))
     assert kinds == ["('all-reduce', (1,), None)", "None", "None", "None"]
 
 

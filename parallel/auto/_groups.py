@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from parallel.auto import _rules
+from parallel.auto._batch import batch_dims
 from parallel.auto._cost import MeshModel, Spec
 from parallel.auto._graph import Graph
 
@@ -84,10 +85,12 @@ class Structure:
       graph: the flattened program.
       paired: ``(output value, input value)`` pairs: updated state must come back in its input's
         spec.
+      batch: value ids of the batch arguments' leaves.
     """
 
-    def __init__(self, graph: Graph, paired: list[tuple[int, int]]):
+    def __init__(self, graph: Graph, paired: list[tuple[int, int]], batch: list[int] = ()):
         self.graph = graph
+        self.batch = batch_dims(graph, list(batch))
         n = len(graph.values)
         self.group_of = np.full(n, -1, np.int64)
         self.local = np.full(n, -1, np.int64)
@@ -183,8 +186,9 @@ class Structure:
             (r.member, r.operand, r.weight,
              int(self.local[r.src]) if self.groups[int(self.group_of[r.src])] is g else -1)
             for r in g.reqs)
+        labels = tuple(tuple(sorted(self.batch[v])) for v in g.values + [r.src for r in g.reqs])
         key = (g.kind, head, tuple(eqn_key(i) for i in g.members), tuple(g.follow),
-               tuple(g.follow_operand), reqs)
+               tuple(g.follow_operand), reqs, labels)
         return hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest()
 
     def _classify(self, rounds: int = 3):
@@ -309,20 +313,21 @@ class Structure:
     def _leader_strategies(self, g: Group, mm: MeshModel) -> list[_rules.Strategy]:
         graph = self.graph
         if g.kind == "input":
-            return _rules.input_strategies(graph.values[g.values[0]].shape, mm)
+            return _rules.input_strategies(graph.values[g.values[0]].shape, mm,
+                                           self.batch[g.values[0]])
         if g.kind == "constant":
             return [_rules.Strategy("constant", (((),) * graph.values[g.values[0]].ndim,), (),
                                     0.0, 0.0)]
         eqn = graph.eqns[g.leader]
         found = None
         if g.kind == "dot":
-            found = _rules.dot_strategies(eqn, graph, mm)
+            found = _rules.dot_strategies(eqn, graph, mm, self.batch)
         elif g.kind == "conv":
-            found = _rules.conv_strategies(eqn, graph, mm)
+            found = _rules.conv_strategies(eqn, graph, mm, self.batch)
         elif g.kind == "gather":
-            found = _rules.gather_strategies(eqn, graph, mm)
+            found = _rules.gather_strategies(eqn, graph, mm, self.batch)
         elif g.kind == "scatter":
-            found = _rules.scatter_strategies(eqn, graph, mm)
+            found = _rules.scatter_strategies(eqn, graph, mm, self.batch)
         if found:
             return found
         kind = "free" if g.kind == "free" else f"replicated {eqn.prim}"

@@ -78,9 +78,17 @@ class Strategy:
         return text
 
 
-def _assignments(num_slots: int, axes: tuple[int, ...]):
-    """Every way to put each mesh axis on one slot or none; axes sharing a slot go major-first."""
-    for choice in itertools.product(range(-1, num_slots), repeat=len(axes)):
+def _assignments(num_slots: int, mm: MeshModel, data_ok=None):
+    """Every way to put each mesh axis on one slot or none; axes sharing a slot go major-first.
+
+    ``data_ok[slot]``: whether the slot carries the batch. On a 2-D mesh the data axis (0) only
+    goes to such slots (see ``_batch``); a 1-D mesh's single axis goes anywhere.
+    """
+    axes = mm.axes
+    choices = [range(-1, num_slots)] * len(axes)
+    if data_ok is not None and len(axes) == 2 and axes[0] == 0:
+        choices[0] = [-1] + [i for i in range(num_slots) if data_ok[i]]
+    for choice in itertools.product(*choices):
         slots: list[tuple[int, ...]] = [()] * num_slots
         for axis, slot in zip(axes, choice):
             if slot >= 0:
@@ -97,10 +105,13 @@ def _dedupe(strategies: list[Strategy]) -> list[Strategy]:
     return list(best.values())
 
 
-def input_strategies(shape: tuple[int, ...], mm: MeshModel) -> list[Strategy]:
-    """Every spec an input array can be placed in."""
+def input_strategies(shape: tuple[int, ...], mm: MeshModel,
+                     batch: frozenset[int] = frozenset()) -> list[Strategy]:
+    """Every spec an input array can be placed in (``batch``: its batch dims, if a batch leaf;
+    stored state may be split on any dim by either axis)."""
     out = []
-    for slots in _assignments(len(shape), mm.axes):
+    data_ok = [d in batch for d in range(len(shape))] if batch else None
+    for slots in _assignments(len(shape), mm, data_ok):
         spec = tuple(slots)
         if mm.fits(shape, spec):
             out.append(Strategy("placed", (spec,), (), 0.0, 0.0))
@@ -144,8 +155,9 @@ def _contracted(kind, slots, contract_slots, out_dims, out_shape, itemsize, flop
     return out
 
 
-def dot_strategies(eqn: Eqn, graph: Graph, mm: MeshModel) -> list[Strategy]:
-    """Which batch, free and contracting dimensions of a ``dot_general`` each mesh axis splits."""
+def dot_strategies(eqn: Eqn, graph: Graph, mm: MeshModel, batch) -> list[Strategy]:
+    """Which batch, free and contracting dimensions of a ``dot_general`` each mesh axis splits
+    (``batch[v]``: the batch dims of value ``v``)."""
     lhs, rhs = (graph.values[v] for v in eqn.inputs)
     out = graph.values[eqn.outputs[0]]
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -162,8 +174,12 @@ def dot_strategies(eqn: Eqn, graph: Graph, mm: MeshModel) -> list[Strategy]:
     rhs_slot.update({d: nc0 + i for i, d in enumerate(rc)})
     contract = range(nc0, nc0 + len(lc))
     flops = 2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in lc)
+    data_ok = [False] * (nc0 + len(lc))
+    for operand, slot_of in ((eqn.inputs[0], lhs_slot), (eqn.inputs[1], rhs_slot)):
+        for d in batch[operand]:
+            data_ok[slot_of[d]] = True
     strategies = []
-    for slots in _assignments(nc0 + len(lc), mm.axes):
+    for slots in _assignments(nc0 + len(lc), mm, data_ok):
         lhs_spec = tuple(slots[lhs_slot[d]] for d in range(lhs.ndim))
         rhs_spec = tuple(slots[rhs_slot[d]] for d in range(rhs.ndim))
         if not (mm.fits(lhs.shape, lhs_spec) and mm.fits(rhs.shape, rhs_spec)):
@@ -173,7 +189,7 @@ def dot_strategies(eqn: Eqn, graph: Graph, mm: MeshModel) -> list[Strategy]:
     return _dedupe(strategies)
 
 
-def conv_strategies(eqn: Eqn, graph: Graph, mm: MeshModel) -> list[Strategy]:
+def conv_strategies(eqn: Eqn, graph: Graph, mm: MeshModel, batch) -> list[Strategy]:
     """Batch, output-feature and input-feature splits of an ungrouped convolution."""
     p = eqn.params
     lhs, rhs = (graph.values[v] for v in eqn.inputs)
@@ -184,8 +200,13 @@ def conv_strategies(eqn: Eqn, graph: Graph, mm: MeshModel) -> list[Strategy]:
     rhs_slot = {rhs_dims[0]: 1, rhs_dims[1]: 2}
     kernel = math.prod(rhs.shape[d] for d in rhs_dims[2:])
     flops = 2.0 * math.prod(out.shape) * lhs.shape[lhs_dims[1]] * kernel
+    data_ok = [False] * 3
+    for operand, slot_of in ((eqn.inputs[0], lhs_slot), (eqn.inputs[1], rhs_slot)):
+        for d in batch[operand]:
+            if d in slot_of:
+                data_ok[slot_of[d]] = True
     strategies = []
-    for slots in _assignments(3, mm.axes):
+    for slots in _assignments(3, mm, data_ok):
         lhs_spec = tuple(slots[lhs_slot[d]] if d in lhs_slot else () for d in range(lhs.ndim))
         rhs_spec = tuple(slots[rhs_slot[d]] if d in rhs_slot else () for d in range(rhs.ndim))
         if not (mm.fits(lhs.shape, lhs_spec) and mm.fits(rhs.shape, rhs_spec)):
@@ -198,7 +219,7 @@ def conv_strategies(eqn: Eqn, graph: Graph, mm: MeshModel) -> list[Strategy]:
     return _dedupe(strategies)
 
 
-def gather_strategies(eqn: Eqn, graph: Graph, mm: MeshModel) -> list[Strategy]:
+def gather_strategies(eqn: Eqn, graph: Graph, mm: MeshModel, batch) -> list[Strategy]:
     """Splits of a gather along index batch dimensions and whole-slice operand dimensions."""
     operand, indices = (graph.values[v] for v in eqn.inputs)
     out = graph.values[eqn.outputs[0]]
@@ -217,8 +238,10 @@ def gather_strategies(eqn: Eqn, graph: Graph, mm: MeshModel) -> list[Strategy]:
     for j, o in zip(dn.offset_dims, offset_operand):
         if sizes[o] == operand.shape[o] and o not in dn.start_index_map:
             slots_def.append((j, o, None))
+    data_ok = [(o is not None and o in batch[eqn.inputs[0]])
+               or (q is not None and q in batch[eqn.inputs[1]]) for _, o, q in slots_def]
     strategies = []
-    for slots in _assignments(len(slots_def), mm.axes):
+    for slots in _assignments(len(slots_def), mm, data_ok):
         out_spec = [()] * out.ndim
         op_spec = [()] * operand.ndim
         idx_spec = [()] * indices.ndim
@@ -237,7 +260,7 @@ def gather_strategies(eqn: Eqn, graph: Graph, mm: MeshModel) -> list[Strategy]:
     return _dedupe(strategies)
 
 
-def scatter_strategies(eqn: Eqn, graph: Graph, mm: MeshModel) -> list[Strategy]:
+def scatter_strategies(eqn: Eqn, graph: Graph, mm: MeshModel, batch) -> list[Strategy]:
     """Splits of a scatter along window dimensions, or (scatter-add) along scattered update
     dimensions, whose partial sums are then reduced."""
     operand, indices, updates = (graph.values[v] for v in eqn.inputs)
@@ -259,8 +282,10 @@ def scatter_strategies(eqn: Eqn, graph: Graph, mm: MeshModel) -> list[Strategy]:
         elif additive:
             contract.append(len(slots_def))
             slots_def.append((None, u, q))
+    data_ok = [(o is not None and o in batch[eqn.inputs[0]]) or u in batch[eqn.inputs[2]]
+               or (q is not None and q in batch[eqn.inputs[1]]) for o, u, q in slots_def]
     strategies = []
-    for slots in _assignments(len(slots_def), mm.axes):
+    for slots in _assignments(len(slots_def), mm, data_ok):
         op_spec = [()] * operand.ndim
         upd_spec = [()] * updates.ndim
         idx_spec = [()] * indices.ndim

@@ -172,10 +172,11 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
     graph = build_graph(closed)
     offsets = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in args])
     paired = _pair_state(args, out_shape, donate_argnums, offsets)
-    structure = Structure(graph, [(graph.outputs[o], graph.inputs[i]) for o, i in paired.items()])
+    batch_leaves = [j for i in batch_argnums for j in range(offsets[i], offsets[i + 1])]
+    structure = Structure(graph, [(graph.outputs[o], graph.inputs[i]) for o, i in paired.items()],
+                          [graph.inputs[j] for j in batch_leaves])
     warn_fallbacks(structure)
     donated = {graph.inputs[j] for i in donate_argnums for j in range(offsets[i], offsets[i + 1])}
-    batch_leaves = [j for i in batch_argnums for j in range(offsets[i], offsets[i + 1])]
     liveness = Liveness(graph, donated, FOLLOWERS)
     fed = set(graph.inputs) - donated
 
@@ -272,8 +273,9 @@ def _solve_mesh(problem: MeshProblem, budget: float, time_limit_s: float,
                       f"{shape}; using the best plan found by then (raise time_limit_s for a "
                       "better one)", stacklevel=3)
     graph = problem.s.graph
-    if mm.axis_sizes[1] == 1 and not any(any(specs[graph.inputs[j]]) for j in batch_leaves):
-        # A 1-D mesh that does not split the batch is a model axis.
+    if mm.axis_sizes[1] == 1 and not any(specs[graph.inputs[j]][:1] != ((),)
+                                         for j in batch_leaves if specs[graph.inputs[j]]):
+        # A 1-D mesh that does not split the batch (leading) dimension is a model axis.
         problem.mm = mm = MeshModel(AXIS_NAMES[::-1], mm.axis_sizes, mm.profile)
         shape = {"data": 1, "model": mm.axis_sizes[0]}
     compute, comm = problem.evaluate(choice, specs)
