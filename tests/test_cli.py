@@ -56,3 +56,15 @@ def test_tiny_gpt_trains_and_its_loss_falls(tmp_path):
     assert evals and evals[-1]["step"] == 40
     assert (workdir / "config.yaml").exists() and (workdir / "plan.json").exists()
     assert list((workdir / "tensorboard").iterdir())
+
+
+def test_overwrite_moves_old_checkpoints_aside(tmp_path):
+    workdir = tmp_path / "run"
+    args = ["--config", "tiny/gpt.yaml", f"workdir={workdir}", "train.steps=3", "train.sample_tokens=0",
+            "data.max_bytes=200000"]
+    assert train_script.main(args) == 0
+    (workdir / "checkpoints" / "3" / "shardax_manifest.json").unlink()  # the only one is now torn
+    assert train_script.main(args + ["train.resume=false", "train.overwrite=true", "train.steps=2"]) == 0
+    aside = [p for p in workdir.iterdir() if p.name.startswith("checkpoints.old-")]
+    assert len(aside) == 1 and (aside[0] / "3").is_dir()  # kept, not deleted
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]

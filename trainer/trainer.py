@@ -119,21 +119,18 @@ class Trainer:
         cfg = self.config
         self.build()
         abstract_state = self.abstract_state
-        self.checkpointer = parallel.Checkpointer(
-            self.workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints,
-            keep_every=cfg.train.keep_every)
-        latest = self.checkpointer.latest_step()
-        if latest is not None and not cfg.train.resume and not cfg.train.overwrite:
-            raise ConfigError(
-                f"{self.workdir} already holds checkpoints (latest step {latest}) and "
-                "train.resume=false; pass train.resume=true to continue, or train.overwrite=true "
-                "to start over (old checkpoints are moved aside, not deleted)")
-        if latest is not None and not cfg.train.resume:  # overwrite=true: old ones moved aside
-            self.checkpointer.close()
-            self.checkpointer = parallel.Checkpointer.start_over(
-                self.workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints,
-                keep_every=cfg.train.keep_every)
-            latest = None
+        directory = self.workdir / "checkpoints"
+        keep = dict(max_to_keep=cfg.train.keep_checkpoints, keep_every=cfg.train.keep_every)
+        if not cfg.train.resume and cfg.train.overwrite:  # old checkpoints are moved aside
+            self.checkpointer, latest = parallel.Checkpointer.start_over(directory, **keep), None
+        else:
+            self.checkpointer = parallel.Checkpointer(directory, **keep)
+            latest = self.checkpointer.latest_step()
+            if latest is not None and not cfg.train.resume:
+                raise ConfigError(
+                    f"{self.workdir} already holds checkpoints (latest step {latest}) and "
+                    "train.resume=false; pass train.resume=true to continue, or "
+                    "train.overwrite=true to start over (old checkpoints are moved aside, not deleted)")
         if latest is not None:
             target = self.step_fn.abstract_inputs(abstract_state, self.batch_spec)[0]
             self.state, extras = self.checkpointer.restore(latest, target)
