@@ -68,26 +68,31 @@ def _seed_tables(data: dict[str, Any]) -> list[str]:
 
 
 def _models_tables(data: dict[str, Any]) -> list[str]:
-    lines = []
+    lines = ["TFLOP/s: the model's training FLOPs per step (closed form) over the step time, all "
+             "devices together. H100 estimates: the cost model on the compiled step (XLA's FLOPs "
+             "and bytes, HLO collectives) with the published H100 figures.", ""]
     for name, (rows, base) in _by_workload(data).items():
         params = next((r["num_params"] for r in rows if "num_params" in r), 0)
         lines += [f"### {name} ({params / 1e6:.2f} M params, {data['devices']} devices)", "",
                   f"| method | CPU step (ms) | vs {base} | CPU TFLOP/s | H100 est. step (ms) "
-                  f"| H100 est. TFLOP/s | per-device memory (MiB) | communication (MiB/step) "
-                  f"| mesh |", "|---|---|---|---|---|---|---|---|---|"]
+                  f"| vs {base} | H100 est. TFLOP/s | per-device memory (MiB) "
+                  f"| communication (MiB/step) | mesh |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         ratios = data["summary"].get(name, {})
         for r in rows:
             if "error" in r:
-                lines.append(f"| {r['method']} | failed: {r['error']} | | | | | | | |")
+                lines.append(f"| {r['method']} | failed: {r['error']} | | | | | | | | |")
                 continue
             h100 = r.get("estimates", {}).get("h100", {})
             tflops = "n/a" if r.get("tflops") is None else f"{r['tflops']:.4f}"
             est_tflops = f"{h100['tflops']:.1f}" if h100 else "n/a"
             mesh = ",".join(f"{a}={s}" for a, s in r["plan"]["mesh_shape"].items())
+            ratio = ratios.get(r["method"], {})
             lines.append(
                 f"| {r['method']} | {_ms(r['step_time_s'])} "
-                f"| {_ratio(ratios.get(r['method'], {}).get('step_time_s'))} | {tflops} "
-                f"| {_ms(h100.get('step_time_s'))} | {est_tflops} "
+                f"| {_ratio(ratio.get('step_time_s'))} | {tflops} "
+                f"| {_ms(h100.get('step_time_s'))} | {_ratio(ratio.get('h100_step_time_s'))} "
+                f"| {est_tflops} "
                 f"| {r['per_device_memory_bytes'] / MiB:.2f} "
                 f"| {r['communication_bytes'] / MiB:.2f} | {mesh} |")
         lines.append("")
@@ -128,6 +133,11 @@ def format_markdown(data: dict[str, Any]) -> str:
     return "\n".join(head + tables[data["suite"]](data))
 
 
+_FIGURES = (("step_time_s", "step time (measured)"),
+            ("h100_step_time_s", "step time (H100 estimate)"),
+            ("per_device_memory_bytes", "per-device memory"))
+
+
 def plot(data: dict[str, Any], path: str) -> None:
     """Draws the suite's results to a PNG at ``path``.
 
@@ -157,16 +167,24 @@ def plot(data: dict[str, Any], path: str) -> None:
         ax.set_title("ShardParallel: solve and compile time")
     else:
         groups = _by_workload(data)
-        fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
-        for ax, (name, (rows, base)) in zip(axes[0], groups.items()):
+        columns = min(len(groups), 3)
+        rows_count = -(-len(groups) // columns)
+        fig, axes = plt.subplots(rows_count, columns, figsize=(5.5 * columns, 4.2 * rows_count),
+                                 squeeze=False)
+        for ax in axes.flat[len(groups):]:
+            ax.set_visible(False)
+        for ax, (name, (rows, base)) in zip(axes.flat, groups.items()):
             ratios = data["summary"].get(name, {})
             methods = [r["method"] for r in rows if r["method"] in ratios]
             x = range(len(methods))
-            for offset, key, label in ((-0.2, "step_time_s", "step time"),
-                                       (0.2, "per_device_memory_bytes", "per-device memory")):
+            shown = [(key, label) for key, label in _FIGURES
+                     if any(key in ratios[m] for m in methods)]
+            width = 0.8 / max(len(shown), 1)
+            for k, (key, label) in enumerate(shown):
+                offset = (k - (len(shown) - 1) / 2) * width
                 values = [ratios[m].get(key, 0.0) for m in methods]
-                bars = ax.bar([i + offset for i in x], values, 0.4, label=label)
-                ax.bar_label(bars, [f"{v:.2f}" for v in values], fontsize=7)
+                bars = ax.bar([i + offset for i in x], values, width, label=label)
+                ax.bar_label(bars, [f"{v:.2f}" if v else "" for v in values], fontsize=7)
             ax.axhline(1.0, color="gray", linewidth=0.8)
             ax.set_yscale("log")
             ax.set_xticks(list(x), methods)

@@ -152,6 +152,9 @@ def run_case_subprocess(case: dict[str, Any], timeout_s: float = 1800.0) -> dict
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per workload, each method's step time and memory as a ratio of the baseline's.
 
+    Ratios are keyed ``step_time_s`` (measured), ``per_device_memory_bytes`` and, for cost
+    model estimates, ``{profile}_step_time_s``.
+
     The baseline is ``pmap`` when the workload ran it, else ``data``.
     """
     summary: dict[str, dict[str, Any]] = {}
@@ -164,12 +167,21 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         entry: dict[str, Any] = {"baseline": base_name}
         for method, row in rows.items():
             ratios = {}
-            for key in ("step_time_s", "per_device_memory_bytes"):
-                if row.get(key) is not None and base.get(key):
-                    ratios[key] = row[key] / base[key]
+            for key, value in _compared_figures(row).items():
+                base_value = _compared_figures(base).get(key)
+                if value is not None and base_value:
+                    ratios[key] = value / base_value
             entry[method] = ratios
         summary[name] = entry
     return summary
+
+
+def _compared_figures(row: dict[str, Any]) -> dict[str, Any]:
+    figures = {"step_time_s": row.get("step_time_s"),
+               "per_device_memory_bytes": row.get("per_device_memory_bytes")}
+    for profile, estimate in row.get("estimates", {}).items():
+        figures[f"{profile}_step_time_s"] = estimate["step_time_s"]
+    return figures
 
 
 def environment() -> dict[str, Any]:
