@@ -154,13 +154,10 @@ def build(config: MoEConfig, rngs: nnx.Rngs) -> gpt.GPT:
 
 
 def num_params(config: MoEConfig) -> int:
-    """Exact parameter count."""
-    e, m, x, b = config.hidden_size, config.hidden_size * config.mlp_ratio, config.num_experts, int(config.use_bias)
-    experts = x * (2 * e * m + b * (m + e)) + e * x
-    moe_layers = config.num_moe_layers
-    return (gpt.embedding_params(config) + config.num_layers * gpt.block_params(config, with_mlp=False)
-            + (config.num_layers - moe_layers) * (gpt.block_params(config) - gpt.block_params(config, False))
-            + moe_layers * experts)
+    """Exact parameter count: a GPT's, with every MoE layer's MLP replaced by experts + router."""
+    dense_mlp = gpt.block_params(config) - gpt.block_params(config, with_mlp=False)
+    moe_mlp = config.num_experts * dense_mlp + config.hidden_size * config.num_experts
+    return gpt.num_params(config) + config.num_moe_layers * (moe_mlp - dense_mlp)
 
 
 def flops_per_example(config: MoEConfig, seq_len: Optional[int] = None) -> float:
