@@ -153,6 +153,7 @@ def plot(data: dict[str, Any], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     if data["suite"] == "solver":
         fig, ax = plt.subplots(figsize=(8, 4))
@@ -169,7 +170,7 @@ def plot(data: dict[str, Any], path: str) -> None:
         groups = _by_workload(data)
         columns = min(len(groups), 3)
         rows_count = -(-len(groups) // columns)
-        fig, axes = plt.subplots(rows_count, columns, figsize=(5.5 * columns, 4.2 * rows_count),
+        fig, axes = plt.subplots(rows_count, columns, figsize=(5.5 * columns, 4.6 * rows_count),
                                  squeeze=False)
         for ax in axes.flat[len(groups):]:
             ax.set_visible(False)
@@ -180,17 +181,26 @@ def plot(data: dict[str, Any], path: str) -> None:
             shown = [(key, label) for key, label in _FIGURES
                      if any(key in ratios[m] for m in methods)]
             width = 0.8 / max(len(shown), 1)
+            drawn = [ratios[m][key] for m in methods for key, _ in shown if ratios[m].get(key)]
+            wide_range = bool(drawn) and max(drawn) / min(drawn) > 8
             for k, (key, label) in enumerate(shown):
                 offset = (k - (len(shown) - 1) / 2) * width
                 values = [ratios[m].get(key, 0.0) for m in methods]
                 bars = ax.bar([i + offset for i in x], values, width, label=label)
-                ax.bar_label(bars, [f"{v:.2f}" if v else "" for v in values], fontsize=7)
+                ax.bar_label(bars, [f"{v:.2f}" if v else "" for v in values], fontsize=6,
+                             rotation=90 if len(shown) > 2 else 0, padding=2)
             ax.axhline(1.0, color="gray", linewidth=0.8)
-            ax.set_yscale("log")
+            if wide_range:  # ratios over an order of magnitude apart: log scale
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+                ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.margins(y=0.15)
             ax.set_xticks(list(x), methods)
-            ax.set_ylabel(f"relative to {base} (lower is better)")
+            ax.set_ylabel(f"relative to {base}" + (" (log scale)" if wide_range else "")
+                          + ", lower is better")
             ax.set_title(f"{name}, {data['devices']} devices")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3,
+                      frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
