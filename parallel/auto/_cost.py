@@ -7,6 +7,7 @@ mesh).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 from jax.sharding import PartitionSpec
@@ -35,7 +36,8 @@ class MeshModel:
     """
 
     def __init__(self, axis_names: tuple[str, ...], axis_sizes: tuple[int, ...],
-                 profile: DeviceProfile):
+                 profile: DeviceProfile, merged_all_reduce: bool = False):
+        self.merged_all_reduce = merged_all_reduce
         self.axis_names = tuple(axis_names)
         self.axis_sizes = tuple(int(s) for s in axis_sizes)
         self.profile = profile
@@ -46,6 +48,12 @@ class MeshModel:
     @property
     def shape(self) -> dict[str, int]:
         return dict(zip(self.axis_names, self.axis_sizes))
+
+    @functools.cached_property
+    def combined(self) -> MeshModel:
+        """The mesh for work whose all-reduces XLA merges with their peers' (the gradient syncs
+        feeding the optimizer): those pay the link latency once per step, not once each."""
+        return MeshModel(self.axis_names, self.axis_sizes, self.profile, merged_all_reduce=True)
 
     def group_size(self, axes) -> int:
         return math.prod(self.axis_sizes[a] for a in axes)
@@ -71,7 +79,10 @@ class MeshModel:
     # Collectives: time in seconds of one collective over the devices of ``axes``.
     def all_reduce(self, local_bytes: float, axes) -> float:
         n = self.group_size(axes)
-        return self.profile.comm_time(2 * (n - 1) / n * local_bytes) if n > 1 else 0.0
+        if n == 1:
+            return 0.0
+        latency = 0.0 if self.merged_all_reduce else self.profile.link_latency_s
+        return latency + 2 * (n - 1) / n * local_bytes / self.profile.link_bandwidth
 
     def all_gather(self, gathered_bytes: float, axes) -> float:
         """``gathered_bytes``: the per-device size after the gather."""

@@ -19,6 +19,7 @@ from parallel.auto import _rules
 from parallel.auto._batch import batch_dims
 from parallel.auto._cost import MeshModel, Spec
 from parallel.auto._graph import Graph
+from parallel.auto._memory import kept_values
 
 _LEADER_RULES = {
     "dot_general": "dot", "conv_general_dilated": "conv", "gather": "gather",
@@ -63,19 +64,28 @@ class Table:
     Attributes:
       leaders: the leader's strategy behind each ``k``.
       specs: ``specs[local_value][k]``: the value's spec under strategy ``k``.
-      compute, comm: seconds per call under each strategy (intra-group resharding is comm).
+      compute, traffic, comm: seconds of arithmetic, memory traffic and collectives per call
+        under each strategy (intra-group resharding is comm).
       req_specs: ``req_specs[r][k]``: the spec requirement ``r`` asks for (``None``: none).
     """
 
     leaders: list[_rules.Strategy]
     specs: list[list[Spec]]
     compute: np.ndarray
+    traffic: np.ndarray
     comm: np.ndarray
     req_specs: list[list[Spec | None]]
 
     @property
     def size(self) -> int:
         return len(self.leaders)
+
+    def subset(self, keep) -> Table:
+        """The table with only the strategies ``keep`` (indices)."""
+        return Table([self.leaders[k] for k in keep],
+                     [[specs[k] for k in keep] for specs in self.specs],
+                     self.compute[keep], self.traffic[keep], self.comm[keep],
+                     [[specs[k] for k in keep] for specs in self.req_specs])
 
 
 class Structure:
@@ -91,6 +101,7 @@ class Structure:
     def __init__(self, graph: Graph, paired: list[tuple[int, int]], batch: list[int] = ()):
         self.graph = graph
         self.batch = batch_dims(graph, list(batch))
+        self.kept = kept_values(graph, _rules.FOLLOWERS)
         n = len(graph.values)
         self.group_of = np.full(n, -1, np.int64)
         self.local = np.full(n, -1, np.int64)
@@ -106,10 +117,34 @@ class Structure:
             self._add_value_req(out, into, weight)
         for out, into in paired:
             self._add_value_req(out, into, 1.0)
+        self._mark_combinable()
         self.warned = sorted({graph.eqns[g.leader].prim for g in self.groups
                               if g.kind == "fallback"}
                              - _rules.REPLICATED_OK)
         self._classify()
+
+    def _mark_combinable(self):
+        """``combinable[gid]``: the group's collectives can merge with their peers'.
+
+        True for the state-update chains (groups led by a stored input) and for operations
+        whose results feed only those (weight gradients): nothing else waits for them, so XLA
+        combines them into one collective per step.
+        """
+        kinds = [g.kind for g in self.groups]
+        self.combinable = [k == "input" for k in kinds]
+        feeds_other = [False] * len(self.groups)
+        for gid, g in enumerate(self.groups):
+            for r in g.reqs:
+                src = int(self.group_of[r.src])
+                if src != gid and kinds[gid] != "input":
+                    feeds_other[src] = True
+        for gid, kind in enumerate(kinds):
+            if kind in ("dot", "conv", "scatter") and not feeds_other[gid]:
+                self.combinable[gid] = True
+
+    def mesh_for(self, gid: int, mm: MeshModel) -> MeshModel:
+        """``mm``, or its latency-free twin for a group whose collectives combine."""
+        return mm.combined if self.combinable[gid] else mm
 
     def _new_group(self, kind, leader, values) -> Group:
         g = Group(kind, leader, [])
@@ -166,7 +201,8 @@ class Structure:
         g.reqs.append(Requirement(src, -2, int(self.local[target]), weight))
 
     # ----------------------------------------------------------------------------------------
-    def _signature(self, g: Group) -> str:
+    def _signature(self, gid: int) -> str:
+        g = self.groups[gid]
         graph = self.graph
 
         def eqn_key(i):
@@ -188,12 +224,12 @@ class Structure:
             for r in g.reqs)
         labels = tuple(tuple(sorted(self.batch[v])) for v in g.values + [r.src for r in g.reqs])
         key = (g.kind, head, tuple(eqn_key(i) for i in g.members), tuple(g.follow),
-               tuple(g.follow_operand), reqs, labels)
+               tuple(g.follow_operand), reqs, labels, self.combinable[gid])
         return hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest()
 
     def _classify(self, rounds: int = 3):
         """Weisfeiler-Lehman refinement: groups alike up to ``rounds`` hops share a class."""
-        sig = [self._signature(g) for g in self.groups]
+        sig = [self._signature(gid) for gid in range(len(self.groups))]
         self.structural = list(sig)
         edges: list[list[tuple]] = [[] for _ in self.groups]
         # out_weight[gid][local]: how often per call the value is read by other groups.
@@ -225,6 +261,7 @@ class Structure:
     def table(self, c: int, mm: MeshModel, cache: dict[Any, Table]) -> Table:
         """The strategy table of class ``c`` on mesh ``mm``, without dominated strategies."""
         rep = self.members_of[c][0]
+        mm = self.mesh_for(rep, mm)
         key = self.structural[rep]
         if key not in cache:
             cache[key] = self._build_table(self.groups[rep], mm)
@@ -240,7 +277,6 @@ class Structure:
         if table.size <= 2:
             return table
         graph, g = self.graph, self.groups[gid]
-        cost = table.compute + table.comm
         extra = np.zeros((table.size, table.size))  # extra[a, b]: running a where b was planned
         crossing = [(table.specs[local], graph.values[g.values[local]], w, False)
                     for local, w in self.out_weight[gid].items()]
@@ -258,24 +294,25 @@ class Structure:
                                                                                part[None, :]]
         memory = sum(graph.values[v].nbytes / np.array([mm.shards(s) for s in table.specs[i]])
                      for i, v in enumerate(g.values))
-        total = cost[:, None] + extra
+        # The step pays max(total arithmetic, total traffic): switching b to a raises it by at
+        # most the larger increase of the two.
+        raise_by = np.maximum(0.0, np.maximum(table.compute[:, None] - table.compute[None, :],
+                                              table.traffic[:, None] - table.traffic[None, :]))
+        total = table.comm[:, None] + extra + raise_by
+        cost = table.comm[None, :]
         index = np.arange(table.size)
-        beats = (total < cost[None, :]) | ((total == cost[None, :]) & (index[:, None] < index))
+        beats = (total < cost) | ((total == cost) & (index[:, None] < index))
         beats &= memory[:, None] <= memory[None, :]
         np.fill_diagonal(beats, False)
         keep = np.flatnonzero(~beats.any(axis=0))
-        if len(keep) == table.size:
-            return table
-        return Table([table.leaders[k] for k in keep],
-                     [[specs[k] for k in keep] for specs in table.specs],
-                     table.compute[keep], table.comm[keep],
-                     [[specs[k] for k in keep] for specs in table.req_specs])
+        return table if len(keep) == table.size else table.subset(keep)
 
     def _build_table(self, g: Group, mm: MeshModel) -> Table:
         graph = self.graph
         leaders = self._leader_strategies(g, mm)
         specs: list[list[Spec]] = [[] for _ in g.values]
         compute = np.zeros(len(leaders))
+        traffic = np.zeros(len(leaders))
         comm = np.zeros(len(leaders))
         req_specs: list[list[Spec | None]] = [[] for _ in g.reqs]
         weight = 1.0 if g.leader < 0 else graph.eqns[g.leader].weight
@@ -286,6 +323,7 @@ class Structure:
                 specs[j].append(s)
             member_ops = {-1: lead.operands}
             compute[k] += lead.compute * weight
+            traffic[k] += lead.traffic * weight
             comm[k] += lead.comm * weight
             pos = first
             for m, (i, f_local, f) in enumerate(zip(g.members, g.follow, g.follow_operand)):
@@ -300,6 +338,7 @@ class Structure:
                     pos += 1
                 member_ops[m] = st.operands
                 compute[k] += st.compute * eqn.weight
+                traffic[k] += self._fused_traffic(eqn, st, mm) * eqn.weight
                 comm[k] += st.comm * eqn.weight
             for r_index, r in enumerate(g.reqs):
                 want = specs[r.operand][k] if r.member == -2 else member_ops[r.member][r.operand]
@@ -308,7 +347,15 @@ class Structure:
                     have = specs[int(self.local[r.src])][k]
                     value = graph.values[r.src]
                     comm[k] += mm.reshard(value.shape, value.itemsize, have, want) * r.weight
-        return Table(leaders, specs, compute, comm, req_specs)
+        return Table(leaders, specs, compute, traffic, comm, req_specs)
+
+    def _fused_traffic(self, eqn, st: _rules.Strategy, mm: MeshModel) -> float:
+        """Seconds a fused op spends on memory: reading and writing only the arrays XLA keeps."""
+        values = self.graph.values
+        nbytes = sum(values[v].nbytes / mm.shards(spec)
+                     for v, spec in zip(eqn.inputs + eqn.outputs, st.operands + st.outputs)
+                     if v is not None and spec is not None and self.kept[v])
+        return mm.memory_time(nbytes, 1)
 
     def _leader_strategies(self, g: Group, mm: MeshModel) -> list[_rules.Strategy]:
         graph = self.graph

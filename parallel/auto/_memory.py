@@ -41,14 +41,7 @@ class Liveness:
                 self.stop[v] = end
         for out, into, _ in graph.loops:
             self.stop[into] = max(self.stop[into], self.stop[out])
-        kept = np.zeros(len(graph.values), bool)
-        kept[graph.inputs + graph.constants] = True
-        kept[[v for v in graph.outputs if v is not None]] = True
-        for eqn in graph.eqns:
-            if eqn.prim not in fused:
-                kept[list(eqn.outputs)] = True
-                kept[[v for v in eqn.inputs if v is not None]] = True
-        self._ids = np.flatnonzero(kept)
+        self._ids = np.flatnonzero(kept_values(graph, fused))
 
     def profile(self, nbytes: np.ndarray) -> np.ndarray:
         """Bytes alive at each point, for per-value sizes ``nbytes``."""
@@ -62,6 +55,20 @@ class Liveness:
         """Ids of the values alive while equation ``point`` runs."""
         ids = self._ids
         return ids[(self.start[ids] <= point) & (self.stop[ids] >= point)]
+
+
+def kept_values(graph: Graph, fused: frozenset[str]) -> np.ndarray:
+    """Mask of the values XLA writes to memory: inputs, outputs, and whatever a non-fused
+    operation reads or produces (results of ``fused`` ops that only feed fused ops stay in
+    registers)."""
+    kept = np.zeros(len(graph.values), bool)
+    kept[graph.inputs + graph.constants] = True
+    kept[[v for v in graph.outputs if v is not None]] = True
+    for eqn in graph.eqns:
+        if eqn.prim not in fused:
+            kept[list(eqn.outputs)] = True
+            kept[[v for v in eqn.inputs if v is not None]] = True
+    return kept
 
 
 def peak_points(profile: np.ndarray, count: int) -> list[int]:

@@ -8,14 +8,19 @@ import jax
 
 from parallel._constraints import with_constraints
 from parallel._errors import PlanError
+from parallel._hlo import collective_bytes
 from parallel._methods import Method, register_method
 from parallel.auto._search import AXIS_NAMES, MemoryBudgetError, Solution, solve
 from parallel.plan import Constraint, Plan, make_leaf_plans, shardings_from_specs
-from parallel.profiles import DeviceProfile
-from parallel.report import memory_bytes
+from parallel.profiles import DeviceProfile, get_profile
+from parallel.report import cost_figures, estimate_step_time, memory_bytes
 
 # Re-plans with a tighter target when XLA's memory analysis finds the plan over the budget.
 _BUDGET_CHECKS = 3
+# Plans within this factor of the solver's best estimate are compiled and compared by XLA's
+# cost analysis (the figures ``analyze`` reports); at most this many.
+_FINALIST_RATIO = 1.25
+_MAX_FINALISTS = 3
 
 
 class ShardParallel(Method):
@@ -33,9 +38,12 @@ class ShardParallel(Method):
         links; ``None`` uses the running platform's.
       time_limit_s: solver time limit per mesh shape; on a time-out the best plan found so far
         is used, with a warning.
+      validate: compile the best plans of the mesh shapes whose estimates are within 25% of the
+        best, and keep the one XLA's cost analysis prices lowest (``analyze``'s estimate).
 
-    With a ``memory_budget_bytes``, the chosen plan is compiled and XLA's memory analysis
-    checked against the budget (the solver's own estimate is approximate); if XLA needs more,
+    The solver's cost model prices each operation on its own; XLA then fuses, merges
+    collectives and reorders. Validation settles close calls with the compiled program. With a
+    ``memory_budget_bytes``, compiled plans must also fit XLA's memory analysis; if none does,
     the solver runs again with its target lowered by the observed ratio.
     """
 
@@ -43,11 +51,13 @@ class ShardParallel(Method):
 
     def __init__(self, memory_budget_bytes: float | None = None,
                  mesh: Mapping[str, int] | None = None,
-                 profile: str | DeviceProfile | None = None, time_limit_s: float = 30.0):
+                 profile: str | DeviceProfile | None = None, time_limit_s: float = 30.0,
+                 validate: bool = True):
         super().__init__(mesh)
         self.memory_budget_bytes = memory_budget_bytes
         self.profile = profile
         self.time_limit_s = time_limit_s
+        self.validate = validate
 
     def __repr__(self) -> str:
         return (f"ShardParallel(memory_budget_bytes={self.memory_budget_bytes}, "
@@ -73,17 +83,39 @@ class ShardParallel(Method):
                              profile=self.profile, memory_budget_bytes=target,
                              donate_argnums=donate_argnums, batch_argnums=batch_argnums,
                              time_limit_s=self.time_limit_s)
-            plan = self._plan(solution, abstract_args, batch_argnums, donate_argnums)
-            if budget is None:
-                return plan
-            used = _compiled_memory(fn, plan, abstract_args, devices)
-            if used <= budget:
-                return plan
-            target = target * budget / used
+            finalists = [r for r in solution.tried if r.status != "over_budget"
+                         and r.step_time_s <= _FINALIST_RATIO * solution.best.step_time_s]
+            if budget is None and not self.validate:
+                return self._plan(solution, abstract_args, batch_argnums, donate_argnums)
+            smallest = None
+            for result in finalists[:_MAX_FINALISTS if self.validate else 1]:
+                plan = self._plan(solution.with_best(result), abstract_args, batch_argnums,
+                                  donate_argnums)
+                compiled = _compile(fn, plan, abstract_args, devices)
+                result.compiled_memory_bytes = memory_bytes(compiled)
+                result.compiled_step_time_s = self._estimate(compiled, plan)
+                if smallest is None or result.compiled_memory_bytes < smallest:
+                    smallest = result.compiled_memory_bytes
+            fitting = [r for r in finalists if r.compiled_step_time_s is not None
+                       and (budget is None or r.compiled_memory_bytes <= budget)]
+            if fitting:
+                best = min(fitting, key=lambda r: r.compiled_step_time_s)
+                return self._plan(solution.with_best(best), abstract_args, batch_argnums,
+                                  donate_argnums)
+            target = target * budget / smallest
         raise MemoryBudgetError(
             f"ShardParallel's plans do not fit memory_budget_bytes={budget:.0f} once compiled: "
-            f"XLA needs {used} bytes per device for the last one (mesh {plan.mesh_shape}). "
+            f"XLA needs at least {smallest} bytes per device (solver target {target:.0f}). "
             "Raise memory_budget_bytes, use more devices, or shrink the model or batch.")
+
+    def _estimate(self, compiled: Any, plan: Plan) -> float:
+        """``analyze``'s estimated step time of a compiled plan."""
+        profile = self.profile
+        if not isinstance(profile, DeviceProfile):
+            profile = get_profile(profile, plan.num_devices)
+        flops, accessed = cost_figures(compiled)
+        return estimate_step_time(flops, accessed,
+                                  collective_bytes(compiled.as_text(), plan.num_devices), profile)
 
     def _plan(self, solution: Solution, abstract_args: Sequence[Any],
               batch_argnums: Sequence[int], donate_argnums: Sequence[int]) -> Plan:
@@ -102,9 +134,9 @@ class ShardParallel(Method):
                     extras=extras)
 
 
-def _compiled_memory(fn: Callable, plan: Plan, abstract_args: Sequence[Any],
-                     devices: Sequence[jax.Device]) -> int:
-    """Peak bytes per device XLA assigns to ``fn`` compiled with ``plan`` (nothing runs)."""
+def _compile(fn: Callable, plan: Plan, abstract_args: Sequence[Any],
+             devices: Sequence[jax.Device]):
+    """``fn`` compiled with ``plan``'s shardings and constraints (nothing runs)."""
     mesh = plan.make_mesh(devices)
     in_shardings = tuple(shardings_from_specs(mesh, s) for s in plan.input_specs(abstract_args))
     out_shardings = shardings_from_specs(mesh, plan.output_specs(jax.eval_shape(fn, *abstract_args)))
@@ -112,7 +144,7 @@ def _compiled_memory(fn: Callable, plan: Plan, abstract_args: Sequence[Any],
         fn = with_constraints(fn, abstract_args, plan.constraints, mesh)
     jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                      donate_argnums=plan.donate_argnums)
-    return memory_bytes(jitted.lower(*abstract_args).compile())
+    return jitted.lower(*abstract_args).compile()
 
 
 def _factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1):

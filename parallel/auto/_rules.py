@@ -51,10 +51,12 @@ class Strategy:
       kind: what runs (``"dot"``, ``"gather"``, ``"placed"`` for inputs...).
       outputs: spec of each result.
       operands: spec each operand must arrive in (``None``: no requirement, e.g. a literal).
-      compute: seconds of compute per run.
+      compute: seconds of arithmetic per run (FLOPs over the device's peak).
       comm: seconds of collectives per run.
       collective: ``(name, mesh axes, output dim or None)`` of the collective that reduces
         partial sums, if any.
+      traffic: seconds of memory traffic per run (bytes over the memory bandwidth); a step
+        takes the larger of its total arithmetic and total traffic, as in ``analyze``.
     """
 
     kind: str
@@ -63,6 +65,7 @@ class Strategy:
     compute: float
     comm: float
     collective: tuple[str, tuple[int, ...], int | None] | None = None
+    traffic: float = 0.0
 
     def describe(self, mm: MeshModel) -> str:
         """E.g. ``dot P(None, 'data') x P('data', None) -> P() + all-reduce(data)``."""
@@ -122,12 +125,12 @@ def replicated_strategy(eqn: Eqn, graph: Graph, mm: MeshModel, kind: str) -> Str
     """Everything whole on every device (the safe fallback)."""
     outs = tuple(replicated(graph.values[v].ndim) for v in eqn.outputs)
     ops = tuple(None if v is None else replicated(graph.values[v].ndim) for v in eqn.inputs)
-    nbytes = sum(graph.values[v].nbytes for v in eqn.outputs)
-    return Strategy(kind, outs, ops, mm.memory_time(nbytes, 1), 0.0)
+    nbytes = sum(graph.values[v].nbytes for v in eqn.outputs + eqn.inputs if v is not None)
+    return Strategy(kind, outs, ops, 0.0, 0.0, traffic=mm.memory_time(nbytes, 1))
 
 
 def _contracted(kind, slots, contract_slots, out_dims, out_shape, itemsize, flops, mm,
-                operands) -> list[Strategy]:
+                operands, operand_bytes) -> list[Strategy]:
     """Strategies of a contraction whose slots are assigned; partial sums are reduced by an
     all-reduce, or by a reduce-scatter onto one output dimension."""
     out_spec = tuple(slots[s] for s in out_dims)
@@ -136,11 +139,13 @@ def _contracted(kind, slots, contract_slots, out_dims, out_shape, itemsize, flop
     used = tuple(a for s in slots for a in s)
     compute = mm.compute_time(flops, mm.group_size(used))
     partial = tuple(sorted(a for s in contract_slots for a in slots[s]))
-    if not partial:
-        return [Strategy(kind, (out_spec,), operands, compute, 0.0)]
     local = math.prod(out_shape) * itemsize / mm.shards(out_spec)
+    traffic = mm.memory_time(local + sum(b / mm.shards(s) for b, s in zip(operand_bytes, operands)),
+                             1)
+    if not partial:
+        return [Strategy(kind, (out_spec,), operands, compute, 0.0, traffic=traffic)]
     out = [Strategy(kind, (out_spec,), operands, compute, mm.all_reduce(local, partial),
-                    ("all-reduce", partial, None))]
+                    ("all-reduce", partial, None), traffic)]
     # Reduce-scatter onto the largest output dimension that divides evenly (like ZeRO does).
     # Without a native reduce-scatter it is an all-reduce plus a free slice: the all-reduce
     # strategy followed by a sliced consumer already prices that.
@@ -151,7 +156,8 @@ def _contracted(kind, slots, contract_slots, out_dims, out_shape, itemsize, flop
         d = max(dims, key=lambda d: (out_shape[d] // mm.group_size(out_spec[d]), -d))
         scattered = out_spec[:d] + (out_spec[d] + partial,) + out_spec[d + 1:]
         out.append(Strategy(kind, (scattered,), operands, compute,
-                            mm.reduce_scatter(local, partial), ("reduce-scatter", partial, d)))
+                            mm.reduce_scatter(local, partial), ("reduce-scatter", partial, d),
+                            traffic))
     return out
 
 
@@ -185,7 +191,7 @@ def dot_strategies(eqn: Eqn, graph: Graph, mm: MeshModel, batch) -> list[Strateg
         if not (mm.fits(lhs.shape, lhs_spec) and mm.fits(rhs.shape, rhs_spec)):
             continue
         strategies += _contracted("dot", slots, contract, range(nc0), out.shape, out.itemsize,
-                                  flops, mm, (lhs_spec, rhs_spec))
+                                  flops, mm, (lhs_spec, rhs_spec), (lhs.nbytes, rhs.nbytes))
     return _dedupe(strategies)
 
 
@@ -215,7 +221,7 @@ def conv_strategies(eqn: Eqn, graph: Graph, mm: MeshModel, batch) -> list[Strate
         order = [out_slot.get(d, 3) for d in range(out.ndim)]
         padded = list(slots) + [()]
         strategies += _contracted("conv", padded, [2], order, out.shape, out.itemsize, flops, mm,
-                                  (lhs_spec, rhs_spec))
+                                  (lhs_spec, rhs_spec), (lhs.nbytes, rhs.nbytes))
     return _dedupe(strategies)
 
 
@@ -255,8 +261,8 @@ def gather_strategies(eqn: Eqn, graph: Graph, mm: MeshModel, batch) -> list[Stra
         if not all(mm.fits(v.shape, s) for v, s in zip((out, operand, indices), specs)):
             continue
         strategies.append(Strategy(
-            "gather", (specs[0],), specs[1:],
-            mm.memory_time(out.nbytes, mm.shards(specs[0])), 0.0))
+            "gather", (specs[0],), specs[1:], 0.0, 0.0,
+            traffic=mm.memory_time(2 * out.nbytes, mm.shards(specs[0]))))
     return _dedupe(strategies)
 
 
@@ -306,7 +312,8 @@ def scatter_strategies(eqn: Eqn, graph: Graph, mm: MeshModel, batch) -> list[Str
         flops = updates.nbytes / max(updates.itemsize, 1)
         strategies += _contracted(
             "scatter", list(slots) + [()], contract, slot_of_dim,
-            operand.shape, operand.itemsize, flops, mm, (op_spec, idx_spec, upd_spec))
+            operand.shape, operand.itemsize, flops, mm, (op_spec, idx_spec, upd_spec),
+            (operand.nbytes, indices.nbytes, updates.nbytes))
     return _dedupe(strategies)
 
 
@@ -341,11 +348,13 @@ def followed_operand(eqn: Eqn, graph: Graph, weight) -> int | None:
 
 
 def follow(eqn: Eqn, graph: Graph, f: int, spec: Spec, mm: MeshModel) -> Strategy:
-    """The strategy an equation takes when operand ``f`` arrives as ``spec``."""
+    """The strategy an equation takes when operand ``f`` arrives as ``spec``.
+
+    Its memory traffic is left to the caller, which knows which arrays XLA fuses away.
+    """
     vals = graph.values
     src = vals[eqn.inputs[f]]
     outs = [vals[v] for v in eqn.outputs]
-    out_bytes = sum(o.nbytes for o in outs)
     p = eqn.params
     gathered: tuple[int, ...] = ()
     if eqn.prim in REDUCTIONS:
@@ -354,8 +363,7 @@ def follow(eqn: Eqn, graph: Graph, f: int, spec: Spec, mm: MeshModel) -> Strateg
         partial = tuple(sorted(a for d in axes for a in spec[d]))
         local = outs[0].nbytes / mm.shards(out_spec)
         comm = mm.all_reduce(local, partial) if partial else 0.0
-        return Strategy("reduce", (out_spec,), _require(eqn, graph, f, spec, ()),
-                        mm.memory_time(src.nbytes, mm.shards(spec)), comm)
+        return Strategy("reduce", (out_spec,), _require(eqn, graph, f, spec, ()), 0.0, comm)
     if eqn.prim == "broadcast_in_dim":
         out_spec = [()] * outs[0].ndim
         for i, d in enumerate(p["broadcast_dimensions"]):
@@ -388,8 +396,7 @@ def follow(eqn: Eqn, graph: Graph, f: int, spec: Spec, mm: MeshModel) -> Strateg
     if gathered:
         comm = mm.all_gather(src.nbytes / mm.shards(spec) * mm.group_size(gathered), gathered)
     ops = _require(eqn, graph, f, spec, out_specs[0])
-    compute = 0.0 if eqn.prim in _SHAPE_OPS else mm.memory_time(out_bytes, mm.shards(out_specs[0]))
-    return Strategy(eqn.prim, out_specs, ops, compute, comm)
+    return Strategy(eqn.prim, out_specs, ops, 0.0, comm)
 
 
 def _require(eqn: Eqn, graph: Graph, f: int, spec: Spec, out_spec: Spec):

@@ -57,6 +57,11 @@ class Solution:
     def mesh_shape(self) -> dict[str, int]:
         return dict(self.best.mesh_shape)
 
+    def with_best(self, result: MeshResult) -> Solution:
+        """This solution with ``result`` (one of ``tried``) as the chosen plan."""
+        return dataclasses.replace(self, best=result,
+                                   tried=[result] + [r for r in self.tried if r is not result])
+
     def stats(self) -> dict[str, Any]:
         """Solver figures as JSON-friendly data (saved in the plan's extras)."""
         return {
@@ -68,7 +73,9 @@ class Solution:
             "meshes": [{"mesh_shape": r.mesh_shape, "status": r.status,
                         "step_time_s": r.step_time_s, "compute_s": r.compute_s,
                         "comm_s": r.comm_s, "memory_bytes": r.memory_bytes,
-                        "solve_time_s": r.solve_time_s} for r in self.tried],
+                        "solve_time_s": r.solve_time_s,
+                        "compiled_step_time_s": r.compiled_step_time_s,
+                        "compiled_memory_bytes": r.compiled_memory_bytes} for r in self.tried],
         }
 
     def input_specs(self) -> tuple:
@@ -85,7 +92,8 @@ class Solution:
         lines = [
             f"ShardParallel: mesh {b.mesh_shape}, estimated step {_ms(b.step_time_s)} "
             f"(compute {_ms(b.compute_s)}, communication {_ms(b.comm_s)}), "
-            f"memory {_mb(b.memory_bytes)} per device (budget {_mb(self.memory_budget_bytes)})",
+            f"memory {_mb(b.memory_bytes)} per device (budget {_mb(self.memory_budget_bytes)})"
+            + _compiled(b),
             f"solved in {self.solve_time_s:.2f} s: {self.num_equations} equations -> "
             f"{self.num_groups} groups -> {self.num_classes} classes after tying repeated layers",
             "operator strategies (most used first):",
@@ -103,10 +111,20 @@ class Solution:
             return (f"needs {_mb(r.memory_bytes)} per device, over the budget "
                     f"{_mb(self.memory_budget_bytes)}")
         b = self.best
+        if r.compiled_step_time_s is not None and b.compiled_step_time_s is not None:
+            return (f"compiled, {r.compiled_step_time_s / b.compiled_step_time_s:.2f}x the "
+                    f"step time of the chosen plan (solver estimate {_ms(r.step_time_s)})")
         worse = "communication" if r.comm_s - b.comm_s > r.compute_s - b.compute_s else "compute"
         return (f"{r.step_time_s / max(b.step_time_s, 1e-30):.2f}x the step time "
                 f"({_ms(r.step_time_s)}: compute {_ms(r.compute_s)}, communication "
                 f"{_ms(r.comm_s)}; more {worse})")
+
+
+def _compiled(r: MeshResult) -> str:
+    if r.compiled_step_time_s is None:
+        return ""
+    return (f"; compiled: {_ms(r.compiled_step_time_s)}, "
+            f"{_mb(r.compiled_memory_bytes)} per device")
 
 
 def _ms(seconds: float) -> str:
@@ -180,11 +198,18 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
     liveness = Liveness(graph, donated, FOLLOWERS)
     fed = set(graph.inputs) - donated
 
-    def problem(sizes):
-        return MeshProblem(structure, MeshModel(AXIS_NAMES, sizes, profile), liveness, paired, fed)
+    def problem(sizes, split_batch=frozenset()):
+        return MeshProblem(structure, MeshModel(AXIS_NAMES, sizes, profile), liveness, paired, fed,
+                           split_batch)
 
     results = [_solve_mesh(problem(sizes), budget, time_limit_s, batch_leaves)
                for sizes in meshes]
+    if meshes[0][1] == 1 and results[0].mesh_shape.get("data") == 1:
+        # The 1-D mesh became a model axis: also solve it with the batch split (data parallel
+        # with whatever weight-update sharding pays), a close call worth comparing.
+        batch_values = {graph.inputs[j] for j in batch_leaves}
+        results.append(_solve_mesh(problem(meshes[0], batch_values), budget, time_limit_s,
+                                   batch_leaves))
     fitting = sorted((r for r in results if r.status != "over_budget"),
                      key=lambda r: r.step_time_s)
     if not fitting:

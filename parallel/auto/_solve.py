@@ -39,6 +39,8 @@ class MeshResult:
       output_specs: one ``PartitionSpec`` per flat output leaf.
       constraints: ``(site, output index, PartitionSpec)`` for intermediates to pin.
       choices: ``(leader description, strategy label, times used)`` per class of the solution.
+      compiled_step_time_s, compiled_memory_bytes: XLA's figures for the plan when it was
+        compiled to check it (``ShardParallel(validate=True)``), else ``None``.
     """
 
     mesh_shape: dict[str, int]
@@ -52,6 +54,8 @@ class MeshResult:
     output_specs: list[PartitionSpec]
     constraints: list[tuple[tuple[int, ...], int, PartitionSpec]]
     choices: list[tuple[str, str, int]]
+    compiled_step_time_s: float | None = None
+    compiled_memory_bytes: int | None = None
 
 
 class MeshProblem:
@@ -64,10 +68,12 @@ class MeshProblem:
       paired: output index -> input index of state that must keep its input's spec.
       fed: value ids of inputs that arrive anew each call (the batch), priced by their
         per-device bytes.
+      split_batch: value ids of batch leaves whose leading dim must be split (where it
+        divides): the data-parallel flavour of a mesh, solved as one more candidate.
     """
 
     def __init__(self, structure: Structure, mm: MeshModel, liveness: Liveness,
-                 paired: dict[int, int], fed: set[int]):
+                 paired: dict[int, int], fed: set[int], split_batch: set[int] = frozenset()):
         self.s = structure
         self.fed = fed
         self.mm = mm
@@ -76,6 +82,12 @@ class MeshProblem:
         cache: dict = {}
         self.tables: list[Table] = [structure.table(c, mm, cache)
                                     for c in range(structure.num_classes)]
+        for c, members in enumerate(structure.members_of):
+            if structure.groups[members[0]].values[0] in split_batch:
+                table = self.tables[c]
+                keep = [k for k in range(table.size) if table.specs[0][k][:1] not in ((), ((),))]
+                if keep:
+                    self.tables[c] = table.subset(keep)
         self.counts = np.array([len(m) for m in structure.members_of], float)
         self._inv_shards: dict[tuple[int, int], np.ndarray] = {}
         nbytes = np.array([v.nbytes for v in structure.graph.values], float)
@@ -98,7 +110,7 @@ class MeshProblem:
             if minimize_memory:
                 x.append(prog.add_choice(np.zeros(table.size)))
                 continue
-            cost = self.counts[c] * (table.compute + table.comm) * _PER_SECOND
+            cost = self.counts[c] * table.comm * _PER_SECOND
             g = s.groups[s.members_of[c][0]]
             if g.kind == "input":
                 stored = self.nbytes[g.values[0]] * self.inv_shards(c, 0)
@@ -108,6 +120,13 @@ class MeshProblem:
         peak = prog.add_vars(np.ones(1), upper=np.inf) if minimize_memory else None
         if not minimize_memory:
             self._add_edges(prog, x)
+            # The step computes for max(total arithmetic, total traffic): a variable above both.
+            busy = prog.add_vars(np.ones(1), upper=np.inf)
+            for part in ("compute", "traffic"):
+                coefs = [self.counts[c] * getattr(t, part) * _PER_SECOND
+                         for c, t in enumerate(self.tables)]
+                prog.add_row(np.concatenate(x + [busy]), np.concatenate(coefs + [[-1.0]]),
+                             -np.inf, 0.0)
         return prog, x, peak
 
     def _add_edges(self, prog: Program, x: list[np.ndarray]):
@@ -128,6 +147,7 @@ class MeshProblem:
             rep = s.groups[s.members_of[cd][0]]
             weight = rep.reqs[r_index].weight * count * _PER_SECOND
             value = s.graph.values[rep.reqs[r_index].src]
+            mm = s.mesh_for(s.members_of[cd][0], self.mm)
             if cs == cd:
                 diag = np.array([0.0 if w is None else mm.reshard(value.shape, value.itemsize, h, w)
                                  for h, w in zip(have, want)])
@@ -188,7 +208,7 @@ class MeshProblem:
 
     def cheapest_each(self) -> np.ndarray:
         """Each class's cheapest strategy on its own (a plan when the solver found none)."""
-        return np.array([int(np.argmin(t.compute + t.comm)) for t in self.tables])
+        return np.array([int(np.argmin(t.compute + t.traffic + t.comm)) for t in self.tables])
 
     def specs(self, choice: np.ndarray) -> list[Spec | None]:
         s = self.s
@@ -229,9 +249,12 @@ class MeshProblem:
         return profile
 
     def evaluate(self, choice: np.ndarray, specs: list[Spec | None]) -> tuple[float, float]:
-        """(compute seconds, communication seconds) of a solution."""
+        """(compute seconds, communication seconds) of a solution; compute is the larger of
+        arithmetic and memory traffic."""
         s, mm = self.s, self.mm
-        compute = float(sum(self.counts[c] * t.compute[choice[c]] for c, t in enumerate(self.tables)))
+        compute = max(float(sum(self.counts[c] * getattr(t, part)[choice[c]]
+                                for c, t in enumerate(self.tables)))
+                      for part in ("compute", "traffic"))
         comm = float(sum(self.counts[c] * t.comm[choice[c]] for c, t in enumerate(self.tables)))
         for gid, g in enumerate(s.groups):
             table = self.tables[int(s.cls[gid])]
@@ -241,7 +264,8 @@ class MeshProblem:
                 if want is None or int(s.group_of[r.src]) == gid:
                     continue
                 value = s.graph.values[r.src]
-                comm += mm.reshard(value.shape, value.itemsize, specs[r.src], want) * r.weight
+                comm += s.mesh_for(gid, mm).reshard(value.shape, value.itemsize, specs[r.src],
+                                                    want) * r.weight
         return compute, comm
 
     def describe(self, choice: np.ndarray) -> list[tuple[str, str, int]]:
@@ -261,13 +285,22 @@ class MeshProblem:
         return rows
 
     def constraints(self, specs: list[Spec | None]) -> list[tuple[tuple[int, ...], int, PartitionSpec]]:
+        """``(site, output, spec)`` pinning the results of dot-like leaders and every value
+        another group reads, so XLA's propagation keeps each decision of the solution."""
         s = self.s
-        out = []
-        for g in s.groups:
+        pinned = set()
+        for gid, g in enumerate(s.groups):
             if g.kind in CONSTRAINED_KINDS:
-                eqn = s.graph.eqns[g.leader]
-                if eqn.site is not None:
-                    out.append((eqn.site, 0, self.mm.partition_spec(specs[eqn.outputs[0]])))
+                pinned.add(s.graph.eqns[g.leader].outputs[0])
+            pinned.update(r.src for r in g.reqs if int(s.group_of[r.src]) != gid)
+        out = []
+        for v in sorted(pinned):
+            value = s.graph.values[v]
+            if value.producer < 0 or value.ndim == 0:
+                continue
+            eqn = s.graph.eqns[value.producer]
+            if eqn.site is not None and not eqn.prim.startswith("_"):
+                out.append((eqn.site, eqn.outputs.index(v), self.mm.partition_spec(specs[v])))
         return out
 
     def io_specs(self, specs: list[Spec | None]) -> tuple[list[PartitionSpec], list[PartitionSpec]]:
