@@ -213,6 +213,8 @@ class Plan:
         lines.append(f"inputs total per device: {total:,} bytes")
         if self.constraints:
             lines.append(f"constraints on intermediates: {len(self.constraints)}")
+        if "explanation" in self.extras:  # a solver's account of its choice (ShardParallel)
+            lines.append(self.extras["explanation"])
         if report is not None:
             lines.append(report.format())
         return "\n".join(lines)

@@ -211,3 +211,7 @@ def test_plan_on_a_given_mesh_round_trips_through_json():
     assert [m["mesh_shape"] for m in solver["meshes"]] == [{"data": 2, "model": 4}]
     assert solver["num_classes"] <= solver["num_groups"] <= solver["num_equations"]
     assert again.extras["explanation"].startswith("ShardParallel: mesh {'data': 2, 'model': 4}")
+    # The plan tool's table carries the explanation: mesh, cost split, solve time.
+    table = plan.format_table()
+    assert "ShardParallel: mesh {'data': 2, 'model': 4}, estimated step" in table
+    assert "solved in " in table
