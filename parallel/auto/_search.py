@@ -9,6 +9,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+
+from parallel._errors import PlanError
 from parallel.auto._cost import MeshModel
 from parallel.auto._graph import build_graph
 from parallel.auto._groups import Structure, warn_fallbacks
@@ -24,7 +26,7 @@ AXIS_NAMES = ("data", "model")
 _MEMORY_ROUNDS = 6
 
 
-class MemoryBudgetError(ValueError):
+class MemoryBudgetError(PlanError):
     """No plan keeps the per-device memory within the budget."""
 
 
@@ -71,8 +73,8 @@ class Solution:
             "num_groups": self.num_groups,
             "num_classes": self.num_classes,
             "meshes": [{"mesh_shape": r.mesh_shape, "status": r.status,
-                        "step_time_s": r.step_time_s, "compute_s": r.compute_s,
-                        "comm_s": r.comm_s, "memory_bytes": r.memory_bytes,
+                        "step_time_s": _finite(r.step_time_s), "compute_s": _finite(r.compute_s),
+                        "comm_s": _finite(r.comm_s), "memory_bytes": _finite(r.memory_bytes),
                         "solve_time_s": r.solve_time_s,
                         "compiled_step_time_s": r.compiled_step_time_s,
                         "compiled_memory_bytes": r.compiled_memory_bytes} for r in self.tried],
@@ -118,6 +120,11 @@ class Solution:
         return (f"{r.step_time_s / max(b.step_time_s, 1e-30):.2f}x the step time "
                 f"({_ms(r.step_time_s)}: compute {_ms(r.compute_s)}, communication "
                 f"{_ms(r.comm_s)}; more {worse})")
+
+
+def _finite(x: float) -> float | None:
+    """``None`` for the infinities of a plan over budget (JSON has no infinity)."""
+    return None if np.isinf(x) else x
 
 
 def _compiled(r: MeshResult) -> str:

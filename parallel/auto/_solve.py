@@ -269,9 +269,9 @@ class MeshProblem:
         return compute, comm
 
     def describe(self, choice: np.ndarray) -> list[tuple[str, str, int]]:
-        """The leader strategies picked for dot-like classes, most used first."""
+        """``(operation, strategy, times used)`` of the dot-like groups, most used first."""
         s = self.s
-        rows = []
+        used: dict[tuple[str, str], int] = defaultdict(int)
         for c, members in enumerate(s.members_of):
             g = s.groups[members[0]]
             if g.kind not in CONSTRAINED_KINDS:
@@ -279,10 +279,9 @@ class MeshProblem:
             eqn = s.graph.eqns[g.leader]
             shapes = " x ".join(str(list(s.graph.values[v].shape)) for v in eqn.inputs
                                 if v is not None)
-            rows.append((f"{eqn.prim} {shapes}",
-                         self.tables[c].leaders[choice[c]].describe(self.mm), len(members)))
-        rows.sort(key=lambda r: -r[2])
-        return rows
+            strategy = self.tables[c].leaders[choice[c]].describe(self.mm)
+            used[(f"{eqn.prim} {shapes}", strategy)] += len(members)
+        return sorted(((what, how, n) for (what, how), n in used.items()), key=lambda r: -r[2])
 
     def constraints(self, specs: list[Spec | None]) -> list[tuple[tuple[int, ...], int, PartitionSpec]]:
         """``(site, output, spec)`` pinning the results of dot-like leaders and every value
