@@ -39,8 +39,8 @@ __all__ = ["SUITES", "can_plot", "format_markdown", "format_result", "merge_roun
            "run_case_subprocess", "run_suite", "suite_cases", "summarize", "write_json"]
 
 SUITES = ("seed", "models", "solver")
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "configs", "benchmarks")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, "configs", "benchmarks")
 SEED_METHODS = ("pmap", "data", "zero2", "zero3", "auto")
 MODEL_METHODS = ("data", "zero2", "zero3", "manual", "auto")
 ESTIMATE_PROFILE = "h100"
@@ -133,13 +133,12 @@ def run_case_subprocess(case: dict[str, Any], timeout_s: float = 1800.0) -> dict
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
                         f"{case['devices']}").strip()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     failed = {"workload": case["workload"]["name"], "method": case["method"],
               "devices": case["devices"]}
     try:
         proc = subprocess.run([sys.executable, "-m", "trainer._bench_run", json.dumps(case)],
-                              capture_output=True, text=True, timeout=timeout_s, env=env, cwd=root)
+                              capture_output=True, text=True, timeout=timeout_s, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {**failed, "error": f"timed out after {timeout_s:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
@@ -188,7 +187,13 @@ def environment() -> dict[str, Any]:
     """Where and when the numbers were taken."""
     import jax
 
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=ROOT, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": commit,
             "jax": jax.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpu_count": os.cpu_count(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
