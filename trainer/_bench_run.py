@@ -123,9 +123,9 @@ def run_parallel(workload: Workload, method_name: str, devices: list, warmup: in
         result["explanation"] = extras.get("explanation")
     estimates = {}
     for name in estimate_profiles:
-        estimate = step.analyze(abstract_state, abstract_batch, profile=name)
-        estimates[name] = {"step_time_s": estimate.estimated_step_time_s,
-                           "tflops": workload.flops_per_step / estimate.estimated_step_time_s / 1e12}
+        seconds = step.analyze(abstract_state, abstract_batch, profile=name).estimated_step_time_s
+        estimates[name] = {"step_time_s": seconds,
+                           "tflops": workload.flops_per_step / seconds / 1e12}
     if estimates:
         result["estimates"] = estimates
     if measure:
