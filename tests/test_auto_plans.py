@@ -102,9 +102,10 @@ def test_gpt_block_with_wide_hidden_splits_heads_and_mlp():
     assert block["ffn"]["fc_kernel"] == P(None, "model")  # (embed, mlp)
     assert block["ffn"]["fc_bias"] == P("model")
     assert block["ffn"]["proj_kernel"] == P("model")  # (mlp, embed)
-    # Each factorization of 8, and the 1-D mesh once more with the batch split (data parallel).
-    assert sorted((r.mesh_shape["data"], r.mesh_shape["model"]) for r in solution.tried) == [
-        (1, 8), (2, 4), (4, 2), (8, 1)]
+    # Each factorization of 8, and the 1-D mesh's data-parallel flavours.
+    assert sorted((r.mesh_shape["data"], r.mesh_shape["model"], r.variant)
+                  for r in solution.tried) == [
+        (1, 8, ""), (2, 4, ""), (4, 2, ""), (8, 1, "batch split"), (8, 1, "state sharded")]
     text = solution.explain()
     assert "runner-ups:" in text and "mesh {'data': 2, 'model': 4}" in text
 

@@ -135,7 +135,7 @@ def test_three_steps_match_single_device(name):
     if validate:  # the chosen plan is the cheapest compiled one
         compiled = [m["compiled_step_time_s"] for m in plan.extras["solver"]["meshes"]
                     if m["compiled_step_time_s"] is not None]
-        assert chosen["compiled_step_time_s"] == min(compiled)
+        assert chosen["compiled_step_time_s"] <= min(compiled)
     # The state comes back laid out as the plan placed it.
     planned = plan.input_specs((initial, setup.batch))[0]
     jax.tree.map(lambda leaf, spec: _assert_spec(leaf, spec), state, planned)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -11,6 +11,7 @@ from parallel._errors import PlanError
 from parallel._hlo import collective_bytes
 from parallel._methods import Method, register_method
 from parallel.auto._search import AXIS_NAMES, MemoryBudgetError, Solution, solve
+from parallel.auto._solve import MeshResult
 from parallel.plan import Constraint, Plan, make_leaf_plans, shardings_from_specs
 from parallel.profiles import DeviceProfile, get_profile
 from parallel.report import cost_figures, estimate_step_time, memory_bytes
@@ -21,6 +22,16 @@ _BUDGET_CHECKS = 3
 # cost analysis (the figures ``analyze`` reports); at most this many.
 _FINALIST_RATIO = 1.25
 _MAX_FINALISTS = 3
+_PINNED = {"all": "every value crossing between decision groups",
+           "leaders": "results of dots, convolutions, gathers and scatters",
+           "none": "none (XLA propagates from the inputs)"}
+
+
+class _Check(NamedTuple):
+    step_time_s: float
+    memory_bytes: int
+    result: MeshResult
+    pin: str
 
 
 class ShardParallel(Method):
@@ -39,7 +50,8 @@ class ShardParallel(Method):
       time_limit_s: solver time limit per mesh shape; on a time-out the best plan found so far
         is used, with a warning.
       validate: compile the best plans of the mesh shapes whose estimates are within 25% of the
-        best, and keep the one XLA's cost analysis prices lowest (``analyze``'s estimate).
+        best, and keep the one XLA's cost analysis prices lowest (``analyze``'s estimate); then
+        try it with fewer intermediates pinned.
 
     The solver's cost model prices each operation on its own; XLA then fuses, merges
     collectives and reorders. Validation settles close calls with the compiled program. With a
@@ -78,35 +90,50 @@ class ShardParallel(Method):
         mesh_shape = None if self.mesh is None else self.resolve_mesh_shape(len(devices))
         budget = self.memory_budget_bytes
         target = budget
+
+        def fits(check: _Check) -> bool:
+            return budget is None or check.memory_bytes <= budget
+
         for _ in range(_BUDGET_CHECKS):
             solution = solve(fn, abstract_args, num_devices=len(devices), mesh_shape=mesh_shape,
                              profile=self.profile, memory_budget_bytes=target,
                              donate_argnums=donate_argnums, batch_argnums=batch_argnums,
                              time_limit_s=self.time_limit_s)
+            plan_args = (abstract_args, batch_argnums, donate_argnums)
+            if budget is None and not self.validate:
+                return self._plan(solution, *plan_args)
             finalists = [r for r in solution.tried if r.status != "over_budget"
                          and r.step_time_s <= _FINALIST_RATIO * solution.best.step_time_s]
-            if budget is None and not self.validate:
-                return self._plan(solution, abstract_args, batch_argnums, donate_argnums)
-            smallest = None
-            for result in finalists[:_MAX_FINALISTS if self.validate else 1]:
-                plan = self._plan(solution.with_best(result), abstract_args, batch_argnums,
-                                  donate_argnums)
-                compiled = _compile(fn, plan, abstract_args, devices)
-                result.compiled_memory_bytes = memory_bytes(compiled)
-                result.compiled_step_time_s = self._estimate(compiled, plan)
-                if smallest is None or result.compiled_memory_bytes < smallest:
-                    smallest = result.compiled_memory_bytes
-            fitting = [r for r in finalists if r.compiled_step_time_s is not None
-                       and (budget is None or r.compiled_memory_bytes <= budget)]
-            if fitting:
-                best = min(fitting, key=lambda r: r.compiled_step_time_s)
-                return self._plan(solution.with_best(best), abstract_args, batch_argnums,
-                                  donate_argnums)
+            checked = [self._check(fn, solution, r, "all", plan_args, devices)
+                       for r in finalists[:_MAX_FINALISTS if self.validate else 1]]
+            if any(fits(c) for c in checked):
+                best = min((c for c in checked if fits(c)), key=lambda c: c.step_time_s)
+                if self.validate:
+                    # Pinning fewer intermediates lets XLA's own propagation choose the rest.
+                    for pin in ("leaders", "none"):
+                        check = self._check(fn, solution, best.result, pin, plan_args, devices)
+                        if fits(check) and check.step_time_s < best.step_time_s:
+                            best = check
+                best.result.compiled_step_time_s = best.step_time_s
+                best.result.compiled_memory_bytes = best.memory_bytes
+                return self._plan(solution.with_best(best.result), *plan_args, best.pin)
+            smallest = min(c.memory_bytes for c in checked)
             target = target * budget / smallest
         raise MemoryBudgetError(
             f"ShardParallel's plans do not fit memory_budget_bytes={budget:.0f} once compiled: "
             f"XLA needs at least {smallest} bytes per device (solver target {target:.0f}). "
             "Raise memory_budget_bytes, use more devices, or shrink the model or batch.")
+
+    def _check(self, fn: Callable, solution: Solution, result: MeshResult, pin: str,
+               plan_args: tuple, devices: Sequence[jax.Device]) -> _Check:
+        """XLA's figures for ``result``'s plan pinning ``pin`` intermediates."""
+        plan = self._plan(solution.with_best(result), *plan_args, pin)
+        compiled = _compile(fn, plan, plan_args[0], devices)
+        check = _Check(self._estimate(compiled, plan), memory_bytes(compiled), result, pin)
+        if pin == "all":  # shown for the runner-ups in the explanation
+            result.compiled_step_time_s = check.step_time_s
+            result.compiled_memory_bytes = check.memory_bytes
+        return check
 
     def _estimate(self, compiled: Any, plan: Plan) -> float:
         """``analyze``'s estimated step time of a compiled plan."""
@@ -118,7 +145,11 @@ class ShardParallel(Method):
                                   collective_bytes(compiled.as_text(), plan.num_devices), profile)
 
     def _plan(self, solution: Solution, abstract_args: Sequence[Any],
-              batch_argnums: Sequence[int], donate_argnums: Sequence[int]) -> Plan:
+              batch_argnums: Sequence[int], donate_argnums: Sequence[int],
+              pin: str = "all") -> Plan:
+        """The plan of ``solution.best``; ``pin`` says which intermediates get sharding
+        constraints: ``"all"`` that cross between decision groups, ``"leaders"`` (results of
+        dots, convolutions, gathers, scatters) or ``"none"``."""
         best = solution.best
         in_specs = iter(best.input_specs)
         inputs = tuple(make_leaf_plans(arg, lambda path, key_path, leaf: next(in_specs))
@@ -126,9 +157,13 @@ class ShardParallel(Method):
         out_specs = iter(best.output_specs)
         outputs = make_leaf_plans(solution.out_shape,
                                   lambda path, key_path, leaf: next(out_specs))
-        constraints = tuple(Constraint(site[0], output, spec)
-                            for site, output, spec in best.constraints if len(site) == 1)
-        extras = {"solver": solution.stats(), "explanation": solution.explain()}
+        constraints = tuple(
+            Constraint(site[0], output, spec)
+            for site, output, spec, is_leader in best.constraints
+            if len(site) == 1 and (pin == "all" or pin == "leaders" and is_leader))
+        stats = {**solution.stats(), "pinned": pin}
+        extras = {"solver": stats,
+                  "explanation": solution.explain() + f"\npinned intermediates: {_PINNED[pin]}"}
         return Plan(self.name, dict(best.mesh_shape), inputs, outputs, constraints,
                     batch_argnums=tuple(batch_argnums), donate_argnums=tuple(donate_argnums),
                     extras=extras)

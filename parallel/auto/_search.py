@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 AXIS_NAMES = ("data", "model")
 # Re-solves that add the memory constraint at a newly found peak before giving up.
 _MEMORY_ROUNDS = 6
+# Stored state at least this big is split in the "state sharded" candidate, smaller leaves are
+# replicated (a collective on them costs more latency than it saves).
+_SHARDED_STATE_BYTES = 4096
 
 
 class MemoryBudgetError(PlanError):
@@ -72,7 +75,7 @@ class Solution:
             "num_equations": self.num_equations,
             "num_groups": self.num_groups,
             "num_classes": self.num_classes,
-            "meshes": [{"mesh_shape": r.mesh_shape, "status": r.status,
+            "meshes": [{"mesh_shape": r.mesh_shape, "variant": r.variant, "status": r.status,
                         "step_time_s": _finite(r.step_time_s), "compute_s": _finite(r.compute_s),
                         "comm_s": _finite(r.comm_s), "memory_bytes": _finite(r.memory_bytes),
                         "solve_time_s": r.solve_time_s,
@@ -91,8 +94,9 @@ class Solution:
     def explain(self) -> str:
         """The chosen mesh, its cost split, the runner-ups and why they lost, and solve stats."""
         b = self.best
+        variant = f" ({b.variant})" if b.variant else ""
         lines = [
-            f"ShardParallel: mesh {b.mesh_shape}, estimated step {_ms(b.step_time_s)} "
+            f"ShardParallel: mesh {b.mesh_shape}{variant}, estimated step {_ms(b.step_time_s)} "
             f"(compute {_ms(b.compute_s)}, communication {_ms(b.comm_s)}), "
             f"memory {_mb(b.memory_bytes)} per device (budget {_mb(self.memory_budget_bytes)})"
             + _compiled(b),
@@ -105,7 +109,8 @@ class Solution:
         if len(self.tried) > 1:
             lines.append("runner-ups:")
         for r in self.tried[1:]:
-            lines.append(f"  mesh {r.mesh_shape}: {self._why_lost(r)}")
+            variant = f" ({r.variant})" if r.variant else ""
+            lines.append(f"  mesh {r.mesh_shape}{variant}: {self._why_lost(r)}")
         return "\n".join(lines)
 
     def _why_lost(self, r: MeshResult) -> str:
@@ -205,18 +210,24 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
     liveness = Liveness(graph, donated, FOLLOWERS)
     fed = set(graph.inputs) - donated
 
-    def problem(sizes, split_batch=frozenset()):
+    def problem(sizes, split_leading=frozenset(), split_any=frozenset(), whole=frozenset()):
         return MeshProblem(structure, MeshModel(AXIS_NAMES, sizes, profile), liveness, paired, fed,
-                           split_batch)
+                           split_leading, split_any, whole)
 
     results = [_solve_mesh(problem(sizes), budget, time_limit_s, batch_leaves)
                for sizes in meshes]
-    if meshes[0][1] == 1 and results[0].mesh_shape.get("data") == 1:
-        # The 1-D mesh became a model axis: also solve it with the batch split (data parallel
-        # with whatever weight-update sharding pays), a close call worth comparing.
-        batch_values = {graph.inputs[j] for j in batch_leaves}
-        results.append(_solve_mesh(problem(meshes[0], batch_values), budget, time_limit_s,
-                                   batch_leaves))
+    if meshes[0] == (n, 1) and n > 1:
+        # Data-parallel flavours of the 1-D mesh, close calls that the cost model alone may
+        # misjudge: the batch split, and the batch split with stored state sharded (ZeRO-3).
+        batch = {graph.inputs[j] for j in batch_leaves}
+        state = {v for v in donated if graph.values[v].nbytes >= _SHARDED_STATE_BYTES}
+        variants = [("batch split", (batch,)), ("state sharded", (batch, state, donated - state))]
+        if results[0].mesh_shape.get("data") != 1:
+            variants = variants[1:]
+        for name, sets in variants:
+            result = _solve_mesh(problem(meshes[0], *sets), budget, time_limit_s, batch_leaves)
+            result.variant = name
+            results.append(result)
     fitting = sorted((r for r in results if r.status != "over_budget"),
                      key=lambda r: r.step_time_s)
     if not fitting:

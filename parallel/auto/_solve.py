@@ -37,10 +37,12 @@ class MeshResult:
       solve_time_s: seconds spent building and solving the integer program.
       input_specs: one ``PartitionSpec`` per flat input leaf.
       output_specs: one ``PartitionSpec`` per flat output leaf.
-      constraints: ``(site, output index, PartitionSpec)`` for intermediates to pin.
+      constraints: ``(site, output index, PartitionSpec, is_leader)`` for intermediates to pin;
+        ``is_leader`` marks the results of dots, convolutions, gathers and scatters.
       choices: ``(leader description, strategy label, times used)`` per class of the solution.
       compiled_step_time_s, compiled_memory_bytes: XLA's figures for the plan when it was
         compiled to check it (``ShardParallel(validate=True)``), else ``None``.
+      variant: ``""``, or which flavour of the mesh was solved for (e.g. ``"batch split"``).
     """
 
     mesh_shape: dict[str, int]
@@ -52,10 +54,11 @@ class MeshResult:
     solve_time_s: float
     input_specs: list[PartitionSpec]
     output_specs: list[PartitionSpec]
-    constraints: list[tuple[tuple[int, ...], int, PartitionSpec]]
+    constraints: list[tuple[tuple[int, ...], int, PartitionSpec, bool]]
     choices: list[tuple[str, str, int]]
     compiled_step_time_s: float | None = None
     compiled_memory_bytes: int | None = None
+    variant: str = ""
 
 
 class MeshProblem:
@@ -68,12 +71,16 @@ class MeshProblem:
       paired: output index -> input index of state that must keep its input's spec.
       fed: value ids of inputs that arrive anew each call (the batch), priced by their
         per-device bytes.
-      split_batch: value ids of batch leaves whose leading dim must be split (where it
-        divides): the data-parallel flavour of a mesh, solved as one more candidate.
+      split_leading: value ids of inputs whose leading dim must be split (where it divides),
+        e.g. the batch for the data-parallel flavour of a mesh.
+      split_any: value ids of inputs that must be split on some dim (where one divides), e.g.
+        stored state for the ZeRO-3 flavour.
+      whole: value ids of inputs that must stay replicated (small state in that flavour).
     """
 
     def __init__(self, structure: Structure, mm: MeshModel, liveness: Liveness,
-                 paired: dict[int, int], fed: set[int], split_batch: set[int] = frozenset()):
+                 paired: dict[int, int], fed: set[int], split_leading: set[int] = frozenset(),
+                 split_any: set[int] = frozenset(), whole: set[int] = frozenset()):
         self.s = structure
         self.fed = fed
         self.mm = mm
@@ -83,11 +90,18 @@ class MeshProblem:
         self.tables: list[Table] = [structure.table(c, mm, cache)
                                     for c in range(structure.num_classes)]
         for c, members in enumerate(structure.members_of):
-            if structure.groups[members[0]].values[0] in split_batch:
-                table = self.tables[c]
+            value = structure.groups[members[0]].values[0]
+            table = self.tables[c]
+            if value in split_leading:
                 keep = [k for k in range(table.size) if table.specs[0][k][:1] not in ((), ((),))]
-                if keep:
-                    self.tables[c] = table.subset(keep)
+            elif value in split_any:
+                keep = [k for k in range(table.size) if any(table.specs[0][k])]
+            elif value in whole:
+                keep = [k for k in range(table.size) if not any(table.specs[0][k])]
+            else:
+                continue
+            if keep:
+                self.tables[c] = table.subset(keep)
         self.counts = np.array([len(m) for m in structure.members_of], float)
         self._inv_shards: dict[tuple[int, int], np.ndarray] = {}
         nbytes = np.array([v.nbytes for v in structure.graph.values], float)
@@ -283,14 +297,16 @@ class MeshProblem:
             used[(f"{eqn.prim} {shapes}", strategy)] += len(members)
         return sorted(((what, how, n) for (what, how), n in used.items()), key=lambda r: -r[2])
 
-    def constraints(self, specs: list[Spec | None]) -> list[tuple[tuple[int, ...], int, PartitionSpec]]:
-        """``(site, output, spec)`` pinning the results of dot-like leaders and every value
-        another group reads, so XLA's propagation keeps each decision of the solution."""
+    def constraints(self, specs: list[Spec | None]) -> list[tuple[tuple[int, ...], int,
+                                                                   PartitionSpec, bool]]:
+        """``(site, output, spec, is_leader)`` pinning the results of dot-like leaders
+        (``is_leader``) and every other value another group reads, so XLA's propagation keeps
+        each decision of the solution."""
         s = self.s
-        pinned = set()
+        leaders = {s.graph.eqns[g.leader].outputs[0] for g in s.groups
+                   if g.kind in CONSTRAINED_KINDS}
+        pinned = set(leaders)
         for gid, g in enumerate(s.groups):
-            if g.kind in CONSTRAINED_KINDS:
-                pinned.add(s.graph.eqns[g.leader].outputs[0])
             pinned.update(r.src for r in g.reqs if int(s.group_of[r.src]) != gid)
         out = []
         for v in sorted(pinned):
@@ -299,7 +315,8 @@ class MeshProblem:
                 continue
             eqn = s.graph.eqns[value.producer]
             if eqn.site is not None and not eqn.prim.startswith("_"):
-                out.append((eqn.site, eqn.outputs.index(v), self.mm.partition_spec(specs[v])))
+                out.append((eqn.site, eqn.outputs.index(v), self.mm.partition_spec(specs[v]),
+                            v in leaders))
         return out
 
     def io_specs(self, specs: list[Spec | None]) -> tuple[list[PartitionSpec], list[PartitionSpec]]:
