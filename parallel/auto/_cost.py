@@ -45,10 +45,6 @@ class MeshModel:
         self.axes = tuple(i for i, s in enumerate(self.axis_sizes) if s > 1)
         self._reshard_cache: dict[tuple, float] = {}
 
-    @property
-    def shape(self) -> dict[str, int]:
-        return dict(zip(self.axis_names, self.axis_sizes))
-
     @functools.cached_property
     def combined(self) -> MeshModel:
         """The mesh for work whose all-reduces XLA merges with their peers' (the gradient syncs
