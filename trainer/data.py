@@ -101,12 +101,20 @@ class SyntheticImages:
     def __init__(self, image_size: int, num_classes: int, seed: int, stream: int = 0, channels: int = 3):
         self.shape, self.num_classes = (image_size, image_size, channels), num_classes
         self.seed, self.stream = seed, stream
-        self.prototypes = np.random.default_rng([seed, 7]).normal(size=(num_classes, *self.shape))
+        self._prototypes = None
+
+    @property
+    def prototypes(self) -> np.ndarray:
+        """One image per class, (classes, H, W, C); made on first use (large for 224x224)."""
+        if self._prototypes is None:
+            rng = np.random.default_rng([self.seed, 7])
+            self._prototypes = rng.standard_normal((self.num_classes, *self.shape), np.float32)
+        return self._prototypes
 
     def batch(self, index: int, batch_size: int) -> dict:
         rng = np.random.default_rng([self.seed, self.stream, index])
         labels = rng.integers(0, self.num_classes, size=batch_size)
-        noise = rng.normal(size=(batch_size, *self.shape))
+        noise = rng.standard_normal((batch_size, *self.shape), np.float32)
         images = (self.prototypes[labels] + noise).astype(np.float32)  # (B, H, W, C)
         return {"inputs": images, "targets": labels.astype(np.int32)}
 
@@ -193,8 +201,9 @@ def build_datasets(data, task: str, seed: int, model_options) -> tuple:
     """
     if task == "classify":
         classes = model_options.get("num_classes", data.num_classes)
-        return (SyntheticImages(data.image_size, classes, seed, stream=0),
-                SyntheticImages(data.image_size, classes, seed, stream=1))
+        size = model_options.get("image_size", data.image_size)
+        return (SyntheticImages(size, classes, seed, stream=0),
+                SyntheticImages(size, classes, seed, stream=1))
     if task == "regress":
         in_dim = model_options.get("in_features", 16)
         out_dim = model_options.get("out_features", in_dim)

@@ -92,8 +92,9 @@ class Trainer:
         """Builds the pure step functions and the parallel plan; allocates no model state."""
         cfg = self.config
         self.train_set, self.eval_set = self.train_data(), self.eval_data()
-        example = self.train_set.batch(0, cfg.train.batch_size)
-        self.batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in example.items()}
+        example = self.train_set.batch(0, 1)  # shapes only: a full batch may be large
+        self.batch_spec = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), v.dtype)
+                           for k, v in example.items()}
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
         self.fns = _steps.make_step_functions(
             self.build_model, self.loss_fn, self.eval_step, self.build_optimizer(), self.schedule,
