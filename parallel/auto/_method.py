@@ -104,13 +104,16 @@ class ShardParallel(Method):
                 return self._plan(solution, *plan_args)
             finalists = [r for r in solution.tried if r.status != "over_budget"
                          and r.step_time_s <= _FINALIST_RATIO * solution.best.step_time_s]
-            checked = [self._check(fn, solution, r, "all", plan_args, devices)
-                       for r in finalists[:_MAX_FINALISTS if self.validate else 1]]
+            # Pinning fewer intermediates lets XLA's own propagation choose the rest; for the
+            # data-parallel flavours that is how the plain layouts compile.
+            checked = [self._check(fn, solution, r, pin, plan_args, devices)
+                       for r in finalists[:_MAX_FINALISTS if self.validate else 1]
+                       for pin in (("all", "none") if r.variant and self.validate else ("all",))]
             if any(fits(c) for c in checked):
                 best = min((c for c in checked if fits(c)), key=lambda c: c.step_time_s)
-                if self.validate:
-                    # Pinning fewer intermediates lets XLA's own propagation choose the rest.
-                    for pin in ("leaders", "none"):
+                tried = {c.pin for c in checked if c.result is best.result}
+                for pin in ("leaders", "none") if self.validate else ():
+                    if pin not in tried:
                         check = self._check(fn, solution, best.result, pin, plan_args, devices)
                         if fits(check) and check.step_time_s < best.step_time_s:
                             best = check
