@@ -231,10 +231,11 @@ def run_suite(suite: str, devices: int = 8, *, steps: int = 5, warmup: int = 2,
       log: receives one progress line per case.
 
     Returns:
-      ``{"suite", "devices", "results": [one dict per case], "summary": summarize(results),
-      "environment": environment()}``.
+      ``{"suite", "devices", "repeat", "results": [one dict per case], "summary":
+      summarize(results), "environment": environment()}`` (the load average at the end).
     """
     cases = list(cases if cases is not None else suite_cases(suite, devices, steps, warmup))
+    env = environment()  # the commit measured is the one at the start
     results: list[dict[str, Any]] = []
     for round_index in range(repeat):
         for i, case in enumerate(cases):
@@ -246,7 +247,8 @@ def run_suite(suite: str, devices: int = 8, *, steps: int = 5, warmup: int = 2,
             else:
                 results[i] = merge_rounds(results[i], result)
     return {"suite": suite, "devices": devices, "repeat": repeat, "results": results,
-            "summary": summarize(results), "environment": environment()}
+            "summary": summarize(results),
+            "environment": {**env, "load_average": environment()["load_average"]}}
 
 
 def format_result(result: dict[str, Any]) -> str:
