@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import models
+import parallel
 from trainer import benchmarks
 from trainer._bench_run import run_case
 from trainer._bench_workloads import WorkloadSpec, build_workload
@@ -161,3 +162,15 @@ def test_models_and_solver_suites_cover_their_workloads():
     assert [(c["workload"]["options"]["num_layers"], c["devices"]) for c in solver] == [
         (1, 8), (2, 8), (4, 8), (8, 8), (2, 2), (2, 4)]
     assert {(c["method"], c["measure"]) for c in solver} == {("auto", False)}
+
+
+def test_benchmarked_methods():
+    from trainer._bench_run import make_method
+
+    auto = make_method("auto", "h100")
+    assert isinstance(auto, parallel.ShardParallel) and auto.profile == "h100"
+    manual = make_method("manual")
+    assert isinstance(manual, parallel.ManualParallel) and manual.rules == parallel.MEGATRON_RULES
+    assert type(make_method("zero3")) is parallel.Zero3Parallel
+    with pytest.raises(ValueError, match="'pmap' runs the jax.pmap baseline"):
+        make_method("pmap")

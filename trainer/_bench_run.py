@@ -6,7 +6,6 @@ count in ``XLA_FLAGS`` (set before jax is imported, which only a fresh process a
 """
 from __future__ import annotations
 
-import importlib
 import json
 import statistics
 import sys
@@ -39,8 +38,7 @@ def make_method(name: str, profile: str | None = None) -> parallel.Method:
     if name == "manual":
         return parallel.ManualParallel(parallel.MEGATRON_RULES)
     if name == "auto":
-        auto = importlib.import_module("parallel.auto")  # registers "auto" with make_method
-        return auto.ShardParallel(profile=profile)
+        return parallel.ShardParallel(profile=profile)
     if name in ("data", "zero2", "zero3"):
         return parallel.make_method(name)
     raise ValueError(f"unknown benchmark method {name!r}; expected one of {METHODS[1:]} "
