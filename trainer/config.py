@@ -254,13 +254,11 @@ def _model_section(values: dict) -> ModelConfig:
         raise ConfigError(f"model.name {name!r} is not a known model ({', '.join(known)}){hint}")
     cls = models.get_spec(name).config_cls
     _check_keys(values, [f.name for f in dataclasses.fields(cls)], "model.", extra=("name",))
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        values[key] = _check_type(f"model.{key}", value, hints[key])
     try:
-        cls(**values)
+        config = models.make_config(name, values)  # the model's own types and value checks
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model ({name}): {e}") from None
+    values = {k: getattr(config, k) for k in values}  # ints widened where floats are wanted
     return ModelConfig(name=name, options=types.MappingProxyType(values))
 
 
