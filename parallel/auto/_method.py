@@ -18,10 +18,9 @@ from parallel.report import cost_figures, estimate_step_time, memory_bytes
 
 # Re-plans with a tighter target when XLA's memory analysis finds the plan over the budget.
 _BUDGET_CHECKS = 3
-# Plans within this factor of the solver's best estimate are compiled and compared by XLA's
-# cost analysis (the figures ``analyze`` reports); at most this many.
+# Plans within this factor of the solver's best estimate are worth compiling to compare them by
+# XLA's cost analysis (the figures ``analyze`` reports).
 _FINALIST_RATIO = 1.25
-_MAX_FINALISTS = 3
 _PINNED = {"all": "every value crossing between decision groups",
            "leaders": "results of dots, convolutions, gathers and scatters",
            "none": "none (XLA propagates from the inputs)"}
@@ -49,9 +48,10 @@ class ShardParallel(Method):
         links; ``None`` uses the running platform's.
       time_limit_s: solver time limit per mesh shape; on a time-out the best plan found so far
         is used, with a warning.
-      validate: compile the best plans of the mesh shapes whose estimates are within 25% of the
-        best, and keep the one XLA's cost analysis prices lowest (``analyze``'s estimate); then
-        try it with fewer intermediates pinned.
+      validate: how many compiled programs may settle the choice (0: trust the solver): the
+        solver's best, the data-parallel flavours, the other mesh shapes within 25% of its
+        estimate, then the best with no intermediate pinned; the one XLA's cost analysis prices
+        lowest (``analyze``'s estimate) is kept.
 
     The solver's cost model prices each operation on its own; XLA then fuses, merges
     collectives and reorders. Validation settles close calls with the compiled program. With a
@@ -64,7 +64,7 @@ class ShardParallel(Method):
     def __init__(self, memory_budget_bytes: float | None = None,
                  mesh: Mapping[str, int] | None = None,
                  profile: str | DeviceProfile | None = None, time_limit_s: float = 30.0,
-                 validate: bool = True):
+                 validate: int = 3):
         super().__init__(mesh)
         self.memory_budget_bytes = memory_budget_bytes
         self.profile = profile
@@ -104,19 +104,11 @@ class ShardParallel(Method):
                 return self._plan(solution, *plan_args)
             finalists = [r for r in solution.tried if r.status != "over_budget"
                          and r.step_time_s <= _FINALIST_RATIO * solution.best.step_time_s]
-            # Pinning fewer intermediates lets XLA's own propagation choose the rest; for the
-            # data-parallel flavours that is how the plain layouts compile.
             checked = [self._check(fn, solution, r, pin, plan_args, devices)
-                       for r in finalists[:_MAX_FINALISTS if self.validate else 1]
-                       for pin in (("all", "none") if r.variant and self.validate else ("all",))]
-            if any(fits(c) for c in checked):
-                best = min((c for c in checked if fits(c)), key=lambda c: c.step_time_s)
-                tried = {c.pin for c in checked if c.result is best.result}
-                for pin in ("leaders", "none") if self.validate else ():
-                    if pin not in tried:
-                        check = self._check(fn, solution, best.result, pin, plan_args, devices)
-                        if fits(check) and check.step_time_s < best.step_time_s:
-                            best = check
+                       for r, pin in _checks(finalists, max(self.validate, 1))]
+            fitting = [c for c in checked if fits(c)]
+            if fitting:
+                best = min(fitting, key=lambda c: c.step_time_s)
                 best.result.compiled_step_time_s = best.step_time_s
                 best.result.compiled_memory_bytes = best.memory_bytes
                 return self._plan(solution.with_best(best.result), *plan_args, best.pin)
@@ -133,7 +125,7 @@ class ShardParallel(Method):
         plan = self._plan(solution.with_best(result), *plan_args, pin)
         compiled = _compile(fn, plan, plan_args[0], devices)
         check = _Check(self._estimate(compiled, plan), memory_bytes(compiled), result, pin)
-        if pin == "all":  # shown for the runner-ups in the explanation
+        if result.compiled_step_time_s is None:  # shown for the runner-ups in the explanation
             result.compiled_step_time_s = check.step_time_s
             result.compiled_memory_bytes = check.memory_bytes
         return check
@@ -170,6 +162,19 @@ class ShardParallel(Method):
         return Plan(self.name, dict(best.mesh_shape), inputs, outputs, constraints,
                     batch_argnums=tuple(batch_argnums), donate_argnums=tuple(donate_argnums),
                     extras=extras)
+
+
+def _checks(finalists: list[MeshResult], count: int) -> list[tuple[MeshResult, str]]:
+    """The first ``count`` (candidate, pinning) pairs worth compiling, most telling first: the
+    solver's best as solved, the data-parallel flavours unpinned (as the plain layouts
+    compile), the other mesh shapes, then the best unpinned."""
+    best, others = finalists[0], finalists[1:]
+    order = [(best, "none" if best.variant else "all")]
+    order += [(r, "none") for r in others if r.variant]
+    order += [(r, "all") for r in others if not r.variant]
+    if not best.variant:
+        order.append((best, "none"))
+    return order[:count]
 
 
 def _compile(fn: Callable, plan: Plan, abstract_args: Sequence[Any],
