@@ -22,7 +22,6 @@ _BUDGET_CHECKS = 3
 # XLA's cost analysis (the figures ``analyze`` reports).
 _FINALIST_RATIO = 1.25
 _PINNED = {"all": "every value crossing between decision groups",
-           "leaders": "results of dots, convolutions, gathers and scatters",
            "none": "none (XLA propagates from the inputs)"}
 
 
@@ -143,8 +142,7 @@ class ShardParallel(Method):
               batch_argnums: Sequence[int], donate_argnums: Sequence[int],
               pin: str = "all") -> Plan:
         """The plan of ``solution.best``; ``pin`` says which intermediates get sharding
-        constraints: ``"all"`` that cross between decision groups, ``"leaders"`` (results of
-        dots, convolutions, gathers, scatters) or ``"none"``."""
+        constraints: ``"all"`` that cross between decision groups, or ``"none"``."""
         best = solution.best
         in_specs = iter(best.input_specs)
         inputs = tuple(make_leaf_plans(arg, lambda path, key_path, leaf: next(in_specs))
@@ -152,10 +150,9 @@ class ShardParallel(Method):
         out_specs = iter(best.output_specs)
         outputs = make_leaf_plans(solution.out_shape,
                                   lambda path, key_path, leaf: next(out_specs))
-        constraints = tuple(
-            Constraint(site[0], output, spec)
-            for site, output, spec, is_leader in best.constraints
-            if len(site) == 1 and (pin == "all" or pin == "leaders" and is_leader))
+        constraints = tuple(Constraint(site[0], output, spec)
+                            for site, output, spec in best.constraints
+                            if len(site) == 1 and pin == "all")
         stats = {**solution.stats(), "pinned": pin}
         extras = {"solver": stats,
                   "explanation": solution.explain() + f"\npinned intermediates: {_PINNED[pin]}"}

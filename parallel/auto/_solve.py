@@ -37,8 +37,7 @@ class MeshResult:
       solve_time_s: seconds spent building and solving the integer program.
       input_specs: one ``PartitionSpec`` per flat input leaf.
       output_specs: one ``PartitionSpec`` per flat output leaf.
-      constraints: ``(site, output index, PartitionSpec, is_leader)`` for intermediates to pin;
-        ``is_leader`` marks the results of dots, convolutions, gathers and scatters.
+      constraints: ``(site, output index, PartitionSpec)`` for intermediates to pin.
       choices: ``(leader description, strategy label, times used)`` per class of the solution.
       compiled_step_time_s, compiled_memory_bytes: XLA's figures for the plan when it was
         compiled to check it (``ShardParallel(validate=True)``), else ``None``.
@@ -54,7 +53,7 @@ class MeshResult:
     solve_time_s: float
     input_specs: list[PartitionSpec]
     output_specs: list[PartitionSpec]
-    constraints: list[tuple[tuple[int, ...], int, PartitionSpec, bool]]
+    constraints: list[tuple[tuple[int, ...], int, PartitionSpec]]
     choices: list[tuple[str, str, int]]
     compiled_step_time_s: float | None = None
     compiled_memory_bytes: int | None = None
@@ -298,14 +297,12 @@ class MeshProblem:
         return sorted(((what, how, n) for (what, how), n in used.items()), key=lambda r: -r[2])
 
     def constraints(self, specs: list[Spec | None]) -> list[tuple[tuple[int, ...], int,
-                                                                   PartitionSpec, bool]]:
-        """``(site, output, spec, is_leader)`` pinning the results of dot-like leaders
-        (``is_leader``) and every other value another group reads, so XLA's propagation keeps
-        each decision of the solution."""
+                                                                   PartitionSpec]]:
+        """``(site, output, spec)`` pinning the results of dot-like leaders and every value
+        another group reads, so XLA's propagation keeps each decision of the solution."""
         s = self.s
-        leaders = {s.graph.eqns[g.leader].outputs[0] for g in s.groups
-                   if g.kind in CONSTRAINED_KINDS}
-        pinned = set(leaders)
+        pinned = {s.graph.eqns[g.leader].outputs[0] for g in s.groups
+                  if g.kind in CONSTRAINED_KINDS}
         for gid, g in enumerate(s.groups):
             pinned.update(r.src for r in g.reqs if int(s.group_of[r.src]) != gid)
         out = []
@@ -315,8 +312,7 @@ class MeshProblem:
                 continue
             eqn = s.graph.eqns[value.producer]
             if eqn.site is not None and not eqn.prim.startswith("_"):
-                out.append((eqn.site, eqn.outputs.index(v), self.mm.partition_spec(specs[v]),
-                            v in leaders))
+                out.append((eqn.site, eqn.outputs.index(v), self.mm.partition_spec(specs[v])))
         return out
 
     def io_specs(self, specs: list[Spec | None]) -> tuple[list[PartitionSpec], list[PartitionSpec]]:
