@@ -17,13 +17,9 @@ import parallel
 from parallel import auto
 
 
-def mlp_step(batch_size, width):
-    """``x[B, D] @ w1[D, F] -> relu -> @ w2[F, D]`` regressing ``y``, with Adam; D = F."""
+def adam_step(loss_fn, params):
+    """An Adam train step over ``loss_fn(params, batch)`` and its abstract state."""
     optimizer = optax.adam(1e-3)
-
-    def loss_fn(params, batch):
-        h = jax.nn.relu(batch["x"] @ params["w1"])  # (B, F)
-        return jnp.mean((h @ params["w2"] - batch["y"]) ** 2)  # (B, D) -> ()
 
     def train_step(state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
@@ -31,9 +27,18 @@ def mlp_step(batch_size, width):
         return {"params": optax.apply_updates(state["params"], updates),
                 "opt_state": opt_state}, {"loss": loss}
 
+    return train_step, {"params": params, "opt_state": jax.eval_shape(optimizer.init, params)}
+
+
+def mlp_step(batch_size, width):
+    """``x[B, D] @ w1[D, F] -> relu -> @ w2[F, D]`` regressing ``y``, with Adam; D = F."""
+
+    def loss_fn(params, batch):
+        h = jax.nn.relu(batch["x"] @ params["w1"])  # (B, F)
+        return jnp.mean((h @ params["w2"] - batch["y"]) ** 2)  # (B, D) -> ()
+
     w = jax.ShapeDtypeStruct((width, width), jnp.float32)
-    params = {"w1": w, "w2": w}
-    state = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params)}
+    train_step, state = adam_step(loss_fn, {"w1": w, "w2": w})
     x = jax.ShapeDtypeStruct((batch_size, width), jnp.float32)
     return train_step, (state, {"x": x, "y": x})
 
@@ -42,20 +47,13 @@ def gpt_step(batch_size, seq_len, **options):
     model = nnx.eval_shape(lambda: models.create_model("gpt", options, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(model, nnx.Param)
     params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(params))
-    optimizer = optax.adam(1e-3)
 
     def loss_fn(params, batch):
         logits = nnx.merge(graphdef, params)(batch["inputs"])  # (B, T, V)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
-    def train_step(state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates),
-                "opt_state": opt_state}, {"loss": loss}
-
+    train_step, state = adam_step(loss_fn, params)
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    state = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params)}
     return train_step, (state, {"inputs": tokens, "targets": tokens})
 
 

@@ -115,19 +115,10 @@ def test_three_steps_match_single_device(name):
     make_setup, atol, validate = SETUPS[name]
     setup = make_setup()
     initial = setup.init(jax.random.key(0))
-    reference_state, reference_losses = run_reference(setup, 3, initial)
 
     step = parallel.parallelize(setup.train_step,
                                 method=parallel.ShardParallel(validate=validate))
-    state = jax.tree.map(jnp.copy, initial)
-    losses = []
-    for _ in range(3):
-        state, metrics = step(state, setup.batch)
-        losses.append(float(metrics["loss"]))
-    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
-    for key in ("params", "opt_state"):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol),
-                     state[key], reference_state[key])
+    state = _assert_three_steps_match(step, setup, initial, atol)
     plan = step.plan(initial, setup.batch)
     assert plan.method == "shard" and plan.num_devices == 8
     chosen = plan.extras["solver"]["meshes"][0]
@@ -139,6 +130,22 @@ def test_three_steps_match_single_device(name):
     # The state comes back laid out as the plan placed it.
     planned = plan.input_specs((initial, setup.batch))[0]
     jax.tree.map(lambda leaf, spec: _assert_spec(leaf, spec), state, planned)
+
+
+def _assert_three_steps_match(step, setup: Setup, initial, atol: float):
+    """3 steps of ``step`` give the losses (rtol 1e-5), parameters and optimizer state of a
+    single-device ``jax.jit``; returns the state."""
+    reference_state, reference_losses = run_reference(setup, 3, initial)
+    state = jax.tree.map(jnp.copy, initial)
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, setup.batch)
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    for key in ("params", "opt_state"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol),
+                     state[key], reference_state[key])
+    return state
 
 
 def _assert_spec(leaf, spec):
@@ -176,16 +183,7 @@ def test_budget_at_a_sixth_of_the_replicated_footprint_fits_and_trains():
     assert report.per_device_memory_bytes <= budget
     assert step.plan(initial, setup.batch).extras["solver"]["memory_budget_bytes"] <= budget
 
-    reference_state, reference_losses = run_reference(setup, 3, initial)
-    state = jax.tree.map(jnp.copy, initial)
-    losses = []
-    for _ in range(3):
-        state, metrics = step(state, setup.batch)
-        losses.append(float(metrics["loss"]))
-    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
-    for key in ("params", "opt_state"):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                     state[key], reference_state[key])
+    _assert_three_steps_match(step, setup, initial, atol=1e-6)
 
 
 def test_make_method_builds_shard_and_auto():
