@@ -24,8 +24,9 @@ class Report:
         (``communication_bytes`` is the sum of ``sent_bytes``).
       flops: floating-point operations one device runs per step (XLA cost analysis).
       bytes_accessed: bytes one device reads and writes in memory per step (XLA cost analysis).
-      estimated_step_time_s: ``max(flops / peak_flops, bytes_accessed / memory_bandwidth)`` plus
-        an alpha-beta time per collective kind, with the figures of ``profile``.
+      estimated_step_time_s: the compute time of ``flops`` and ``bytes_accessed``
+        (``DeviceProfile.compute_time``: their roofline maximum on accelerators, their sum on
+        the CPU) plus an alpha-beta time per collective, with the figures of ``profile``.
       profile: name of the device profile used for the estimate.
       solve_time_s: seconds the method took to make the plan.
       compile_time_s: seconds XLA took to compile the step.
@@ -88,8 +89,9 @@ def cost_figures(compiled: Any) -> tuple[float, float]:
 def estimate_step_time(flops: float, bytes_accessed: float,
                        collectives: dict[str, dict[str, float]],
                        profile: profiles.DeviceProfile) -> float:
-    """Roofline compute time plus alpha-beta time of every collective, in seconds."""
-    compute = max(flops / profile.peak_flops, bytes_accessed / profile.memory_bandwidth)
+    """Compute time (``DeviceProfile.compute_time``) plus alpha-beta time of every collective,
+    in seconds."""
+    compute = profile.compute_time(flops, bytes_accessed)
     comm = sum(c["count"] * profile.link_latency_s + c["sent_bytes"] / profile.link_bandwidth
                for c in collectives.values())
     return compute + comm

@@ -87,6 +87,24 @@ def test_narrow_mlp_large_batch_is_data_parallel():
     assert adam.mu == adam.nu == {"w1": P(), "w2": P()}
 
 
+def test_weight_update_sharding_flavour_splits_only_the_optimizer_state():
+    step, args = mlp_step(batch_size=8192, width=256)
+    solution = auto.solve(step, args, num_devices=8, profile="h100")
+    update = next(r for r in solution.tried if r.variant == "update sharded")
+    state, batch = solution.with_best(update).input_specs()
+    assert update.mesh_shape == {"data": 8, "model": 1}
+    assert batch == {"x": P("data"), "y": P("data")}
+    assert state["params"] == {"w1": P(), "w2": P()}
+    adam = state["opt_state"][0]
+    assert adam.count == P()  # a scalar stays whole
+    assert adam.mu["w1"] in (P("data"), P(None, "data"))
+    assert adam.mu == adam.nu
+    assert all(spec != P() for spec in adam.mu.values())
+    # The updated state keeps its input's layout.
+    out_state, _ = solution.with_best(update).output_specs()
+    assert out_state == state
+
+
 def test_gpt_block_with_wide_hidden_splits_heads_and_mlp():
     # 1024 tokens against a hidden size of 1024: moving activations is cheaper than weights.
     step, args = gpt_step(8, 128, vocab_size=256, block_size=128, num_layers=1, num_heads=16,
@@ -103,7 +121,8 @@ def test_gpt_block_with_wide_hidden_splits_heads_and_mlp():
     # Each factorization of 8, and the 1-D mesh's data-parallel flavours.
     assert sorted((r.mesh_shape["data"], r.mesh_shape["model"], r.variant)
                   for r in solution.tried) == [
-        (1, 8, ""), (2, 4, ""), (4, 2, ""), (8, 1, "batch split"), (8, 1, "state sharded")]
+        (1, 8, ""), (2, 4, ""), (4, 2, ""), (8, 1, "batch split"), (8, 1, "state sharded"),
+        (8, 1, "update sharded")]
     text = solution.explain()
     assert "runner-ups:" in text and "mesh {'data': 2, 'model': 4}" in text
 

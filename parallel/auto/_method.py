@@ -21,6 +21,8 @@ _BUDGET_CHECKS = 3
 # Plans within this factor of the solver's best estimate are worth compiling to compare them by
 # XLA's cost analysis (the figures ``analyze`` reports).
 _FINALIST_RATIO = 1.25
+# The data-parallel flavours (``solve``'s variants), in the order they are worth compiling.
+_FLAVOURS = ("batch split", "update sharded", "state sharded")
 _PINNED = {"all": "every value crossing between decision groups",
            "none": "none (XLA propagates from the inputs)"}
 
@@ -63,7 +65,7 @@ class ShardParallel(Method):
     def __init__(self, memory_budget_bytes: float | None = None,
                  mesh: Mapping[str, int] | None = None,
                  profile: str | DeviceProfile | None = None, time_limit_s: float = 30.0,
-                 validate: int = 3):
+                 validate: int = 4):
         super().__init__(mesh)
         self.memory_budget_bytes = memory_budget_bytes
         self.profile = profile
@@ -164,10 +166,12 @@ class ShardParallel(Method):
 def _checks(finalists: list[MeshResult], count: int) -> list[tuple[MeshResult, str]]:
     """The first ``count`` (candidate, pinning) pairs worth compiling, most telling first: the
     solver's best as solved, the data-parallel flavours unpinned (as the plain layouts
-    compile), the other mesh shapes, then the best unpinned."""
+    compile) in the solver's order of flavours, the other mesh shapes, then the best
+    unpinned."""
     best, others = finalists[0], finalists[1:]
     order = [(best, "none" if best.variant else "all")]
-    order += [(r, "none") for r in others if r.variant]
+    order += [(r, "none") for r in sorted((r for r in others if r.variant),
+                                          key=lambda r: _FLAVOURS.index(r.variant))]
     order += [(r, "all") for r in others if not r.variant]
     if not best.variant:
         order.append((best, "none"))

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from parallel._errors import PlanError
+from parallel._methods import leaf_role
 from parallel.auto._cost import MeshModel
 from parallel.auto._graph import build_graph
 from parallel.auto._groups import Structure, warn_fallbacks
@@ -218,12 +219,16 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
                for sizes in meshes]
     if meshes[0] == (n, 1) and n > 1:
         # Data-parallel flavours of the 1-D mesh, close calls that the cost model alone may
-        # misjudge: the batch split, and the batch split with stored state sharded (ZeRO-3).
+        # misjudge: the batch split; with the optimizer state sharded (weight-update sharding,
+        # ZeRO-2); with all stored state sharded (ZeRO-3).
         batch = {graph.inputs[j] for j in batch_leaves}
         state = {v for v in donated if graph.values[v].nbytes >= _SHARDED_STATE_BYTES}
+        update = {graph.inputs[j] for j in _optimizer_leaves(args, donate_argnums)} & state
         variants = [("batch split", (batch,)), ("state sharded", (batch, state, donated - state))]
-        if results[0].mesh_shape.get("data") != 1:
-            variants = variants[1:]
+        if update:  # weight-update sharding (ZeRO-2): parameters whole, optimizer state split
+            variants.insert(1, ("update sharded", (batch, update, donated - update)))
+        if results[0].mesh_shape.get("data") != 1:  # the 1-D plan splits the batch already
+            results[0].variant = variants.pop(0)[0]
         for name, sets in variants:
             result = _solve_mesh(problem(meshes[0], *sets), budget, time_limit_s, batch_leaves)
             result.variant = name
@@ -260,6 +265,19 @@ def trace(fn: Callable, args: tuple):
     closed = jax.make_jaxpr(flat_fn)(*flat_args)
     shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in closed.out_avals]
     return closed, in_tree, jax.tree.unflatten(out_tree[0], shapes)
+
+
+def _optimizer_leaves(args: tuple, donate_argnums: Sequence[int]) -> list[int]:
+    """Flat indices of the optimizer-state leaves (``opt_state`` of a donated ``{"params",
+    "opt_state", ...}`` dict); empty when the state has no such layout."""
+    found, offset = [], 0
+    for i, arg in enumerate(args):
+        leaves = jax.tree_util.tree_flatten_with_path(arg)[0]
+        if i in donate_argnums:
+            found += [offset + j for j, (key_path, _) in enumerate(leaves)
+                      if leaf_role(arg, key_path, is_batch=False, is_donated=True) == "opt_state"]
+        offset += len(leaves)
+    return found
 
 
 def _pair_state(args, out_shape, donate_argnums, offsets) -> dict[int, int]:
