@@ -185,7 +185,9 @@ def _lookup(table: Sequence[tuple[tuple, tuple]], path: tuple) -> tuple | None:
     return best
 
 
-def _manual_factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1):
+def _manual_factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1,
+                    profile=None):
+    del profile  # the rules fix the layout whatever the device
     if num_micro_batches != 1:
         raise PlanError(f"parallel.num_micro_batches={num_micro_batches} applies to pipeline "
                          f"methods; method 'manual' runs the whole batch at once. Set it to 1")

@@ -279,7 +279,7 @@ _REGISTRY: dict[str, Callable[..., Method]] = {}
 
 def register_method(name: str, factory: Callable[..., Method]) -> None:
     """Makes ``make_method(name, ...)`` call ``factory(mesh=, rules=, memory_budget_bytes=,
-    num_micro_batches=)``."""
+    num_micro_batches=)``, plus ``profile=`` when the config names a device profile."""
     _REGISTRY[name] = factory
 
 
@@ -289,6 +289,7 @@ def make_method(
     rules: Mapping[str, Any] | None = None,
     memory_budget_bytes: int | None = None,
     num_micro_batches: int = 1,
+    profile: str | None = None,
 ) -> Method:
     """Builds a method from the config's ``parallel:`` section.
 
@@ -299,6 +300,8 @@ def make_method(
       rules: logical axis name -> mesh axis (``manual`` only).
       memory_budget_bytes: per-device memory limit (solver methods only).
       num_micro_batches: micro-batches per step (pipeline methods only).
+      profile: the device profile plans are priced for (``"h100"``...; solver methods only);
+        ``None``: the running device. Passed to the factory only when set.
 
     Raises:
       PlanError: unknown name, or an option the method does not take.
@@ -308,12 +311,15 @@ def make_method(
         did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise PlanError(f"unknown parallel method {name!r}{did_you_mean}; available: "
                          f"{', '.join(sorted(_REGISTRY))}")
+    extra = {} if profile is None else {"profile": profile}
     return _REGISTRY[name](mesh=mesh, rules=rules, memory_budget_bytes=memory_budget_bytes,
-                           num_micro_batches=num_micro_batches)
+                           num_micro_batches=num_micro_batches, **extra)
 
 
 def _placement_factory(cls: type[Method], name: str) -> Callable[..., Method]:
-    def factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1):
+    def factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1,
+                profile=None):
+        del profile  # a fixed layout does not depend on the device
         if rules:
             raise PlanError(f"parallel.rules={dict(rules)} only applies to method 'manual'; "
                              f"method {name!r} ignores rules. Set parallel.method=manual or drop "

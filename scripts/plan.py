@@ -16,7 +16,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="gpt.yaml", help="a YAML path or a name in configs/")
     parser.add_argument("--devices", type=int, default=None,
                         help="simulate this many CPU devices (set before jax starts)")
-    parser.add_argument("--profile", default=None, help="device profile for the estimate: cpu, h100, a100")
+    parser.add_argument("--profile", default=None,
+                        help="plan and price for this device: cpu, h100, a100, v100 "
+                             "(default: the running one)")
     parser.add_argument("overrides", nargs="*", help="key.path=value, e.g. parallel.method=zero3")
     args = parser.parse_args(argv)
     if args.devices:

@@ -68,3 +68,14 @@ def test_overwrite_moves_old_checkpoints_aside(tmp_path):
     aside = [p for p in workdir.iterdir() if p.name.startswith("checkpoints.old-")]
     assert len(aside) == 1 and (aside[0] / "3").is_dir()  # kept, not deleted
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+
+
+def test_plan_for_another_device_solves_and_prices_for_it():
+    from trainer import cli
+
+    text = cli.plan("tiny/mlp.yaml", ["parallel.method=shard"], profile="h100")
+    # The solver planned within an H100's 80 GiB (not this host's memory) ...
+    assert "(budget 81920.00 MiB)" in text
+    # ... and the report priced the compiled step with the H100 figures.
+    assert "on 'h100'" in text
+    assert cli.plan("tiny/mlp.yaml", ["parallel.method=shard"]).count("on 'cpu'") == 1

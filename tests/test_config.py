@@ -52,6 +52,7 @@ def test_resolved_config_round_trips(tmp_path):
     (["data.seq_len=64"], "data.seq_len (64) is longer than model.block_size (32)"),
     (["data.source=text"], "data.source=text needs data.path"),
     (["model.name=gtp"], "model.name 'gtp' is not a known model"),
+    (["parallel.profile=tpu"], "parallel.profile must be one of cpu, a100, h100, v100; got 'tpu'"),
     (["train.batch_size=10", "train.grad_accum_steps=4"], "train.batch_size (10) must divide by train.grad_accum_steps (4)"),
 ])
 def test_bad_values_name_the_problem(overrides, message):

@@ -47,11 +47,18 @@ def train(config_name: str, overrides) -> dict:
 
 
 def plan(config_name: str, overrides, profile=None) -> str:
-    """The plan table and cost report of a config, built from abstract shapes only."""
+    """The plan table and cost report of a config, built from abstract shapes only.
+
+    ``profile`` (a device profile name) sets ``parallel.profile``: the solver plans for that
+    device and the report prices the plan with it.
+    """
     import parallel
     from trainer.trainer import Trainer
 
-    trainer = Trainer(load_config(config_name, overrides)).build()
-    report = trainer.step_fn.analyze(trainer.abstract_state, trainer.batch_spec, profile=profile)
+    overrides = [*overrides, f"parallel.profile={profile}"] if profile else list(overrides)
+    config = load_config(config_name, overrides)
+    trainer = Trainer(config).build()
+    report = trainer.step_fn.analyze(trainer.abstract_state, trainer.batch_spec,
+                                     profile=config.parallel.profile)
     header = f"model: {trainer.spec.name} with {trainer.num_params():,} parameters"
     return header + "\n" + parallel.format_plan(trainer.plan, report)

@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import yaml
 
+from parallel.profiles import PUBLISHED
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -85,6 +87,7 @@ class ParallelConfig:
     rules: Optional[dict] = None
     num_micro_batches: int = 1
     memory_budget_bytes: Optional[int] = None
+    profile: Optional[str] = None  # the device plans are made for: cpu | h100 | a100 | v100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +131,7 @@ _CHOICES = {
     ("optimizer", "schedule"): ("constant", "cosine", "linear"),
     ("train", "compute_dtype"): ("float32", "bfloat16", "float16"),
     ("parallel", "method"): ("auto", "data", "zero2", "zero3", "manual", "shard", "pipeshard"),
+    ("parallel", "profile"): ("cpu", *sorted(PUBLISHED)),
 }
 _POSITIVE = {
     ("data", "seq_len"), ("data", "image_size"), ("data", "num_classes"), ("data", "max_bytes"),
@@ -231,7 +235,8 @@ def _section(section: str, cls: type, values: dict):
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         values[key] = _check_type(f"{section}.{key}", value, hints[key])
-        if (section, key) in _CHOICES and values[key] not in _CHOICES[(section, key)]:
+        if ((section, key) in _CHOICES and values[key] is not None
+                and values[key] not in _CHOICES[(section, key)]):
             raise ConfigError(
                 f"{section}.{key} must be one of {', '.join(_CHOICES[(section, key)])}; got {value!r}"
             )

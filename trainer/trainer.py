@@ -102,7 +102,7 @@ class Trainer:
         method = parallel.make_method(
             cfg.parallel.method, mesh=cfg.parallel.mesh, rules=cfg.parallel.rules,
             memory_budget_bytes=cfg.parallel.memory_budget_bytes,
-            num_micro_batches=cfg.parallel.num_micro_batches)
+            num_micro_batches=cfg.parallel.num_micro_batches, profile=cfg.parallel.profile)
         # Only rule-based methods read the models' logical axis names.
         axes = (self.fns.logical_axes, None) if cfg.parallel.method == "manual" else None
         self.step_fn = parallel.parallelize(

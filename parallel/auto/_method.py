@@ -191,7 +191,7 @@ def _compile(fn: Callable, plan: Plan, abstract_args: Sequence[Any],
     return jitted.lower(*abstract_args).compile()
 
 
-def _factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1):
+def _factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1, profile=None):
     if rules:
         raise PlanError(f"parallel.rules={dict(rules)} only applies to method 'manual'; "
                         "ShardParallel chooses every sharding itself. Set parallel.method=manual "
@@ -200,7 +200,7 @@ def _factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=
         raise PlanError(f"parallel.num_micro_batches={num_micro_batches} applies to pipeline "
                         "methods; ShardParallel runs the whole batch at once. Use "
                         "train.grad_accum_steps for accumulation, or set it to 1")
-    return ShardParallel(memory_budget_bytes=memory_budget_bytes, mesh=mesh)
+    return ShardParallel(memory_budget_bytes=memory_budget_bytes, mesh=mesh, profile=profile)
 
 
 register_method("shard", _factory)

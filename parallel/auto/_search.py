@@ -141,7 +141,7 @@ def _compiled(r: MeshResult) -> str:
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds * 1e3:.3f} ms" if seconds >= 1e-4 else f"{seconds * 1e6:.2f} us"
 
 
 def _mb(nbytes: float) -> str:
