@@ -160,8 +160,10 @@ def test_models_and_solver_suites_cover_their_workloads():
     assert gpt_125m["options"]["hidden_size"] == 768 and gpt_125m["seq_len"] == 1024
     solver = benchmarks.suite_cases("solver", 8)
     assert [(c["workload"]["options"]["num_layers"], c["devices"]) for c in solver] == [
-        (1, 8), (2, 8), (4, 8), (8, 8), (2, 2), (2, 4)]
-    assert {(c["method"], c["measure"]) for c in solver} == {("auto", False)}
+        (1, 8), (2, 8), (4, 8), (8, 8), (2, 2), (2, 4), (24, 8), (48, 64)]
+    assert [c["workload"]["options"]["hidden_size"] for c in solver[-2:]] == [2048, 8192]
+    assert {(c["method"], c["measure"]) for c in solver[:-2]} == {("auto", False)}
+    assert {(c["method"], c["profile"]) for c in solver[-2:]} == {("solve", "h100")}
 
 
 def test_benchmarked_methods():
@@ -174,3 +176,19 @@ def test_benchmarked_methods():
     assert type(make_method("zero3")) is parallel.Zero3Parallel
     with pytest.raises(ValueError, match="'pmap' runs the jax.pmap baseline"):
         make_method("pmap")
+
+
+def test_solve_only_case_times_the_solver_and_compiles_nothing():
+    result = run_case(_case("solve", measure=False, profile="h100"))
+    assert result["step_time_s"] is None
+    assert result["compile_time_s"] is None and result["communication_bytes"] is None
+    assert result["solve_time_s"] == result["solver"]["solve_time_s"] > 0
+    assert result["solver"]["num_equations"] > 0
+    assert result["solver"]["memory_budget_bytes"] == 80 * 2**30  # planned for an H100
+    mesh = result["plan"]["mesh_shape"]
+    assert mesh == result["solver"]["meshes"][0]["mesh_shape"] and mesh["data"] * mesh["model"] == 8
+    assert "compile n/a" in benchmarks.format_result(result)
+    table = benchmarks.format_markdown({"suite": "solver", "devices": 8, "repeat": 1,
+                                        "results": [result], "environment": {}})
+    mesh_text = ",".join(f"{a}={n}" for a, n in mesh.items())
+    assert "| tiny | 8 |" in table and f"| — | {mesh_text} |" in table

@@ -118,8 +118,12 @@ def _solver_table(data: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['workload']} | {r['devices']} | {solver.get('num_equations', '')} "
                      f"| {solver.get('num_groups', '')} | {solver.get('num_classes', '')} "
                      f"| {'' if solver_time is None else f'{solver_time:.2f}'} "
-                     f"| {r['solve_time_s']:.2f} | {r['compile_time_s']:.2f} | {mesh} |")
+                     f"| {r['solve_time_s']:.2f} | {_seconds(r['compile_time_s'])} | {mesh} |")
     return lines + [""]
+
+
+def _seconds(value) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def _by_workload(data: dict[str, Any]) -> dict[str, tuple[list, str]]:
@@ -171,13 +175,13 @@ def plot(data: dict[str, Any], path: str) -> None:
         for offset, label, values in (
                 (-0.27, "solver", [r.get("solver", {}).get("solve_time_s", 0.0) for r in ok]),
                 (0.0, "planning (with XLA checks)", [r["solve_time_s"] for r in ok]),
-                (0.27, "compile", [r["compile_time_s"] for r in ok])):
+                (0.27, "compile", [r["compile_time_s"] or 0.0 for r in ok])):
             bars = ax.bar([i + offset for i in x], values, 0.27, label=label)
             ax.bar_label(bars, [f"{v:.1f}" for v in values], fontsize=6, padding=2)
         ax.set_xticks(list(x), labels, fontsize=7)
         ax.set_ylabel("seconds")
         ax.legend()
-        ax.set_title("ShardParallel: planning and compile time (GPT, 256 wide)")
+        ax.set_title("ShardParallel: planning and compile time (GPT)")
         ax.margins(y=0.1)
     else:
         groups = _by_workload(data)

@@ -93,6 +93,20 @@ def run_pmap(workload: Workload, devices: list, warmup: int, steps: int) -> dict
             "solve_time_s": 0.0, "step_times_s": times, "losses": losses, "plan": plan}
 
 
+def run_solve(workload: Workload, num_devices: int, profile: str | None) -> dict[str, Any]:
+    """``parallel.auto.solve`` alone on abstract shapes: the solver's time and its plan, with
+    nothing compiled or allocated (how the issue's solve-time targets are measured)."""
+    abstract_state = jax.eval_shape(workload.init, jax.random.key(0))
+    abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), workload.batch)
+    solution = parallel.auto.solve(workload.train_step, (abstract_state, abstract_batch),
+                                   num_devices=num_devices, profile=profile)
+    return {"per_device_memory_bytes": solution.best.memory_bytes,
+            "communication_bytes": None, "estimated_step_time_s": solution.best.step_time_s,
+            "solve_time_s": solution.solve_time_s, "compile_time_s": None,
+            "solver": solution.stats(), "explanation": solution.explain(),
+            "plan": {"method": "solve", "mesh_shape": dict(solution.mesh_shape)}}
+
+
 def run_parallel(workload: Workload, method_name: str, devices: list, warmup: int, steps: int,
                  measure: bool, profile: str | None,
                  estimate_profiles: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -137,7 +151,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """Runs one benchmark case in this process.
 
     Args:
-      case: ``{"workload": WorkloadSpec fields, "method": one of METHODS, "devices": N,
+      case: ``{"workload": WorkloadSpec fields, "method": one of METHODS or ``"solve"`` (the
+        solver alone), "devices": N,
         "warmup": steps, "steps": timed steps, "measure": bool (time real steps; else
         compile and estimate only), "profile": device profile for the estimate or None}``.
 
@@ -150,7 +165,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """
     spec = WorkloadSpec(**case["workload"])
     n = int(case["devices"])
-    if jax.device_count() < n:
+    if jax.device_count() < n and case["method"] != "solve":
         raise ValueError(f"case asks for {n} devices but jax sees {jax.device_count()}; on CPU "
                          f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before "
                          f"importing jax (trainer.benchmarks does this per case)")
@@ -159,6 +174,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     warmup, steps = int(case.get("warmup", 2)), int(case.get("steps", 5))
     if case["method"] == "pmap":
         result = run_pmap(workload, devices, warmup, steps)
+    elif case["method"] == "solve":
+        result = run_solve(workload, n, case.get("profile"))
     else:
         result = run_parallel(workload, case["method"], devices, warmup, steps,
                               bool(case.get("measure", True)), case.get("profile"),

@@ -9,7 +9,8 @@ Suites (``scripts/benchmark.py --suite NAME``):
   (Megatron-style rules) and ``auto``: CPU step time measured, H100 step time estimated by the
   cost model from the same compiled step.
 * ``solver``: the automatic method's solve and compile time against model depth and device
-  count (compiled on abstract shapes; nothing is run).
+  count (compiled on abstract shapes; nothing is run), and the solver alone on a 24-layer,
+  2048-wide GPT on 8 devices and a 48-layer, 8192-wide GPT on 64 (priced for H100s).
 
 Every case runs in a fresh process whose ``XLA_FLAGS`` simulate the suite's device count on a
 CPU (real devices are used on a GPU host), warms up, and times at least five steps; the
@@ -64,6 +65,9 @@ MODEL_WORKLOADS = {
 ESTIMATE_CONFIGS = {"gpt-125m": 64, "moe-380m": 64, "wide_resnet-250m": 256}
 SOLVER_DEPTHS = (1, 2, 4, 8)
 SOLVER_DEVICE_COUNTS = (2, 4, 8)
+# The solver alone (nothing compiled) on large GPTs, priced for H100s: (config, global batch,
+# devices). The targets: under 10 s for the first, under 60 s for the second.
+SOLVE_ONLY = (("gpt-1.3b", 64, 8), ("gpt-39b", 512, 64))
 
 
 def config_workload(name: str, batch_size: int) -> WorkloadSpec:
@@ -121,6 +125,8 @@ def suite_cases(suite: str, devices: int = 8, steps: int = 5,
     cases = [case(solver_workload(depth), "auto", measure=False) for depth in SOLVER_DEPTHS]
     cases += [case(solver_workload(2), "auto", n, measure=False)
               for n in SOLVER_DEVICE_COUNTS if n != devices or 2 not in SOLVER_DEPTHS]
+    cases += [case(config_workload(name, batch), "solve", n, measure=False, profile="h100")
+              for name, batch, n in SOLVE_ONLY]
     return cases
 
 
@@ -257,12 +263,13 @@ def format_result(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"{head} FAILED: {result['error']}"
     step = result.get("step_time_s")
+    comm, compile_s = result.get("communication_bytes"), result.get("compile_time_s")
     parts = [f"step {step * 1e3:9.2f} ms" if step is not None else "step       n/a",
              f"memory {result['per_device_memory_bytes'] / 2**20:8.2f} MiB",
-             f"comm {result['communication_bytes'] / 2**20:8.2f} MiB",
+             f"comm {comm / 2**20:8.2f} MiB" if comm is not None else "comm        n/a",
              f"mesh {result['plan']['mesh_shape']}",
              f"solve {result.get('solve_time_s', 0.0):.2f} s",
-             f"compile {result.get('compile_time_s', 0.0):.2f} s"]
+             f"compile {compile_s:.2f} s" if compile_s is not None else "compile n/a"]
     return head + " " + "  ".join(parts)
 
 
