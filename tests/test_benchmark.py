@@ -140,9 +140,21 @@ def test_repeated_rounds_pool_the_timed_steps_of_each_case():
                 "tflops": 1.0, "model_flops_per_step": 3e12, "per_device_memory_bytes": 10,
                 "communication_bytes": 0.0, "plan": {"mesh_shape": {"data": 8}}}
 
-    data = benchmarks.run_suite("seed", 8, cases=[_case("data")], repeat=2, runner=runner,
-                                log=lambda line: None)
-    (result,) = data["results"]
+    ran = []
+
+    def logged(case):
+        ran.append(case["method"])
+        if not case["measure"]:
+            return {"workload": "w", "method": case["method"], "devices": 8, "step_time_s": None,
+                    "per_device_memory_bytes": 10, "communication_bytes": 0.0,
+                    "plan": {"mesh_shape": {"data": 8}}}
+        return runner(case)
+
+    data = benchmarks.run_suite("seed", 8, cases=[_case("data"), _case("zero3", measure=False)],
+                                repeat=2, runner=logged, log=lambda line: None)
+    result, unmeasured = data["results"]
+    assert ran == ["data", "zero3", "data"]  # nothing timed: compiled in the first round only
+    assert "rounds" not in unmeasured
     assert data["repeat"] == 2 and result["rounds"] == 2
     assert result["step_times_s"] == [0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0]
     assert result["step_time_s"] == pytest.approx(0.55)  # median of the 10 pooled steps

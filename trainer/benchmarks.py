@@ -231,7 +231,8 @@ def run_suite(suite: str, devices: int = 8, *, steps: int = 5, warmup: int = 2,
       steps: timed steps per case (at least 5; the median is reported).
       warmup: untimed steps first (compilation happens in the first).
       repeat: rounds over all cases; each case's timed steps are pooled over the rounds, so
-        a burst of load from other processes weighs on every method alike.
+        a burst of load from other processes weighs on every method alike. Cases that time
+        nothing (``measure`` false) run in the first round only.
       cases: run these instead of ``suite_cases(suite, devices, steps, warmup)``.
       runner: runs one case; the default starts a fresh process per case.
       log: receives one progress line per case.
@@ -245,6 +246,8 @@ def run_suite(suite: str, devices: int = 8, *, steps: int = 5, warmup: int = 2,
     results: list[dict[str, Any]] = []
     for round_index in range(repeat):
         for i, case in enumerate(cases):
+            if round_index and not case.get("measure", True):
+                continue  # nothing timed: a second compile gives the same figures
             result = runner(case)
             log(f"[round {round_index + 1}/{repeat}, {i + 1}/{len(cases)}] "
                 f"{format_result(result)}")
