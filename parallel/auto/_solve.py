@@ -129,10 +129,13 @@ class MeshProblem:
                 stored = self.nbytes[g.values[0]] * self.inv_shards(c, 0)
                 scale = 1.0 if g.values[0] in self.fed else _STORAGE_TIE_BREAK
                 cost = cost + self.counts[c] * scale * mm.memory_time(stored, 1) * _PER_SECOND
+            if not mm.profile.overlaps_memory:  # arithmetic and traffic add up (the CPU)
+                cost = cost + self.counts[c] * (table.compute + table.traffic) * _PER_SECOND
             x.append(prog.add_choice(cost))
         peak = prog.add_vars(np.ones(1), upper=np.inf) if minimize_memory else None
         if not minimize_memory:
             self._add_edges(prog, x)
+        if not minimize_memory and mm.profile.overlaps_memory:
             # The step computes for max(total arithmetic, total traffic): a variable above both.
             busy = prog.add_vars(np.ones(1), upper=np.inf)
             for part in ("compute", "traffic"):
@@ -263,11 +266,12 @@ class MeshProblem:
 
     def evaluate(self, choice: np.ndarray, specs: list[Spec | None]) -> tuple[float, float]:
         """(compute seconds, communication seconds) of a solution; compute is the larger of
-        arithmetic and memory traffic."""
+        arithmetic and memory traffic, or their sum where the profile does not overlap them."""
         s, mm = self.s, self.mm
-        compute = max(float(sum(self.counts[c] * getattr(t, part)[choice[c]]
-                                for c, t in enumerate(self.tables)))
-                      for part in ("compute", "traffic"))
+        arithmetic, traffic = (float(sum(self.counts[c] * getattr(t, part)[choice[c]]
+                                         for c, t in enumerate(self.tables)))
+                               for part in ("compute", "traffic"))
+        compute = max(arithmetic, traffic) if mm.profile.overlaps_memory else arithmetic + traffic
         comm = float(sum(self.counts[c] * t.comm[choice[c]] for c, t in enumerate(self.tables)))
         for gid, g in enumerate(s.groups):
             table = self.tables[int(s.cls[gid])]
