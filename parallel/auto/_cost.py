@@ -131,5 +131,11 @@ class MeshModel:
         gathered = sorted(removed - added)
         cost = self.all_to_all(local, moved) if moved else 0.0
         if gathered:
-            cost += self.all_gather(local * self.group_size(gathered), gathered)
+            whole = local * self.group_size(gathered)
+            cost += self.all_gather(whole, gathered)
+            # Gathering along a dimension behind a longer-than-1 one is a gather along the
+            # major dimension and then a transposing copy of the result.
+            leading = next((i for i, size in enumerate(shape) if size > 1), 0)
+            if any(set(dim) & removed for dim in src[leading + 1:]):
+                cost += self.memory_time(2 * whole, 1)
         return cost

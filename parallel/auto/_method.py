@@ -12,6 +12,7 @@ from parallel._hlo import collective_bytes
 from parallel._methods import Method, register_method
 from parallel.auto._search import AXIS_NAMES, MemoryBudgetError, Solution, solve
 from parallel.auto._solve import MeshResult
+from parallel.auto._timing import time_compiled
 from parallel.plan import Constraint, Plan, make_leaf_plans, shardings_from_specs
 from parallel.profiles import DeviceProfile, get_profile
 from parallel.report import cost_figures, estimate_step_time, memory_bytes
@@ -32,6 +33,8 @@ class _Check(NamedTuple):
     memory_bytes: int
     result: MeshResult
     pin: str
+    compiled: Any
+    in_shardings: tuple
 
 
 class ShardParallel(Method):
@@ -52,7 +55,11 @@ class ShardParallel(Method):
       validate: how many compiled programs may settle the choice (0: trust the solver): the
         solver's best, the data-parallel flavours, the other mesh shapes within 25% of its
         estimate, then the best with no intermediate pinned; the one XLA's cost analysis prices
-        lowest (``analyze``'s estimate) is kept.
+        lowest (``analyze``'s estimate) is kept, or the fastest when they are timed.
+      measure: time the compiled candidates on ``devices`` (a few steps each on zero-filled
+        inputs) and keep the fastest. ``None``: when the devices are CPUs and the plan is for
+        them, where XLA's figures cannot separate close plans and a step is cheap. Only plans
+        that need at most a quarter of the device memory are run.
 
     The solver's cost model prices each operation on its own; XLA then fuses, merges
     collectives and reorders. Validation settles close calls with the compiled program. With a
@@ -65,12 +72,13 @@ class ShardParallel(Method):
     def __init__(self, memory_budget_bytes: float | None = None,
                  mesh: Mapping[str, int] | None = None,
                  profile: str | DeviceProfile | None = None, time_limit_s: float = 30.0,
-                 validate: int = 4):
+                 validate: int = 4, measure: bool | None = None):
         super().__init__(mesh)
         self.memory_budget_bytes = memory_budget_bytes
         self.profile = profile
         self.time_limit_s = time_limit_s
         self.validate = validate
+        self.measure = measure
 
     def __repr__(self) -> str:
         return (f"ShardParallel(memory_budget_bytes={self.memory_budget_bytes}, "
@@ -109,7 +117,12 @@ class ShardParallel(Method):
                        for r, pin in _checks(finalists, max(self.validate, 1))]
             fitting = [c for c in checked if fits(c)]
             if fitting:
-                best = min(fitting, key=lambda c: c.step_time_s)
+                times = self._time(fitting, abstract_args, devices)
+                if times is None:
+                    best = min(fitting, key=lambda c: c.step_time_s)
+                else:
+                    best = fitting[times.index(min(times))]
+                    best.result.measured_step_time_s = min(times)
                 best.result.compiled_step_time_s = best.step_time_s
                 best.result.compiled_memory_bytes = best.memory_bytes
                 return self._plan(solution.with_best(best.result), *plan_args, best.pin)
@@ -124,18 +137,37 @@ class ShardParallel(Method):
                plan_args: tuple, devices: Sequence[jax.Device]) -> _Check:
         """XLA's figures for ``result``'s plan pinning ``pin`` intermediates."""
         plan = self._plan(solution.with_best(result), *plan_args, pin)
-        compiled = _compile(fn, plan, plan_args[0], devices)
-        check = _Check(self._estimate(compiled, plan), memory_bytes(compiled), result, pin)
+        compiled, in_shardings = _compile(fn, plan, plan_args[0], devices)
+        check = _Check(self._estimate(compiled, plan), memory_bytes(compiled), result, pin,
+                       compiled, in_shardings)
         if result.compiled_step_time_s is None:  # shown for the runner-ups in the explanation
             result.compiled_step_time_s = check.step_time_s
             result.compiled_memory_bytes = check.memory_bytes
         return check
 
+    def _time(self, checks: list[_Check], abstract_args: Sequence[Any],
+              devices: Sequence[jax.Device]) -> list[float] | None:
+        """Measured seconds per step of each check's program, or ``None`` when not timed."""
+        profile = self._profile(len(devices))
+        measure = self.measure
+        if measure is None:
+            measure = devices[0].platform == "cpu" and profile.name == "cpu"
+        if (not measure or len(checks) < 2
+                or max(c.memory_bytes for c in checks) * 4 > profile.memory_bytes):
+            return None
+        times = time_compiled([(c.compiled, c.in_shardings) for c in checks], abstract_args)
+        for check, seconds in zip(checks, times or ()):
+            if check.result.measured_step_time_s is None:  # shown for the runner-ups
+                check.result.measured_step_time_s = seconds
+        return times
+
+    def _profile(self, num_devices: int) -> DeviceProfile:
+        profile = self.profile
+        return profile if isinstance(profile, DeviceProfile) else get_profile(profile, num_devices)
+
     def _estimate(self, compiled: Any, plan: Plan) -> float:
         """``analyze``'s estimated step time of a compiled plan."""
-        profile = self.profile
-        if not isinstance(profile, DeviceProfile):
-            profile = get_profile(profile, plan.num_devices)
+        profile = self._profile(plan.num_devices)
         flops, accessed = cost_figures(compiled)
         return estimate_step_time(flops, accessed,
                                   collective_bytes(compiled.as_text(), plan.num_devices), profile)
@@ -188,7 +220,7 @@ def _compile(fn: Callable, plan: Plan, abstract_args: Sequence[Any],
         fn = with_constraints(fn, abstract_args, plan.constraints, mesh)
     jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                      donate_argnums=plan.donate_argnums)
-    return jitted.lower(*abstract_args).compile()
+    return jitted.lower(*abstract_args).compile(), in_shardings
 
 
 def _factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1, profile=None):

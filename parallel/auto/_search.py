@@ -81,7 +81,8 @@ class Solution:
                         "comm_s": _finite(r.comm_s), "memory_bytes": _finite(r.memory_bytes),
                         "solve_time_s": r.solve_time_s,
                         "compiled_step_time_s": r.compiled_step_time_s,
-                        "compiled_memory_bytes": r.compiled_memory_bytes} for r in self.tried],
+                        "compiled_memory_bytes": r.compiled_memory_bytes,
+                        "measured_step_time_s": r.measured_step_time_s} for r in self.tried],
         }
 
     def input_specs(self) -> tuple:
@@ -119,6 +120,10 @@ class Solution:
             return (f"needs {_mb(r.memory_bytes)} per device, over the budget "
                     f"{_mb(self.memory_budget_bytes)}")
         b = self.best
+        if r.measured_step_time_s is not None and b.measured_step_time_s is not None:
+            return (f"timed, {r.measured_step_time_s / b.measured_step_time_s:.2f}x the "
+                    f"measured step time of the chosen plan (compiled estimate "
+                    f"{_ms(r.compiled_step_time_s)})")
         if r.compiled_step_time_s is not None and b.compiled_step_time_s is not None:
             return (f"compiled, {r.compiled_step_time_s / b.compiled_step_time_s:.2f}x the "
                     f"step time of the chosen plan (solver estimate {_ms(r.step_time_s)})")
@@ -136,8 +141,10 @@ def _finite(x: float) -> float | None:
 def _compiled(r: MeshResult) -> str:
     if r.compiled_step_time_s is None:
         return ""
+    measured = ("" if r.measured_step_time_s is None
+                else f"; measured: {_ms(r.measured_step_time_s)} per step")
     return (f"; compiled: {_ms(r.compiled_step_time_s)}, "
-            f"{_mb(r.compiled_memory_bytes)} per device")
+            f"{_mb(r.compiled_memory_bytes)} per device" + measured)
 
 
 def _ms(seconds: float) -> str:

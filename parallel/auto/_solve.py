@@ -41,6 +41,8 @@ class MeshResult:
       choices: ``(leader description, strategy label, times used)`` per class of the solution.
       compiled_step_time_s, compiled_memory_bytes: XLA's figures for the plan when it was
         compiled to check it (``ShardParallel(validate=True)``), else ``None``.
+      measured_step_time_s: seconds a step took when the compiled plan was timed on the
+        devices (``ShardParallel(measure=...)``), else ``None``.
       variant: ``""``, or which flavour of the mesh was solved for (e.g. ``"batch split"``).
     """
 
@@ -57,6 +59,7 @@ class MeshResult:
     choices: list[tuple[str, str, int]]
     compiled_step_time_s: float | None = None
     compiled_memory_bytes: int | None = None
+    measured_step_time_s: float | None = None
     variant: str = ""
 
 
