@@ -163,11 +163,13 @@ def test_repeated_rounds_pool_the_timed_steps_of_each_case():
 
 def test_models_and_solver_suites_cover_their_workloads():
     cases = benchmarks.suite_cases("models", 8)
+    methods = ("data", "zero2", "zero3", "manual", "auto")
     assert [(c["workload"]["name"], c["method"], c["measure"], c["profile"]) for c in cases] == [
         (w, m, measure, profile)
-        for ws, measure, profile in ((("gpt", "moe", "wide_resnet"), True, None),
-                                     (("gpt-125m", "moe-380m", "wide_resnet-250m"), False, "h100"))
-        for w in ws for m in ("data", "zero2", "zero3", "manual", "auto")]
+        for ws, measure, profile, ms in (
+            (("gpt", "moe", "wide_resnet"), True, None, methods + ("auto_untimed",)),
+            (("gpt-125m", "moe-380m", "wide_resnet-250m"), False, "h100", methods))
+        for w in ws for m in ms]
     gpt_125m = next(c["workload"] for c in cases if c["workload"]["name"] == "gpt-125m")
     assert gpt_125m["options"]["hidden_size"] == 768 and gpt_125m["seq_len"] == 1024
     solver = benchmarks.suite_cases("solver", 8)
@@ -183,6 +185,7 @@ def test_benchmarked_methods():
 
     auto = make_method("auto", "h100")
     assert isinstance(auto, parallel.ShardParallel) and auto.profile == "h100"
+    assert auto.measure is None and make_method("auto_untimed").measure is False
     manual = make_method("manual")
     assert isinstance(manual, parallel.ManualParallel) and manual.rules == parallel.MEGATRON_RULES
     assert type(make_method("zero3")) is parallel.Zero3Parallel

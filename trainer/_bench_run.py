@@ -22,7 +22,7 @@ from parallel.plan import spec_to_json
 from parallel.report import cost_figures, memory_bytes
 from trainer._bench_workloads import Workload, WorkloadSpec, build_workload
 
-METHODS = ("pmap", "data", "zero2", "zero3", "manual", "auto")
+METHODS = ("pmap", "data", "zero2", "zero3", "manual", "auto", "auto_untimed")
 RESULT_MARKER = "BENCHMARK_RESULT "
 
 
@@ -39,6 +39,8 @@ def make_method(name: str, profile: str | None = None) -> parallel.Method:
         return parallel.ManualParallel(parallel.MEGATRON_RULES)
     if name == "auto":
         return parallel.ShardParallel(profile=profile)
+    if name == "auto_untimed":  # the cost model and XLA's figures alone pick the plan
+        return parallel.ShardParallel(profile=profile, measure=False)
     if name in ("data", "zero2", "zero3"):
         return parallel.make_method(name)
     raise ValueError(f"unknown benchmark method {name!r}; expected one of {METHODS[1:]} "

@@ -6,8 +6,9 @@ Suites (``scripts/benchmark.py --suite NAME``):
   a large batch) and "model parallelism preferred" (a 4096-wide MLP, batch 32, Adam), each with
   ``pmap``, ``data``, ``zero2``, ``zero3`` and ``auto``.
 * ``models``: GPT, MoE and Wide-ResNet with ``data``, ``zero2``, ``zero3``, ``manual``
-  (Megatron-style rules) and ``auto``: CPU step time measured, H100 step time estimated by the
-  cost model from the same compiled step.
+  (Megatron-style rules), ``auto`` and ``auto_untimed`` (``measure=False``: the estimates alone
+  choose): CPU step time measured, H100 step time estimated by the cost model from the same
+  compiled step.
 * ``solver``: the automatic method's solve and compile time against model depth and device
   count (compiled on abstract shapes; nothing is run), and the solver alone on a 24-layer,
   2048-wide GPT on 8 devices and a 48-layer, 8192-wide GPT on 64 (priced for H100s).
@@ -44,6 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs", "benchmarks")
 SEED_METHODS = ("pmap", "data", "zero2", "zero3", "auto")
 MODEL_METHODS = ("data", "zero2", "zero3", "manual", "auto")
+# On CPU devices "auto" times its finalists; "auto_untimed" shows what the estimates alone pick.
+MEASURED_MODEL_METHODS = MODEL_METHODS + ("auto_untimed",)
 ESTIMATE_PROFILE = "h100"
 
 # Scaled-down sizes of the models Alpa benchmarked, small enough that a step runs in well
@@ -117,7 +120,7 @@ def suite_cases(suite: str, devices: int = 8, steps: int = 5,
         return [case(spec, method) for spec in SEED_WORKLOADS.values() for method in SEED_METHODS]
     if suite == "models":
         measured = [case(spec, method, estimate_profiles=[ESTIMATE_PROFILE])
-                    for spec in MODEL_WORKLOADS.values() for method in MODEL_METHODS]
+                    for spec in MODEL_WORKLOADS.values() for method in MEASURED_MODEL_METHODS]
         estimated = [case(config_workload(name, batch), method, measure=False,
                           profile=ESTIMATE_PROFILE, estimate_profiles=[ESTIMATE_PROFILE])
                      for name, batch in ESTIMATE_CONFIGS.items() for method in MODEL_METHODS]
