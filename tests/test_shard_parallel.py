@@ -263,3 +263,19 @@ def test_plan_on_a_given_mesh_round_trips_through_json():
     table = plan.format_table()
     assert "ShardParallel: mesh {'data': 2, 'model': 4}, estimated step" in table
     assert "solved in " in table
+
+
+def test_default_budget_is_the_device_memory_checked_on_the_compiled_step(monkeypatch):
+    # The solver's own estimate fits the device; XLA's analysis of every compiled candidate
+    # (made 10x the device here) does not: no plan is returned that would not run.
+    from parallel.auto import _method
+
+    device = parallel.DeviceProfile("small", 1e12, 64 * 2**20, 1e11, 1e10, 1e-6)
+    monkeypatch.setattr(_method, "memory_bytes", lambda compiled: 640 * 2**20)
+    setup = mlp_setup(learning_rate=1e-2)
+    initial = setup.init(jax.random.key(0))
+    step = parallel.parallelize(setup.train_step, method=parallel.ShardParallel(profile=device))
+    with pytest.raises(parallel.auto.MemoryBudgetError,
+                       match=r"do not fit the small device memory=67108864 once compiled: XLA "
+                             r"needs at least 671088640 bytes per device"):
+        step.plan(initial, setup.batch)

@@ -62,9 +62,9 @@ class ShardParallel(Method):
         that need at most a quarter of the device memory are run.
 
     The solver's cost model prices each operation on its own; XLA then fuses, merges
-    collectives and reorders. Validation settles close calls with the compiled program. With a
-    ``memory_budget_bytes``, compiled plans must also fit XLA's memory analysis; if none does,
-    the solver runs again with its target lowered by the observed ratio.
+    collectives and reorders. Validation settles close calls with the compiled program, which
+    must also fit the budget (``memory_budget_bytes``, or the device's memory) by XLA's memory
+    analysis; if none does, the solver runs again with its target lowered by the observed ratio.
     """
 
     name = "shard"
@@ -98,10 +98,12 @@ class ShardParallel(Method):
         del logical_axes
         mesh_shape = None if self.mesh is None else self.resolve_mesh_shape(len(devices))
         budget = self.memory_budget_bytes
+        if budget is None:  # the device's memory: a plan XLA finds bigger would not run
+            budget = self._profile(len(devices)).memory_bytes
         target = budget
 
         def fits(check: _Check) -> bool:
-            return budget is None or check.memory_bytes <= budget
+            return check.memory_bytes <= budget
 
         for _ in range(_BUDGET_CHECKS):
             solution = solve(fn, abstract_args, num_devices=len(devices), mesh_shape=mesh_shape,
@@ -109,7 +111,7 @@ class ShardParallel(Method):
                              donate_argnums=donate_argnums, batch_argnums=batch_argnums,
                              time_limit_s=self.time_limit_s)
             plan_args = (abstract_args, batch_argnums, donate_argnums)
-            if budget is None and not self.validate:
+            if self.memory_budget_bytes is None and not self.validate:
                 return self._plan(solution, *plan_args)
             finalists = [r for r in solution.tried if r.status != "over_budget"
                          and r.step_time_s <= _FINALIST_RATIO * solution.best.step_time_s]
@@ -128,8 +130,10 @@ class ShardParallel(Method):
                 return self._plan(solution.with_best(best.result), *plan_args, best.pin)
             smallest = min(c.memory_bytes for c in checked)
             target = target * budget / smallest
+        what = ("memory_budget_bytes" if self.memory_budget_bytes is not None
+                else f"the {self._profile(len(devices)).name} device memory")
         raise MemoryBudgetError(
-            f"ShardParallel's plans do not fit memory_budget_bytes={budget:.0f} once compiled: "
+            f"ShardParallel's plans do not fit {what}={budget:.0f} once compiled: "
             f"XLA needs at least {smallest} bytes per device (solver target {target:.0f}). "
             "Raise memory_budget_bytes, use more devices, or shrink the model or batch.")
 
