@@ -294,10 +294,14 @@ class Structure:
                                                                                part[None, :]]
         memory = sum(graph.values[v].nbytes / np.array([mm.shards(s) for s in table.specs[i]])
                      for i, v in enumerate(g.values))
-        # The step pays max(total arithmetic, total traffic): switching b to a raises it by at
-        # most the larger increase of the two.
-        raise_by = np.maximum(0.0, np.maximum(table.compute[:, None] - table.compute[None, :],
-                                              table.traffic[:, None] - table.traffic[None, :]))
+        arithmetic = table.compute[:, None] - table.compute[None, :]
+        traffic = table.traffic[:, None] - table.traffic[None, :]
+        if mm.profile.overlaps_memory:
+            # The step pays max(total arithmetic, total traffic): switching b to a raises it by
+            # at most the larger increase of the two.
+            raise_by = np.maximum(0.0, np.maximum(arithmetic, traffic))
+        else:  # the two add up (DeviceProfile.compute_time): the change is their sum
+            raise_by = arithmetic + traffic
         total = table.comm[:, None] + extra + raise_by
         cost = table.comm[None, :]
         index = np.arange(table.size)
