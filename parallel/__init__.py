@@ -11,8 +11,6 @@ from parallel._methods import make_method as make_method
 from parallel._methods import register_method as register_method
 from parallel._parallelize import ParallelStep as ParallelStep
 from parallel._parallelize import parallelize as parallelize
-from parallel._pmap import PmapStep as PmapStep
-from parallel._pmap import pmap_step as pmap_step
 from parallel.auto import ShardParallel as ShardParallel
 from parallel.checkpoint import CheckpointError as CheckpointError
 from parallel.checkpoint import CheckpointInfo as CheckpointInfo

@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py --suite seed --devices 8 --json bench.json --plot bench.png
 
-Each case runs in a fresh process (simulated CPU devices via XLA_FLAGS); see trainer.benchmarks.
+Each case runs in a fresh process (simulated CPU devices via XLA_FLAGS); see benchmarks.suites.
 """
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer import benchmarks  # noqa: E402
+from benchmarks import suites  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=benchmarks.SUITES, required=True)
+    parser.add_argument("--suite", choices=suites.SUITES, required=True)
     parser.add_argument("--devices", type=int, default=8, help="devices per case (default 8)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case (>= 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -27,23 +27,23 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", metavar="PATH", help="draw the results as a PNG here")
     parser.add_argument("--markdown", metavar="PATH", help="write the results as tables here")
     args = parser.parse_args(argv)
-    if args.plot and not benchmarks.can_plot():
+    if args.plot and not suites.can_plot():
         print("error: --plot needs matplotlib: pip install -e '.[bench]'", file=sys.stderr)
         return 2
     try:
-        data = benchmarks.run_suite(args.suite, args.devices, steps=args.steps, warmup=args.warmup,
+        data = suites.run_suite(args.suite, args.devices, steps=args.steps, warmup=args.warmup,
                                     repeat=args.repeat)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(benchmarks.format_markdown(data))
+    print(suites.format_markdown(data))
     if args.json:
-        benchmarks.write_json(data, args.json)
+        suites.write_json(data, args.json)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(benchmarks.format_markdown(data))
+            f.write(suites.format_markdown(data))
     if args.plot:
-        benchmarks.plot(data, args.plot)
+        suites.plot(data, args.plot)
     return 1 if any("error" in r for r in data["results"]) else 0
 
 

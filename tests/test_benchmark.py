@@ -8,9 +8,9 @@ import pytest
 
 import models
 import parallel
-from trainer import benchmarks
-from trainer._bench_run import run_case
-from trainer._bench_workloads import WorkloadSpec, build_workload
+from benchmarks import suites
+from benchmarks._run import run_case
+from benchmarks._workloads import WorkloadSpec, build_workload
 
 TINY = WorkloadSpec("tiny", "mlp", {"in_features": 32, "hidden_size": 64, "num_layers": 1,
                                     "out_features": 16}, batch_size=16)
@@ -77,7 +77,7 @@ def test_memory_and_plans_per_method(tiny_results):
 
 def test_run_suite_schema_summary_and_tables(tiny_results):
     cases = [_case("pmap"), _case("data")]
-    data = benchmarks.run_suite("seed", 8, cases=cases, log=lambda line: None,
+    data = suites.run_suite("seed", 8, cases=cases, log=lambda line: None,
                                 runner=lambda case: tiny_results[case["method"]])
     assert data["suite"] == "seed" and data["devices"] == 8
     assert [(r["workload"], r["method"]) for r in data["results"]] == [("tiny", "pmap"),
@@ -91,29 +91,29 @@ def test_run_suite_schema_summary_and_tables(tiny_results):
         "step_time_s": dp["step_time_s"] / pmap["step_time_s"],
         "per_device_memory_bytes": dp["per_device_memory_bytes"] / pmap["per_device_memory_bytes"]}
     json.loads(json.dumps(data))  # JSON-serializable as written by --json
-    table = benchmarks.format_markdown(data)
+    table = suites.format_markdown(data)
     assert "| method | step time (ms) | vs pmap |" in table
     assert f"| data | {dp['step_time_s'] * 1e3:.2f} |" in table
 
 
 def test_fresh_process_case_uses_the_requested_device_count():
     # Two simulated devices in a child process: the all-reduce sends 2 * 1/2 of the payload.
-    result = benchmarks.run_case_subprocess(_case("data", devices=2))
+    result = suites.run_case_subprocess(_case("data", devices=2))
     assert "error" not in result, result
     assert result["devices"] == 2 and result["plan"]["mesh_shape"] == {"data": 2}
     assert result["communication_bytes"] == 4 * TINY_PARAMS + 4 == 12612
 
 
 def test_suite_cases_name_the_tutorial_workloads_and_methods():
-    cases = benchmarks.suite_cases("seed", 8)
+    cases = suites.suite_cases("seed", 8)
     assert [(c["workload"]["name"], c["method"]) for c in cases] == [
         (w, m) for w in ("data_parallel_preferred", "model_parallel_preferred")
         for m in ("pmap", "data", "zero2", "zero3", "auto")]
     assert {c["steps"] for c in cases} == {5}
     with pytest.raises(ValueError, match="at least 5 timed steps"):
-        benchmarks.suite_cases("seed", 8, steps=3)
+        suites.suite_cases("seed", 8, steps=3)
     with pytest.raises(ValueError, match="unknown suite 'seeds'"):
-        benchmarks.suite_cases("seeds")
+        suites.suite_cases("seeds")
 
 
 def test_cli_plot_without_matplotlib_fails_with_one_line(monkeypatch, capsys):
@@ -124,7 +124,7 @@ def test_cli_plot_without_matplotlib_fails_with_one_line(monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("benchmark_cli", path)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    monkeypatch.setattr(benchmarks, "can_plot", lambda: False)
+    monkeypatch.setattr(suites, "can_plot", lambda: False)
     assert cli.main(["--suite", "seed", "--plot", "x.png"]) == 2
     err = capsys.readouterr().err
     assert err == "error: --plot needs matplotlib: pip install -e '.[bench]'\n"
@@ -150,7 +150,7 @@ def test_repeated_rounds_pool_the_timed_steps_of_each_case():
                     "plan": {"mesh_shape": {"data": 8}}}
         return runner(case)
 
-    data = benchmarks.run_suite("seed", 8, cases=[_case("data"), _case("zero3", measure=False)],
+    data = suites.run_suite("seed", 8, cases=[_case("data"), _case("zero3", measure=False)],
                                 repeat=2, runner=logged, log=lambda line: None)
     result, unmeasured = data["results"]
     assert ran == ["data", "zero3", "data"]  # nothing timed: compiled in the first round only
@@ -162,7 +162,7 @@ def test_repeated_rounds_pool_the_timed_steps_of_each_case():
 
 
 def test_models_and_solver_suites_cover_their_workloads():
-    cases = benchmarks.suite_cases("models", 8)
+    cases = suites.suite_cases("models", 8)
     methods = ("data", "zero2", "zero3", "manual", "auto")
     assert [(c["workload"]["name"], c["method"], c["measure"], c["profile"]) for c in cases] == [
         (w, m, measure, profile)
@@ -172,7 +172,7 @@ def test_models_and_solver_suites_cover_their_workloads():
         for w in ws for m in ms]
     gpt_125m = next(c["workload"] for c in cases if c["workload"]["name"] == "gpt-125m")
     assert gpt_125m["options"]["hidden_size"] == 768 and gpt_125m["seq_len"] == 1024
-    solver = benchmarks.suite_cases("solver", 8)
+    solver = suites.suite_cases("solver", 8)
     assert [(c["workload"]["options"]["num_layers"], c["devices"]) for c in solver] == [
         (1, 8), (2, 8), (4, 8), (8, 8), (2, 2), (2, 4), (24, 8), (48, 64)]
     assert [c["workload"]["options"]["hidden_size"] for c in solver[-2:]] == [2048, 8192]
@@ -181,7 +181,7 @@ def test_models_and_solver_suites_cover_their_workloads():
 
 
 def test_benchmarked_methods():
-    from trainer._bench_run import make_method
+    from benchmarks._run import make_method
 
     auto = make_method("auto", "h100")
     assert isinstance(auto, parallel.ShardParallel) and auto.profile == "h100"
@@ -202,8 +202,22 @@ def test_solve_only_case_times_the_solver_and_compiles_nothing():
     assert result["solver"]["memory_budget_bytes"] == 80 * 2**30  # planned for an H100
     mesh = result["plan"]["mesh_shape"]
     assert mesh == result["solver"]["meshes"][0]["mesh_shape"] and mesh["data"] * mesh["model"] == 8
-    assert "compile n/a" in benchmarks.format_result(result)
-    table = benchmarks.format_markdown({"suite": "solver", "devices": 8, "repeat": 1,
+    assert "compile n/a" in suites.format_result(result)
+    table = suites.format_markdown({"suite": "solver", "devices": 8, "repeat": 1,
                                         "results": [result], "environment": {}})
     mesh_text = ",".join(f"{a}={n}" for a, n in mesh.items())
     assert "| tiny | 8 |" in table and f"| — | {mesh_text} |" in table
+
+
+def test_the_library_packages_import_no_benchmark_code():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    probe = ("import sys, parallel, trainer, models; "
+             "print(sorted(m for m in sys.modules if m.startswith('benchmarks') or 'bench' in m "
+             "or m.endswith('_pmap')), hasattr(parallel, 'pmap_step'), hasattr(parallel, 'PmapStep'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root}, check=True).stdout
+    assert out == "[] False False\n"

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import parallel
+from benchmarks.pmap_baseline import pmap_step
 from _parallel_setups import gpt_setup, mlp_setup, run_reference
 
 STEPS = 3
@@ -63,7 +64,7 @@ def _assert_spec(leaf, spec):
 def test_pmap_baseline_matches_single_device():
     setup = mlp_setup(learning_rate=1e-2)
     reference_state, reference_losses = run_reference(setup, STEPS)
-    step = parallel.pmap_step(setup.loss_fn, setup.optimizer)
+    step = pmap_step(setup.loss_fn, setup.optimizer)
     stacked = step.replicate(setup.init(jax.random.key(0)))
     assert stacked["params"]["dense_0"]["kernel"].shape == (8, 16, 64)  # one copy per device
     losses = []

@@ -31,11 +31,11 @@ from typing import Any
 
 import yaml
 
-from trainer._bench_report import can_plot as can_plot
-from trainer._bench_report import format_markdown as format_markdown
-from trainer._bench_report import plot as plot
-from trainer._bench_run import RESULT_MARKER
-from trainer._bench_workloads import SEED_WORKLOADS, WorkloadSpec
+from benchmarks._report import can_plot as can_plot
+from benchmarks._report import format_markdown as format_markdown
+from benchmarks._report import plot as plot
+from benchmarks._run import RESULT_MARKER
+from benchmarks._workloads import SEED_WORKLOADS, WorkloadSpec
 
 __all__ = ["SUITES", "can_plot", "format_markdown", "format_result", "merge_rounds", "plot",
            "run_case_subprocess", "run_suite", "suite_cases", "summarize", "write_json"]
@@ -146,7 +146,7 @@ def run_case_subprocess(case: dict[str, Any], timeout_s: float = 1800.0) -> dict
     failed = {"workload": case["workload"]["name"], "method": case["method"],
               "devices": case["devices"]}
     try:
-        proc = subprocess.run([sys.executable, "-m", "trainer._bench_run", json.dumps(case)],
+        proc = subprocess.run([sys.executable, "-m", "benchmarks._run", json.dumps(case)],
                               capture_output=True, text=True, timeout=timeout_s, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {**failed, "error": f"timed out after {timeout_s:.0f} s"}

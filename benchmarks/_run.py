@@ -1,7 +1,7 @@
 """One benchmark case in this process: build the step for a method, time it, measure its cost.
 
-``python -m trainer._bench_run CASE_JSON`` runs one case and prints its result as JSON on the
-last line of stdout; ``trainer.benchmarks`` starts one such process per case with the device
+``python -m benchmarks._run CASE_JSON`` runs one case and prints its result as JSON on the
+last line of stdout; ``benchmarks.suites`` starts one such process per case with the device
 count in ``XLA_FLAGS`` (set before jax is imported, which only a fresh process allows).
 """
 from __future__ import annotations
@@ -17,10 +17,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import parallel
+from benchmarks._workloads import Workload, WorkloadSpec, build_workload
+from benchmarks.pmap_baseline import pmap_step
 from parallel._hlo import collective_bytes
 from parallel.plan import spec_to_json
 from parallel.report import cost_figures, memory_bytes
-from trainer._bench_workloads import Workload, WorkloadSpec, build_workload
 
 METHODS = ("pmap", "data", "zero2", "zero3", "manual", "auto", "auto_untimed")
 RESULT_MARKER = "BENCHMARK_RESULT "
@@ -82,7 +83,7 @@ def run_pmap(workload: Workload, devices: list, warmup: int, steps: int) -> dict
     if workload.has_model_state:
         raise ValueError(f"workload {workload.spec.name!r} keeps non-param model state "
                          f"(batch norm); the pmap baseline steps params and optimizer state only")
-    step = parallel.pmap_step(workload.loss_fn, workload.optimizer, devices)
+    step = pmap_step(workload.loss_fn, workload.optimizer, devices)
     state = step.replicate(jax.jit(workload.init)(jax.random.key(0)))  # [n, ...] per leaf
     mesh = Mesh(np.array(devices), ("batch",))
     batch = jax.device_put(workload.batch, NamedSharding(mesh, PartitionSpec("batch")))
@@ -170,7 +171,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     if jax.device_count() < n and case["method"] != "solve":
         raise ValueError(f"case asks for {n} devices but jax sees {jax.device_count()}; on CPU "
                          f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before "
-                         f"importing jax (trainer.benchmarks does this per case)")
+                         f"importing jax (benchmarks.suites does this per case)")
     devices = jax.devices()[:n]
     workload = build_workload(spec)
     warmup, steps = int(case.get("warmup", 2)), int(case.get("steps", 5))

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parallel._errors import PlanError
+from parallel import PlanError
 
 _AXIS = "batch"
 
@@ -30,7 +30,7 @@ class PmapStep:
 
     Usage::
 
-      step = parallel.pmap_step(loss_fn, optimizer)
+      step = pmap_step(loss_fn, optimizer)
       stacked = step.replicate(state)               # one copy per device: [n, ...]
       stacked, metrics = step(stacked, batch)        # batch: global [B, ...]
       state = step.unreplicate(stacked)
