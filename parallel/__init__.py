@@ -16,6 +16,8 @@ from parallel.checkpoint import CheckpointError as CheckpointError
 from parallel.checkpoint import CheckpointInfo as CheckpointInfo
 from parallel.checkpoint import Checkpointer as Checkpointer
 from parallel.mesh import make_mesh as make_mesh
+from parallel.pipeline import PipeshardParallel as PipeshardParallel
+from parallel.pipeline import mark_pipeline_boundary as mark_pipeline_boundary
 from parallel.plan import Constraint as Constraint
 from parallel.plan import LeafPlan as LeafPlan
 from parallel.plan import Plan as Plan

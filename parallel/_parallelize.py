@@ -97,6 +97,12 @@ class ParallelStep:
                 raise PlanError(f"{name}={nums} but the function was called with {n} "
                                  f"positional arguments")
         start = time.perf_counter()
+        build = getattr(self.method, "build_executable", None)
+        if build is not None:  # methods running several programs (pipelines) build their own
+            step = build(self.fn, abstract_args, batch_argnums=self.batch_argnums,
+                         donate_argnums=self.donate_argnums, devices=self.devices)
+            return _Entry(step.plan, step.mesh, step.in_shardings, step.out_shardings, step,
+                          abstract_args, time.perf_counter() - start, compiled=step)
         plan = self.method.make_plan(
             self.fn, abstract_args, batch_argnums=self.batch_argnums,
             donate_argnums=self.donate_argnums, devices=self.devices,
@@ -175,6 +181,8 @@ class ParallelStep:
         """
         abstract_state = jax.eval_shape(init_fn, rng_key)
         entry = self._entry((abstract_state, *other_args))
+        if hasattr(entry.compiled, "init_state"):  # a pipeline: leaves on several sub-meshes
+            return entry.compiled.init_state(init_fn, rng_key)
         return jax.jit(init_fn, out_shardings=entry.in_shardings[0])(rng_key)
 
     def analyze(self, *args, profile: str | None = None):
@@ -191,6 +199,8 @@ class ParallelStep:
         from parallel.report import build_report
 
         entry = self._entry(args)
+        if hasattr(entry.compiled, "report"):  # a pipeline reports its stages
+            return entry.compiled.report(profile=profile, solve_time_s=entry.solve_time_s)
         compiled = self._compiled(entry)
         specs = entry.plan.input_specs(entry.abstract_args)
         return build_report(compiled, entry.plan, specs, solve_time_s=entry.solve_time_s,

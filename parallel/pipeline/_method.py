@@ -1,0 +1,247 @@
+"""``PipeshardParallel``: pipeline stages on sub-meshes, plugged into ``parallelize``."""
+from __future__ import annotations
+
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from parallel import mesh as mesh_lib
+from parallel._errors import PlanError
+from parallel._methods import Method, register_method, warn_once
+from parallel.pipeline import _dp
+from parallel.pipeline._program import flatten, split_regions
+from parallel.pipeline._runtime import StageRunner
+from parallel.pipeline._schedule import SCHEDULES
+from parallel.pipeline._stages import backward_flags, balanced_stages, find_layers, place
+from parallel.pipeline._step import PipelinedStep
+from parallel.profiles import DeviceProfile, get_profile
+
+# Layers cut automatically when stage_option="auto" and the step has no markers.
+DEFAULT_AUTO_LAYERS = 8
+
+
+class PipeshardParallel(Method):
+    """Pipeline parallelism: the step's layers split into stages, each on its own sub-mesh.
+
+    The step is the user's, unchanged (plain ``jax.value_and_grad`` and an optax update over any
+    state pytree). It is traced on one micro-batch and split: per-step work, the per-micro-batch
+    forward and backward (cut into stages), and the update, which sees the mean over
+    micro-batches of the gradients (and of every other batch reduction). That equals the
+    unpipelined step for losses that are means over the batch.
+
+    Args:
+      num_micro_batches: micro-batches per step; the global batch must divide by it.
+      stage_option: ``"auto"``: the number of stages, the layers of each and each stage's number
+        of devices by dynamic programming over Alpa's latency objective; an int ``N``: ``N``
+        stages of ``devices / N`` devices with balanced FLOPs.
+      schedule: ``"1f1b"`` (at most ``S - s`` micro-batches alive on stage ``s``) or
+        ``"gpipe"`` (all forwards, then all backwards).
+      layers: how many layers to cut the forward into when it has no
+        ``mark_pipeline_boundary``; ``None``: the number of stages (int option) or 8 (auto).
+      mesh: must be ``None``; stages pick their own sub-meshes.
+      profile: device profile the automatic stages are priced with; ``None``: the running device.
+    """
+
+    name = "pipeshard"
+
+    def __init__(self, num_micro_batches: int = 1, stage_option: int | str = "auto",
+                 schedule: str = "1f1b", layers: int | None = None,
+                 mesh: Mapping[str, int] | None = None,
+                 profile: str | DeviceProfile | None = None):
+        super().__init__(None)
+        if mesh is not None:
+            raise PlanError(f"parallel.mesh={dict(mesh)} does not apply to method 'pipeshard': "
+                            f"each stage gets its own sub-mesh; drop parallel.mesh or set "
+                            f"parallel.stages")
+        if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
+            raise PlanError(f"num_micro_batches={num_micro_batches!r} must be a positive integer")
+        if schedule not in SCHEDULES:
+            raise PlanError(f"schedule={schedule!r} is not a pipeline schedule; use one of "
+                            f"{', '.join(SCHEDULES)}")
+        if not (stage_option == "auto" or (isinstance(stage_option, int) and stage_option >= 1)):
+            raise PlanError(f"stage_option={stage_option!r} must be 'auto' or a positive number "
+                            f"of stages")
+        self.num_micro_batches = num_micro_batches
+        self.stage_option = stage_option
+        self.schedule = schedule
+        self.layers = layers
+        self.profile = profile
+
+    def __repr__(self) -> str:
+        return (f"PipeshardParallel(num_micro_batches={self.num_micro_batches}, "
+                f"stage_option={self.stage_option!r}, schedule={self.schedule!r})")
+
+    def make_plan(self, fn, abstract_args, *, batch_argnums, donate_argnums, devices,
+                  logical_axes):
+        del logical_axes
+        return self.build_executable(fn, abstract_args, batch_argnums=batch_argnums,
+                                     donate_argnums=donate_argnums, devices=devices).plan
+
+    def build_executable(self, fn: Callable, abstract_args: Sequence[Any], *,
+                         batch_argnums: Sequence[int], donate_argnums: Sequence[int],
+                         devices: Sequence[jax.Device]) -> PipelinedStep:
+        """Traces, splits and places ``fn``; returns the step that runs it (compiled lazily)."""
+        m = self.num_micro_batches
+        num_devices = len(devices)
+        micro, doubled, global_batch = _micro_batch_args(abstract_args, batch_argnums, m)
+        program = flatten(jax.make_jaxpr(fn)(*micro))
+        twice = flatten(jax.make_jaxpr(fn)(*doubled))
+        flat_args = jax.tree.leaves(tuple(abstract_args))
+        batch_inputs = _batch_input_ids(abstract_args, batch_argnums, program.inputs)
+        regions = split_regions(program, twice, batch_inputs)
+        backward = backward_flags(program, regions)
+        if not any(backward):
+            raise PlanError("the step computes no gradient from the batch (no backward pass): "
+                            "PipeshardParallel pipelines training steps; use DataParallel for "
+                            "evaluation")
+        stages = self.stage_option
+        if isinstance(stages, int) and stages > num_devices:
+            raise PlanError(f"stage_option={stages} stages but only {num_devices} devices; use "
+                            f"at most {num_devices} stages")
+        if isinstance(stages, int) and num_devices % stages:
+            raise PlanError(f"{num_devices} devices do not split into {stages} equal stages; use "
+                            f"a number of stages dividing {num_devices}, or stage_option='auto'")
+        num_layers = self.layers or (stages if isinstance(stages, int) else DEFAULT_AUTO_LAYERS)
+        layers = find_layers(program, regions, backward, num_layers)
+        costs = _dp.LayerCosts(layers.flops, _weight_bytes(program, regions, layers),
+                               layers.cut_bytes)
+        profile = get_profile(self.profile, num_devices) if not isinstance(
+            self.profile, DeviceProfile) else self.profile
+        micro_batch = global_batch // m
+        if isinstance(stages, int):
+            if stages > layers.count:
+                raise PlanError(
+                    f"stage_option={stages} stages but the step has {layers.count} layers"
+                    + (" (from its mark_pipeline_boundary calls)" if layers.from_markers else "")
+                    + f"; use at most {layers.count} stages"
+                    + ("" if layers.from_markers else " or more layers (layers=...)"))
+            starts = balanced_stages([f * 1.0 for f in layers.flops], stages)
+            sizes = [num_devices // stages] * stages
+            choice = _dp.price(costs, starts, sizes, m, profile)
+        else:
+            choice = _dp.search(costs, num_devices, m, profile, micro_batch)
+        equal = _equal_split(costs, len(choice.starts), num_devices, m, profile)
+        num_stages = len(choice.starts)
+        stage_of_layer = []
+        for k, start in enumerate(choice.starts):
+            end = choice.starts[k + 1] if k + 1 < num_stages else layers.count
+            stage_of_layer += [k] * (end - start)
+        mirrors = _mirrors(fn, abstract_args, donate_argnums)
+        placement = place(program, regions, backward, layers, stage_of_layer, num_stages, mirrors)
+        offsets = np.cumsum([0] + list(choice.sizes))
+        meshes = [mesh_lib.make_mesh({"data": int(d)}, list(devices)[offsets[k]:offsets[k + 1]])
+                  for k, d in enumerate(choice.sizes)]
+        output_stage = []
+        for pos, v in enumerate(program.outputs):
+            if pos in mirrors:
+                output_stage.append(placement.home[program.inputs[mirrors[pos]]])
+            else:
+                output_stage.append(placement.value_stage.get(v, 0) if isinstance(v, int) else 0)
+        runner = StageRunner(program, regions, placement, meshes, m, self.schedule,
+                             output_stage)
+        search = {"cost_s": choice.cost_s, "stage_times_s": list(choice.stage_times_s)}
+        if equal is not None:
+            search.update(equal_layers_starts=list(equal.starts), equal_layers_cost_s=equal.cost_s)
+        return PipelinedStep(fn, self, runner, abstract_args, flat_args, global_batch,
+                             layers, choice, search, mirrors, batch_argnums, donate_argnums)
+
+
+def _micro_batch_args(abstract_args, batch_argnums, m):
+    """The arguments with batch leaves cut to one micro-batch, and to two."""
+    sizes = set()
+    for i in batch_argnums:
+        for leaf in jax.tree.leaves(abstract_args[i]):
+            if not leaf.shape:
+                raise PlanError(f"batch argument {i} has a scalar leaf; every batch leaf needs a "
+                                f"leading batch dimension to split into micro-batches")
+            sizes.add(leaf.shape[0])
+    if len(sizes) != 1:
+        raise PlanError(f"batch leaves have different leading dimensions {sorted(sizes)}; they "
+                        f"must share the global batch size")
+    batch = sizes.pop()
+    if batch % m:
+        raise PlanError(f"global batch size {batch} is not divisible by num_micro_batches={m}; "
+                        f"use a batch size that is a multiple of {m}")
+
+    def cut(k):
+        return tuple(
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch // m * k, *x.shape[1:]), x.dtype),
+                         arg) if i in batch_argnums else arg
+            for i, arg in enumerate(abstract_args))
+
+    return cut(1), cut(2), batch
+
+
+def _batch_input_ids(abstract_args, batch_argnums, input_ids) -> list[int]:
+    ids, k = [], 0
+    for i, arg in enumerate(abstract_args):
+        n = len(jax.tree.leaves(arg))
+        if i in batch_argnums:
+            ids.extend(input_ids[k:k + n])
+        k += n
+    return ids
+
+
+def _weight_bytes(program, regions, layers) -> list[float]:
+    """Bytes of the batch-independent values (parameters) each layer's forward reads."""
+    seen = [set() for _ in range(layers.count)]
+    for i, layer in layers.of_op.items():
+        for v in program.ops[i].value_inputs():
+            if v not in regions.batch_dependent:
+                seen[layer].add(v)
+    return [float(sum(program.nbytes(v) for v in vs)) for vs in seen]
+
+
+def _equal_split(costs, num_stages, num_devices, m, profile):
+    """The same number of stages with equal layer counts and devices, priced (or ``None``)."""
+    n = len(costs.flops)
+    if num_stages > n or num_devices % num_stages:
+        return None
+    starts = [k * n // num_stages for k in range(num_stages)]
+    return _dp.price(costs, starts, [num_devices // num_stages] * num_stages, m, profile)
+
+
+def _mirrors(fn, abstract_args, donate_argnums) -> dict[int, int]:
+    """Flat output position -> flat input position, for outputs that replace an argument
+    (same structure and leaf shapes; donated arguments first)."""
+    out = jax.eval_shape(fn, *abstract_args)
+    entries = list(out) if isinstance(out, (tuple, list)) else [out]
+    offsets = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in abstract_args])
+    order = list(donate_argnums) + [i for i in range(len(abstract_args))
+                                    if i not in donate_argnums]
+
+    def signature(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef, tuple(tuple(x.shape) for x in leaves)
+
+    mirrors, pos = {}, 0
+    for entry in entries:
+        n = len(jax.tree.leaves(entry))
+        for i in order:
+            if signature(abstract_args[i]) == signature(entry):
+                mirrors.update({pos + k: int(offsets[i]) + k for k in range(n)})
+                break
+        pos += n
+    return mirrors
+
+
+def _factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1,
+             profile=None, stages=None, schedule=None):
+    if rules:
+        raise PlanError(f"parallel.rules={dict(rules)} only applies to method 'manual'; "
+                        f"method 'pipeshard' places each stage itself. Drop the rules")
+    if memory_budget_bytes is not None:
+        warn_once(f"method 'pipeshard' does not plan within a memory budget yet, so "
+                  f"parallel.memory_budget_bytes={memory_budget_bytes} is not enforced")
+    return PipeshardParallel(num_micro_batches=num_micro_batches,
+                             stage_option="auto" if stages is None else stages,
+                             schedule="1f1b" if schedule is None else schedule,
+                             mesh=mesh, profile=profile)
+
+
+_factory.pipeline = True
+register_method("pipeshard", _factory)
+

@@ -1,0 +1,212 @@
+"""The pipelined step ``parallelize`` runs: placement of arguments, the run, and its report."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from parallel import mesh as mesh_lib
+from parallel import profiles
+from parallel._errors import PlanError
+from parallel._hlo import collective_bytes
+from parallel.pipeline._schedule import bubble_fraction, max_in_flight
+from parallel.plan import LeafPlan, Plan
+from parallel.report import Report, cost_figures, memory_bytes
+
+
+class PipelinedStep:
+    """A step split into stages: called like the function, reports like ``analyze``.
+
+    Each state leaf lives on the sub-mesh of the stage that uses it (a ``NamedSharding`` over
+    that sub-mesh), so checkpoints save and restore it like any other sharded array.
+    """
+
+    def __init__(self, fn, method, runner, abstract_args, flat_args, global_batch, layers,
+                 choice, search, mirrors, batch_argnums, donate_argnums):
+        self.fn, self.method, self.runner = fn, method, runner
+        self.layers, self.choice = layers, choice
+        self.compile_time_s = 0.0
+        self._compiled: dict[tuple, Any] = {}
+        program, placement = runner.program, runner.placement
+        self.in_treedef = jax.tree.structure(tuple(abstract_args))
+        flat_in = []
+        for v, leaf in zip(program.inputs, flat_args):
+            stage = placement.home[v]
+            if v in runner.regions.batch_dim:
+                size = runner.meshes[stage].shape["data"]
+                spec = PartitionSpec("data") if size > 1 and leaf.shape[0] % size == 0 \
+                    else PartitionSpec()
+                flat_in.append(NamedSharding(runner.meshes[stage], spec))
+            else:
+                flat_in.append(runner.sharding(v, stage))
+        out = jax.eval_shape(fn, *abstract_args)
+        self.out_treedef = jax.tree.structure(out)
+        flat_out = []
+        for pos, (v, stage) in enumerate(zip(program.outputs, runner.output_stage)):
+            if pos in mirrors:
+                flat_out.append(flat_in[mirrors[pos]])
+            elif isinstance(v, int):
+                flat_out.append(runner.sharding(v, stage))
+            else:
+                flat_out.append(NamedSharding(runner.meshes[stage], PartitionSpec()))
+        self.flat_in_shardings, self.flat_out_shardings = flat_in, flat_out
+        unflat = jax.tree.unflatten(self.in_treedef, flat_in)
+        self.in_shardings = tuple(unflat)
+        self.out_shardings = jax.tree.unflatten(self.out_treedef, flat_out)
+        num_devices = sum(choice.sizes)
+        num_stages = len(choice.sizes)
+        if len(set(choice.sizes)) == 1:
+            mesh_shape = {"stage": num_stages, "data": choice.sizes[0]}
+        else:
+            mesh_shape = {"devices": num_devices}
+        devices = [d for mesh in runner.meshes for d in mesh.devices.flat]
+        self.mesh = mesh_lib.make_mesh(mesh_shape, devices)
+        stage_of_flat = [placement.home[v] for v in program.inputs]
+        inputs, k = [], 0
+        leaf_stages = []
+        for arg in abstract_args:
+            flat, _ = jax.tree_util.tree_flatten_with_path(arg)
+            inputs.append(tuple(
+                LeafPlan(jax.tree_util.keystr(kp), tuple(leaf.shape), np.dtype(leaf.dtype).name
+                         if _is_numeric(leaf) else str(leaf.dtype), flat_in[k + j].spec)
+                for j, (kp, leaf) in enumerate(flat)))
+            leaf_stages.append(stage_of_flat[k:k + len(flat)])
+            k += len(flat)
+        out_flat, _ = jax.tree_util.tree_flatten_with_path(out)
+        outputs = tuple(
+            LeafPlan(jax.tree_util.keystr(kp), tuple(leaf.shape), str(leaf.dtype), sh.spec)
+            for (kp, leaf), sh in zip(out_flat, flat_out))
+        self.stage_info = self._stage_info(global_batch)
+        extras = {"num_micro_batches": runner.num_micro_batches, "schedule": runner.schedule,
+                  "bubble_fraction": bubble_fraction(num_stages, runner.num_micro_batches),
+                  "stages": self.stage_info, "leaf_stages": leaf_stages, "search": search}
+        self.plan = Plan("pipeshard", mesh_shape, tuple(inputs), outputs,
+                         batch_argnums=tuple(batch_argnums), donate_argnums=tuple(donate_argnums),
+                         extras=extras)
+
+    def _stage_info(self, global_batch: int) -> list[dict]:
+        info = []
+        starts = list(self.choice.starts) + [self.layers.count]
+        offset = 0
+        for s, size in enumerate(self.choice.sizes):
+            mesh = self.runner.meshes[s]
+            info.append({
+                "stage": s,
+                "layers": [int(starts[s]), int(starts[s + 1]) - 1],
+                "devices": [int(d.id) for d in mesh.devices.flat],
+                "submesh": {"data": int(size)},
+                "intra_op_mesh": {"data": int(size)},
+                "micro_batch_size": global_batch // self.runner.num_micro_batches,
+                "predicted_time_per_micro_batch_s": float(self.choice.stage_times_s[s]),
+            })
+            offset += size
+        return info
+
+    # ----- running --------------------------------------------------------------------------
+    def __call__(self, *args):
+        flat, treedef = jax.tree.flatten(tuple(args))
+        if treedef != self.in_treedef:
+            raise PlanError(f"arguments have structure {treedef}, the plan was made for "
+                            f"{self.in_treedef}")
+        results = self.runner(flat)
+        placed = [x if x.sharding == sh else jax.device_put(x, sh)
+                  for x, sh in zip(results, self.flat_out_shardings)]
+        return jax.tree.unflatten(self.out_treedef, placed)
+
+    def init_state(self, init_fn, rng_key):
+        """Makes the state replicated over all devices, then keeps each leaf on its stage."""
+        everywhere = NamedSharding(self.mesh, PartitionSpec())
+        state = jax.jit(init_fn, out_shardings=everywhere)(rng_key)
+        return jax.tree.map(jax.device_put, state, self.in_shardings[0])
+
+    def lower(self, *args):
+        raise PlanError("a pipelined step is one program per stage and task, not one lowered "
+                        "program; use step.analyze(...) for its costs")
+
+    # ----- report ---------------------------------------------------------------------------
+    def compile_all(self) -> dict[tuple, Any]:
+        """Compiles every task program (for the report); returns them by task key."""
+        if not self._compiled:
+            start = time.perf_counter()
+            for key in self.runner.tasks:
+                jitted = self.runner.jitted(key)
+                self._compiled[key] = jitted.lower(*self.runner.abstract_inputs(key)).compile()
+            self.compile_time_s = time.perf_counter() - start
+        return self._compiled
+
+    def report(self, profile: str | None = None, solve_time_s: float = 0.0) -> Report:
+        """Per stage: layers, devices, FLOPs, time and memory; per device: the worst stage."""
+        compiled = self.compile_all()
+        runner = self.runner
+        m = runner.num_micro_batches
+        num_stages = len(self.choice.sizes)
+        device_profile = profiles.get_profile(profile, sum(self.choice.sizes))
+        per_stage = []
+        total_flops = total_bytes = 0.0
+        for s in range(num_stages):
+            flops = accessed = 0.0
+            micro_flops = micro_time = 0.0
+            temp = activation = 0
+            sent = 0.0
+            for key, program in compiled.items():
+                if runner.tasks[key].stage != s:
+                    continue
+                f, b = cost_figures(program)
+                times = m if key[0] in "FB" else 1
+                flops += f * times
+                accessed += b * times
+                if key[0] in "FB":
+                    micro_flops += f
+                    micro_time += device_profile.compute_time(f, b)
+                temp = max(temp, memory_bytes(program))
+                sent += times * sum(c["sent_bytes"] for c in collective_bytes(
+                    program.as_text(), self.choice.sizes[s]).values())
+                if key[0] == "F":
+                    activation = _kept_bytes(program)
+            in_flight = max_in_flight(runner.schedule, s, num_stages, m)
+            entry = dict(self.stage_info[s])
+            entry.update(
+                flops_per_micro_batch=micro_flops,
+                measured_time_per_micro_batch_s=micro_time,
+                activation_bytes_per_micro_batch=activation,
+                max_micro_batches_in_flight=in_flight,
+                peak_activation_bytes=activation * in_flight,
+                memory_bytes=temp + activation * in_flight,
+                communication_bytes=sent,
+            )
+            per_stage.append(entry)
+            total_flops = max(total_flops, flops)
+            total_bytes = max(total_bytes, accessed)
+        times = [e["measured_time_per_micro_batch_s"] for e in per_stage]
+        step_time = sum(times) + (m - 1) * max(times)
+        stages = {"schedule": runner.schedule, "num_micro_batches": m,
+                  "bubble_fraction": bubble_fraction(num_stages, m), "stages": per_stage}
+        shardings = jax.tree.map(lambda sh: sh.spec, self.in_shardings)
+        return Report(
+            method="pipeshard", mesh_shape=dict(self.plan.mesh_shape),
+            per_device_memory_bytes=int(max(e["memory_bytes"] for e in per_stage)),
+            communication_bytes=max(e["communication_bytes"] for e in per_stage),
+            collectives={}, flops=total_flops,
+            bytes_accessed=total_bytes, estimated_step_time_s=step_time,
+            profile=device_profile.name, solve_time_s=solve_time_s,
+            compile_time_s=self.compile_time_s, shardings=shardings, stages=stages)
+
+
+def _kept_bytes(program) -> int:
+    """Bytes a forward task hands on per micro-batch per device (the activations kept)."""
+    stats = program.memory_analysis()
+    if isinstance(stats, (list, tuple)):
+        stats = stats[0]
+    return int(stats.output_size_in_bytes)
+
+
+def _is_numeric(leaf) -> bool:
+    try:
+        np.dtype(leaf.dtype)
+        return True
+    except TypeError:
+        return False
+
