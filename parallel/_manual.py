@@ -7,12 +7,15 @@ parallelism for a GPT is ``{"heads": "model", "mlp": "model", "vocab": "model"}`
 Which leaves get which names: ``logical_axes`` has one entry per positional argument, a pytree
 whose leaves are tuples of names (or ``PartitionSpec``s of names, as ``nnx.get_partition_spec``
 returns). A leaf of the argument takes the names of the entry whose key path is the longest
-prefix of the leaf's key path, so ``{"params": names_tree}`` names only the parameters.
+prefix of the leaf's key path, so ``{"w": names_tree}`` names only the leaves under ``"w"``, and
+``(names_tree, None)`` only the first entry of a ``(weights, optimizer_state)`` tuple.
 
-Optimizer state: a leaf under ``"opt_state"`` without names of its own mirrors a parameter when
-its key path ends with that parameter's path below ``"params"`` and their shapes are equal
-(``['opt_state'][0].mu['dense']['kernel']`` mirrors ``['params']['dense']['kernel']``); it gets
-the parameter's spec. Everything else is replicated; batch leaves are split over ``"data"``.
+Optimizer state: a stored-state leaf (of a donated argument) without names of its own that
+mirrors a named leaf gets that leaf's spec. Mirroring is by structure, not by key names: equal
+shapes, and the leaf's key path ends with the named leaf's path below the prefix all named
+leaves share (``[1][0].mu['dense']['kernel']`` mirrors ``[0]['dense']['kernel']``), which is
+how optax lays out its moments (``parallel._roles.mirrors``). Everything else is replicated;
+batch leaves are split over ``"data"``.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ from jax.sharding import PartitionSpec
 
 from parallel import mesh as mesh_lib
 from parallel._errors import PlanError
-from parallel._methods import (OPT_STATE_KEY, PARAMS_KEY, Method, batch_leaf_spec, key_name,
-                               register_method, warn_once)
+from parallel._methods import Method, batch_leaf_spec, register_method, warn_once
+from parallel._roles import BATCH, OTHER, mirrors, plain_path
 
 MEGATRON_RULES = {"heads": "model", "mlp": "model", "vocab": "model", "expert": "model"}
 
@@ -36,10 +39,6 @@ def _is_names(x: Any) -> bool:
     if x is None or isinstance(x, PartitionSpec):
         return True
     return isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x)
-
-
-def _plain_path(key_path: tuple) -> tuple:
-    return tuple(key_name(k) for k in key_path)
 
 
 class ManualParallel(Method):
@@ -96,41 +95,36 @@ class ManualParallel(Method):
                              f"{shape} does not have; add them to parallel.mesh or fix the rules")
         return shape
 
-    def prepare(self, abstract_args, mesh_shape, logical_axes):
-        """Resolves each argument leaf's logical names, and parameter specs for mirroring."""
-        names_by_arg = []
+    def prepare(self, abstract_args, mesh_shape, logical_axes, roles):
+        """Resolves each leaf's logical names, and the specs unnamed stored leaves mirror."""
+        names_by_arg, named, unnamed = [], [], []
         for i, arg in enumerate(abstract_args):
             entry = logical_axes[i] if logical_axes is not None and i < len(logical_axes) else None
-            names_by_arg.append(self._names_table(entry))
-        param_specs = {}
-        for i, arg in enumerate(abstract_args):
-            if not (isinstance(arg, Mapping) and PARAMS_KEY in arg):
-                continue
-            for key_path, leaf in jax.tree_util.tree_flatten_with_path(arg)[0]:
-                path = _plain_path(key_path)
-                if path[0] != PARAMS_KEY:
-                    continue
-                names = _lookup(names_by_arg[i], path)
-                if names is not None:
-                    spec = self._spec(names, np.shape(leaf), jax.tree_util.keystr(key_path),
-                                      mesh_shape)
-                    param_specs[(i, path[1:])] = (tuple(np.shape(leaf)), spec)
-        return {"names": names_by_arg, "param_specs": param_specs}
+            table = self._names_table(entry)
+            names_by_arg.append(table)
+            leaves = jax.tree_util.tree_flatten_with_path(arg)[0]
+            for (key_path, leaf), role in zip(leaves, roles.by_arg[i]):
+                path, shape = (i, *plain_path(key_path)), tuple(np.shape(leaf))
+                names = _lookup(table, path[1:])
+                if names is not None and role != BATCH:
+                    spec = self._spec(names, shape, jax.tree_util.keystr(key_path), mesh_shape)
+                    named.append((path, shape, spec))
+                elif names is None and role not in (BATCH, OTHER):
+                    unnamed.append((path, shape))
+        found = mirrors([p for p, _ in unnamed], [s for _, s in unnamed],
+                        [p for p, _, _ in named], [s for _, s, _ in named])
+        mirrored = {unnamed[u][0]: named[t][2] for u, t in found.items()}
+        return {"names": names_by_arg, "mirrored": mirrored}
 
     def leaf_spec(self, role, path, key_path, leaf, mesh_shape, argnum, context):
-        plain = _plain_path(key_path)
+        plain = plain_path(key_path)
         names = _lookup(context["names"][argnum], plain)
         if names is not None:
             return self._spec(names, np.shape(leaf), path, mesh_shape)
-        if role == OPT_STATE_KEY:
-            for suffix_len in range(len(plain) - 1, 0, -1):
-                mirrored = context["param_specs"].get((argnum, plain[-suffix_len:]))
-                if mirrored is not None and mirrored[0] == tuple(np.shape(leaf)):
-                    return mirrored[1]
-        return PartitionSpec()
+        return context["mirrored"].get((argnum, *plain), PartitionSpec())
 
     def batch_spec(self, path, leaf, mesh_shape, argnum, key_path, context):
-        names = _lookup(context["names"][argnum], _plain_path(key_path))
+        names = _lookup(context["names"][argnum], plain_path(key_path))
         if names is not None:
             return self._spec(names, np.shape(leaf), path, mesh_shape)
         return batch_leaf_spec(path, leaf, mesh_shape, argnum, self.batch_axis)
@@ -139,7 +133,7 @@ class ManualParallel(Method):
         if entry is None:
             return []
         flat = jax.tree_util.tree_flatten_with_path(entry, is_leaf=_is_names)[0]
-        return [(_plain_path(kp), tuple(names)) for kp, names in flat if names is not None]
+        return [(plain_path(kp), tuple(names)) for kp, names in flat if names is not None]
 
     def _spec(self, names: tuple, shape: tuple, path: str,
               mesh_shape: Mapping[str, int]) -> PartitionSpec:

@@ -1,12 +1,13 @@
 """Methods: objects that turn a traced step into a ``Plan``.
 
 ``Method.make_plan`` is the one entry point ``parallelize`` calls. The manual methods here
-choose a ``PartitionSpec`` per input leaf from where the leaf sits in the state:
+choose a ``PartitionSpec`` per input leaf from the leaf's role, found from types and from the
+traced step, never from key names (``parallel._roles``):
 
-* leaves under the top-level key ``"params"`` are parameters,
-* leaves under ``"opt_state"`` are optimizer state,
-* leaves of ``batch_argnums`` arguments are split on their leading (batch) dimension,
-* everything else (step counter, RNG, model state) is replicated.
+* batch leaves are split on their leading (batch) dimension,
+* ZeRO-2 splits optimizer state, ZeRO-3 every stored-state leaf (a leaf of a donated
+  argument: parameters, optimizer state, and the rest) that is large enough,
+* everything else (and everything under ``DataParallel``) is replicated.
 
 Outputs that mirror an input argument (the new state mirrors the state) take that argument's
 specs, so step N+1 needs no data movement; other outputs (metrics) are replicated.
@@ -25,10 +26,8 @@ from jax.sharding import PartitionSpec
 
 from parallel import mesh as mesh_lib
 from parallel._errors import PlanError
+from parallel._roles import OPTIMIZER, PARAMETER, STATE, Roles, find_roles
 from parallel.plan import LeafPlan, Plan, make_leaf_plans
-
-PARAMS_KEY = "params"
-OPT_STATE_KEY = "opt_state"
 
 _warned: set[str] = set()
 
@@ -38,28 +37,6 @@ def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, stacklevel=3)
-
-
-def key_name(key: Any) -> Any:
-    """The plain name of one key-path entry: a dict key, sequence index or attribute name."""
-    for attr in ("key", "idx", "name"):
-        if hasattr(key, attr):
-            return getattr(key, attr)
-    return str(key)
-
-
-def leaf_role(arg: Any, key_path: tuple, *, is_batch: bool, is_donated: bool) -> str:
-    """Classifies a leaf as ``"batch"``, ``"params"``, ``"opt_state"``, ``"state"`` or ``"other"``.
-
-    ``"state"`` is a leaf of a donated argument that is not a dict with ``"params"``: such a
-    pytree is treated as parameters and optimizer state together.
-    """
-    if is_batch:
-        return "batch"
-    if isinstance(arg, Mapping) and PARAMS_KEY in arg:
-        top = key_name(key_path[0]) if key_path else None
-        return top if top in (PARAMS_KEY, OPT_STATE_KEY) else "other"
-    return "state" if is_donated else "other"
 
 
 def largest_divisible_dim(shape: Sequence[int], ways: int) -> int | None:
@@ -129,15 +106,16 @@ class Method:
           The plan.
         """
         mesh_shape = self.resolve_mesh_shape(len(devices))
-        context = self.prepare(abstract_args, mesh_shape, logical_axes)
+        roles = find_roles(fn, abstract_args, batch_argnums=batch_argnums,
+                           donate_argnums=donate_argnums)
+        context = self.prepare(abstract_args, mesh_shape, logical_axes, roles)
         inputs = []
         for i, arg in enumerate(abstract_args):
-            is_batch, is_donated = i in batch_argnums, i in donate_argnums
+            arg_roles = iter(roles.by_arg[i])
 
-            def spec_fn(path, key_path, leaf, arg=arg, i=i, is_batch=is_batch,
-                        is_donated=is_donated):
-                role = leaf_role(arg, key_path, is_batch=is_batch, is_donated=is_donated)
-                if role == "batch":
+            def spec_fn(path, key_path, leaf, i=i, arg_roles=arg_roles):
+                role = next(arg_roles)
+                if i in batch_argnums:
                     return self.batch_spec(path, leaf, mesh_shape, i, key_path, context)
                 return self.leaf_spec(role, path, key_path, leaf, mesh_shape, i, context)
 
@@ -147,9 +125,9 @@ class Method:
                     batch_argnums=tuple(batch_argnums), donate_argnums=tuple(donate_argnums))
 
     def prepare(self, abstract_args: Sequence[Any], mesh_shape: dict[str, int],
-                logical_axes: Sequence[Any] | None) -> Any:
+                logical_axes: Sequence[Any] | None, roles: Roles) -> Any:
         """Per-plan precomputation handed to ``leaf_spec`` and ``batch_spec`` (none here)."""
-        del abstract_args, mesh_shape
+        del abstract_args, mesh_shape, roles
         if logical_axes is not None and any(entry is not None for entry in logical_axes):
             warn_once(f"{type(self).__name__} ignores logical_axes; use ManualParallel(rules) "
                       f"to place parameters by their logical axis names")
@@ -157,7 +135,8 @@ class Method:
 
     def leaf_spec(self, role: str, path: str, key_path: tuple, leaf: Any,
                   mesh_shape: dict[str, int], argnum: int, context: Any) -> PartitionSpec:
-        """The spec of a non-batch leaf; replicated unless a subclass says otherwise."""
+        """The spec of a non-batch leaf of role ``role`` (``parallel._roles``); replicated
+        unless a subclass says otherwise."""
         del role, path, key_path, leaf, mesh_shape, argnum, context
         return PartitionSpec()
 
@@ -235,9 +214,10 @@ class DataParallel(Method):
 class Zero2Parallel(Method):
     """ZeRO stage 2: optimizer state (and so the update) sharded over ``"data"``.
 
-    Parameters stay replicated; each optimizer-state leaf is split along its largest dimension
-    that divides by the data size. Leaves with fewer than ``min_shard_elements`` elements or no
-    such dimension stay replicated.
+    Parameters stay replicated; each optimizer-state leaf (found by its optax type or by
+    mirroring a parameter, whatever the state's keys; see ``parallel._roles``) is split along
+    its largest dimension that divides by the data size. Leaves with fewer than
+    ``min_shard_elements`` elements or no such dimension stay replicated.
 
     Args:
       mesh: default ``{"data": num_devices}``.
@@ -246,7 +226,7 @@ class Zero2Parallel(Method):
     """
 
     name = "zero2"
-    sharded_roles = ("opt_state",)
+    sharded_roles = (OPTIMIZER,)
 
     def __init__(self, mesh: Mapping[str, int] | None = None, min_shard_elements: int = 1024):
         super().__init__(mesh)
@@ -265,13 +245,14 @@ class Zero2Parallel(Method):
 
 
 class Zero3Parallel(Zero2Parallel):
-    """ZeRO stage 3 (FSDP): parameters sharded over ``"data"`` too, gathered where used.
+    """ZeRO stage 3 (FSDP): every stored-state leaf sharded over ``"data"``, gathered where used.
 
-    Leaves of a donated argument that is not a ``{"params": ...}`` dict are sharded the same way.
+    Every leaf of a donated argument (parameters, optimizer state, and anything else the step
+    stores, whatever it is called) that is large enough is split as in ZeRO-2.
     """
 
     name = "zero3"
-    sharded_roles = ("params", "opt_state", "state")
+    sharded_roles = (PARAMETER, OPTIMIZER, STATE)
 
 
 _REGISTRY: dict[str, Callable[..., Method]] = {}

@@ -16,13 +16,19 @@ from jax.sharding import Mesh, NamedSharding
 from parallel._constraints import with_constraints
 from parallel._errors import PlanError
 from parallel._methods import DataParallel, Method
+from parallel._roles import check_leaves
 from parallel.plan import Plan, shardings_from_specs
 
 log = logging.getLogger(__name__)
 
 
 def abstractify(tree: Any) -> Any:
-    """Replaces every leaf by a ``jax.ShapeDtypeStruct`` of its shape and dtype (no sharding)."""
+    """Replaces every leaf by a ``jax.ShapeDtypeStruct`` of its shape and dtype (no sharding).
+
+    Raises:
+      PlanError: a leaf is not an array or a number (its path is named).
+    """
+    check_leaves(tree)
 
     def one(leaf):
         if isinstance(leaf, (jax.ShapeDtypeStruct, jax.Array)):

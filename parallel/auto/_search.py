@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from parallel._errors import PlanError
-from parallel._methods import leaf_role
+from parallel._roles import OPTIMIZER, find_roles
 from parallel.auto._cost import MeshModel
 from parallel.auto._graph import build_graph
 from parallel.auto._groups import Structure, warn_fallbacks
@@ -230,7 +230,9 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
         # ZeRO-2); with all stored state sharded (ZeRO-3).
         batch = {graph.inputs[j] for j in batch_leaves}
         state = {v for v in donated if graph.values[v].nbytes >= _SHARDED_STATE_BYTES}
-        update = {graph.inputs[j] for j in _optimizer_leaves(args, donate_argnums)} & state
+        roles = find_roles(fn, args, batch_argnums=batch_argnums, donate_argnums=donate_argnums,
+                           traced=(closed, out_shape))
+        update = {graph.inputs[j] for j in roles.indices(OPTIMIZER)} & state
         variants = [("batch split", (batch,)), ("state sharded", (batch, state, donated - state))]
         if update:  # weight-update sharding (ZeRO-2): parameters whole, optimizer state split
             variants.insert(1, ("update sharded", (batch, update, donated - update)))
@@ -272,19 +274,6 @@ def trace(fn: Callable, args: tuple):
     closed = jax.make_jaxpr(flat_fn)(*flat_args)
     shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in closed.out_avals]
     return closed, in_tree, jax.tree.unflatten(out_tree[0], shapes)
-
-
-def _optimizer_leaves(args: tuple, donate_argnums: Sequence[int]) -> list[int]:
-    """Flat indices of the optimizer-state leaves (``opt_state`` of a donated ``{"params",
-    "opt_state", ...}`` dict); empty when the state has no such layout."""
-    found, offset = [], 0
-    for i, arg in enumerate(args):
-        leaves = jax.tree_util.tree_flatten_with_path(arg)[0]
-        if i in donate_argnums:
-            found += [offset + j for j, (key_path, _) in enumerate(leaves)
-                      if leaf_role(arg, key_path, is_batch=False, is_donated=True) == "opt_state"]
-        offset += len(leaves)
-    return found
 
 
 def _pair_state(args, out_shape, donate_argnums, offsets) -> dict[int, int]:

@@ -1,0 +1,258 @@
+"""Parallel methods on any state pytree: roles found from types and the traced step, not names.
+
+The same MLP and Adam optimizer are held as (a) the Trainer's dict, (b) ``{"params", "opt"}``,
+(c) a flax ``TrainState``, (d) a tuple ``(params, opt_state)`` and (e) an ``nnx.Optimizer``'s
+state; every form must get the same sharding.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training import train_state
+from jax.sharding import PartitionSpec as P
+
+import parallel
+from parallel._roles import OPTIMIZER, PARAMETER, STATE, find_roles
+
+SIZES = (16, 64, 16)
+BATCH = 32
+FORMS = ("trainer", "opt_key", "train_state", "tuple")
+
+
+def mlp_params(key, sizes=SIZES):
+    keys = jax.random.split(key, len(sizes) - 1)
+    return {f"dense_{i}": {"kernel": jax.random.normal(keys[i], (d_in, d_out)) / np.sqrt(d_in),
+                           "bias": jnp.full((d_out,), 0.1, jnp.float32)}
+            for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:]))}
+
+
+def mlp_loss(params, batch):
+    h = batch["x"]  # (B, D_0)
+    for i in range(len(params)):
+        layer = params[f"dense_{i}"]
+        h = h @ layer["kernel"] + layer["bias"]  # (B, D_i+1)
+        if i < len(params) - 1:
+            h = jnp.tanh(h)
+    return jnp.mean((h - batch["y"]) ** 2)
+
+
+def residual_loss(params, batch):
+    h = batch["x"]  # (B, H)
+    for i in range(len(params)):
+        layer = params[f"block_{i}"]
+        h = h + jax.nn.relu(h @ layer["w_in"]) @ layer["w_out"]  # (B, W) -> (B, H)
+    return jnp.mean((h - batch["y"]) ** 2)
+
+
+def make_form(form, params, loss_fn=mlp_loss, tx=None):
+    """``(state, train_step)`` holding ``params`` and Adam's state as ``form``."""
+    tx = tx or optax.adam(1e-2)
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def adam(params, opt_state, batch):
+        loss, grads = grad_fn(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    if form == "trainer":
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": tx.init(params), "model_state": {}, "rng": jax.random.key(7)}
+
+        def step(state, batch):
+            params, opt_state, loss = adam(state["params"], state["opt_state"], batch)
+            return {**state, "step": state["step"] + 1, "params": params,
+                    "opt_state": opt_state}, {"loss": loss}
+    elif form == "opt_key":
+        state = {"params": params, "opt": tx.init(params)}
+
+        def step(state, batch):
+            params, opt, loss = adam(state["params"], state["opt"], batch)
+            return {"params": params, "opt": opt}, {"loss": loss}
+    elif form == "train_state":
+        state = train_state.TrainState.create(apply_fn=loss_fn, params=params, tx=tx)
+
+        def step(state, batch):
+            loss, grads = jax.value_and_grad(state.apply_fn)(state.params, batch)
+            return state.apply_gradients(grads=grads), {"loss": loss}
+    else:
+        state = (params, tx.init(params))
+
+        def step(state, batch):
+            params, opt_state, loss = adam(*state, batch)
+            return (params, opt_state), loss
+    return state, step
+
+
+def loss_of(metrics):
+    return metrics["loss"] if isinstance(metrics, dict) else metrics
+
+
+def nnx_form(sizes=SIZES, tx=None):
+    """An ``nnx.Optimizer`` over an NNX MLP, held as the pure dict of ``nnx.split``'s state."""
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs)
+                                    for a, b in zip(sizes[:-1], sizes[1:])])
+
+        def __call__(self, x):
+            for i, layer in enumerate(self.layers):
+                x = layer(x)
+                x = jnp.tanh(x) if i < len(self.layers) - 1 else x
+            return x
+
+    model = MLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, tx or optax.adam(1e-2), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+
+    def step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(
+            lambda m: jnp.mean((m(batch["x"]) - batch["y"]) ** 2))(model)
+        optimizer.update(model, grads)
+        return nnx.to_pure_dict(nnx.state((model, optimizer))), {"loss": loss}
+
+    return nnx.to_pure_dict(state), step
+
+
+def make_batch(d_in=SIZES[0], d_out=SIZES[-1], batch=BATCH):
+    rng = np.random.default_rng(0)
+    return {"x": rng.normal(size=(batch, d_in)).astype(np.float32),
+            "y": rng.normal(size=(batch, d_out)).astype(np.float32)}
+
+
+def abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
+
+
+def roles_by_path(state, step, batch):
+    roles = find_roles(step, (abstract(state), abstract(batch)), batch_argnums=(1,),
+                       donate_argnums=(0,))
+    paths = [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    return dict(zip(paths, roles.by_arg[0]))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_roles_of_each_state_form(form):
+    state, step = make_form(form, mlp_params(jax.random.key(0)))
+    roles = roles_by_path(state, step, make_batch())
+    prefix = {"trainer": ("['params']", "['opt_state'][0]"), "opt_key": ("['params']", "['opt'][0]"),
+              "train_state": (".params", ".opt_state[0]"), "tuple": ("[0]", "[1][0]")}[form]
+    layers = [f"['dense_{i}']['{w}']" for i in range(2) for w in ("kernel", "bias")]
+    expected = {prefix[0] + leaf: PARAMETER for leaf in layers}
+    expected.update({f"{prefix[1]}.{moment}{leaf}": OPTIMIZER
+                     for moment in ("mu", "nu") for leaf in layers})
+    expected[f"{prefix[1]}.count"] = OPTIMIZER  # inside optax's ScaleByAdamState
+    others = {"trainer": ["['rng']", "['step']"], "train_state": [".step"]}.get(form, [])
+    expected.update({path: STATE for path in others})
+    assert roles == expected
+
+
+def test_roles_of_an_nnx_optimizer_state_without_optax_types():
+    state, step = nnx_form()
+    roles = roles_by_path(state, step, make_batch())
+    layers = [f"['layers'][{i}]['{w}']" for i in range(2) for w in ("bias", "kernel")]
+    expected = {f"[0]{leaf}": PARAMETER for leaf in layers}
+    # the moments mirror the parameters; nothing else marks them once nnx made them dicts
+    expected.update({f"[1]['opt_state'][0]['{moment}']{leaf}": OPTIMIZER
+                     for moment in ("mu", "nu") for leaf in layers})
+    expected.update({"[1]['opt_state'][0]['count']": STATE, "[1]['step']": STATE})
+    assert roles == expected
+
+
+def test_roles_ignore_accumulators_and_follow_nested_jit():
+    # Adagrad's accumulator is updated as `acc + g**2` but does not feed the loss: optimizer
+    # state (it mirrors a parameter) even where nnx left no optax type on it.
+    state, step = nnx_form(tx=optax.adagrad(1e-2))
+    roles = roles_by_path(state, step, make_batch())
+    assert {path for path, role in roles.items() if role == PARAMETER} == {
+        f"[0]['layers'][{i}]['{w}']" for i in range(2) for w in ("bias", "kernel")}
+    assert {path for path, role in roles.items() if role == OPTIMIZER} == {
+        f"[1]['opt_state'][0]['sum_of_squares']['layers'][{i}]['{w}']"
+        for i in range(2) for w in ("bias", "kernel")}
+    # a parameter update inside a jitted helper is still found
+    params = mlp_params(jax.random.key(0))
+    tx = optax.adagrad(1e-2)
+
+    @jax.jit
+    def apply(params, updates):
+        return optax.apply_updates(params, updates)
+
+    def step(state, batch):
+        loss, grads = jax.value_and_grad(mlp_loss)(state["w"], batch)
+        updates, acc = tx.update(grads, state["acc"], state["w"])
+        return {"w": apply(state["w"], updates), "acc": acc}, loss
+
+    roles = roles_by_path({"w": params, "acc": tx.init(params)}, step, make_batch())
+    assert {path for path, role in roles.items() if role == PARAMETER} == {
+        f"['w']['dense_{i}']['{w}']" for i in range(2) for w in ("bias", "kernel")}
+    assert {role for path, role in roles.items() if path.startswith("['acc']")} == {OPTIMIZER}
+
+
+def sharded_specs(plan):
+    """``(shape, spec)`` of the state leaves with at least 1024 elements, sorted; and whether
+    every smaller leaf is replicated."""
+    big = sorted((leaf.shape, tuple(leaf.spec)) for leaf in plan.inputs[0]
+                 if np.prod(leaf.shape) >= 1024)
+    small_replicated = all(leaf.spec == P() for leaf in plan.inputs[0]
+                           if np.prod(leaf.shape) < 1024)
+    return big, small_replicated
+
+
+KERNEL_0, KERNEL_1 = (16, 64), (64, 16)
+
+
+@pytest.mark.parametrize("form", FORMS + ("nnx",))
+def test_zero_specs_are_the_same_for_every_form(form):
+    if form == "nnx":
+        state, step = nnx_form()
+    else:
+        state, step = make_form(form, mlp_params(jax.random.key(0)))
+    batch = make_batch()
+    zero2 = parallel.parallelize(step, method=parallel.Zero2Parallel()).plan(state, batch)
+    # parameters whole, Adam's mu and nu split on their dimension that divides by 8
+    assert sharded_specs(zero2) == (sorted(
+        [(KERNEL_0, ())] + [(KERNEL_0, (None, "data"))] * 2
+        + [(KERNEL_1, ())] + [(KERNEL_1, ("data",))] * 2), True)
+    zero3 = parallel.parallelize(step, method=parallel.Zero3Parallel()).plan(state, batch)
+    assert sharded_specs(zero3) == (sorted(
+        [(KERNEL_0, (None, "data"))] * 3 + [(KERNEL_1, ("data",))] * 3), True)
+
+
+def test_manual_method_mirrors_parameter_specs_on_a_tuple_and_a_train_state():
+    params = mlp_params(jax.random.key(0))
+    names = {"dense_0": {"kernel": ("embed", "mlp"), "bias": ("mlp",)},
+             "dense_1": {"kernel": ("mlp", "embed"), "bias": ("embed",)}}
+    method = parallel.ManualParallel({"mlp": "model"}, mesh={"data": 4, "model": 2})
+    expected = {"['dense_0']['kernel']": P(None, "model"), "['dense_0']['bias']": P("model"),
+                "['dense_1']['kernel']": P("model"), "['dense_1']['bias']": P()}
+    for form in ("tuple", "train_state"):
+        state, step = make_form(form, params)
+        if form == "tuple":
+            state_names, prefixes = (names, None), ("[0]", "[1][0]")
+        else:
+            state_names = state.replace(step=None, params=names, opt_state=None)
+            prefixes = (".params", ".opt_state[0]")
+        plan = parallel.parallelize(step, method=method,
+                                    logical_axes=(state_names, None)).plan(state, make_batch())
+        specs = {leaf.path: leaf.spec for leaf in plan.inputs[0]}
+        for leaf, spec in expected.items():
+            assert specs[prefixes[0] + leaf] == spec
+            assert specs[f"{prefixes[1]}.mu{leaf}"] == spec
+            assert specs[f"{prefixes[1]}.nu{leaf}"] == spec
+
+
+def test_a_string_leaf_is_refused_with_its_path_and_a_python_int_is_a_scalar():
+    params = mlp_params(jax.random.key(0))
+    state, step = make_form("opt_key", params)
+    step = parallel.parallelize(step, method=parallel.Zero2Parallel())
+    with pytest.raises(parallel.PlanError, match=r"args\[0\]\['name'\] is str 'run-1', not an "
+                                                 r"array"):
+        step.plan({**state, "name": "run-1"}, make_batch())
+    # a TrainState starts with the Python int step 0: taken as an int32 scalar
+    ts, ts_step = make_form("train_state", params)
+    assert isinstance(ts.step, int)
+    new_state, _ = parallel.parallelize(ts_step, method=parallel.Zero2Parallel())(ts, make_batch())
+    assert int(new_state.step) == 1
