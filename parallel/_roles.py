@@ -3,7 +3,7 @@
 Design
 ------
 ``parallel`` works on any step ``fn(*args)`` over pytrees: a dict with any keys, a tuple
-``(params, opt_state)``, a flax ``TrainState``, an ``nnx.Optimizer``'s state. It never looks at
+``(weights, optimizer_state)``, a flax ``TrainState``, an ``nnx.Optimizer``'s state. It never looks at
 key names. A leaf's role comes from the arguments' roles, from types, and from the traced step:
 
 * ``BATCH``: a leaf of a ``batch_argnums`` argument.
