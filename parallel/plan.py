@@ -47,7 +47,7 @@ class LeafPlan:
     """Placement of one array leaf.
 
     Attributes:
-      path: the leaf's key path, e.g. ``"['params']['dense']['kernel']"``.
+      path: the leaf's key path, e.g. ``"[0]['dense']['kernel']"``.
       shape: global shape.
       dtype: dtype name, e.g. ``"float32"``.
       spec: how the leaf is split over the mesh axes.
