@@ -271,6 +271,9 @@ def make_method(
     memory_budget_bytes: int | None = None,
     num_micro_batches: int = 1,
     profile: str | None = None,
+    stages: int | str | None = None,
+    schedule: str | None = None,
+    remat: bool = False,
 ) -> Method:
     """Builds a method from the config's ``parallel:`` section.
 
@@ -283,6 +286,9 @@ def make_method(
       num_micro_batches: micro-batches per step (pipeline methods only).
       profile: the device profile plans are priced for (``"h100"``...; solver methods only);
         ``None``: the running device. Passed to the factory only when set.
+      stages, schedule, remat: pipeline options (``"auto"`` or a number of stages, ``"1f1b"``
+        or ``"gpipe"``, recompute forwards in the backward); pipeline methods only, passed
+        only when set.
 
     Raises:
       PlanError: unknown name, or an option the method does not take.
@@ -293,6 +299,13 @@ def make_method(
         raise PlanError(f"unknown parallel method {name!r}{did_you_mean}; available: "
                          f"{', '.join(sorted(_REGISTRY))}")
     extra = {} if profile is None else {"profile": profile}
+    pipeline = {k: v for k, v in (("stages", stages), ("schedule", schedule), ("remat", remat))
+                if v not in (None, False)}
+    if pipeline and not getattr(_REGISTRY[name], "pipeline", False):
+        given = ", ".join(f"parallel.{k}={v}" for k, v in pipeline.items())
+        raise PlanError(f"{given} only apply to pipeline methods ('pipeshard'); method {name!r} "
+                        f"does not pipeline. Drop them or use method 'pipeshard'")
+    extra.update(pipeline)
     return _REGISTRY[name](mesh=mesh, rules=rules, memory_budget_bytes=memory_budget_bytes,
                            num_micro_batches=num_micro_batches, **extra)
 

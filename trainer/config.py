@@ -88,6 +88,9 @@ class ParallelConfig:
     num_micro_batches: int = 1
     memory_budget_bytes: Optional[int] = None
     profile: Optional[str] = None  # the device plans are made for: cpu | h100 | a100 | v100
+    stages: Any = None  # pipeshard: "auto" (default) or a number of stages
+    schedule: Optional[str] = None  # pipeshard: 1f1b (default) | gpipe
+    remat: bool = False  # pipeshard: recompute each stage's forward in its backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +135,7 @@ _CHOICES = {
     ("train", "compute_dtype"): ("float32", "bfloat16", "float16"),
     ("parallel", "method"): ("auto", "data", "zero2", "zero3", "manual", "shard", "pipeshard"),
     ("parallel", "profile"): ("cpu", *sorted(PUBLISHED)),
+    ("parallel", "schedule"): ("1f1b", "gpipe"),
 }
 _POSITIVE = {
     ("data", "seq_len"), ("data", "image_size"), ("data", "num_classes"), ("data", "max_bytes"),
@@ -311,6 +315,7 @@ def _check_relations(config: Config) -> None:
             f"train.batch_size ({train.batch_size}) must divide by train.grad_accum_steps "
             f"({train.grad_accum_steps}); change one of them"
         )
+    _check_pipeline(config)
     if not 0 <= config.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {config.data.eval_fraction}")
     block_size = config.model.options.get("block_size")
@@ -321,6 +326,30 @@ def _check_relations(config: Config) -> None:
         )
     if config.data.source in ("text", "tokens") and not config.data.path:
         raise ConfigError(f"data.source={config.data.source} needs data.path (a file or folder)")
+
+
+def _check_pipeline(config: Config) -> None:
+    par = config.parallel
+    stages = par.stages
+    if stages is not None and stages != "auto" and (
+            not isinstance(stages, int) or isinstance(stages, bool) or stages < 1):
+        raise ConfigError(f"parallel.stages must be 'auto' or a positive number of stages, got "
+                          f"{stages!r}")
+    if par.method != "pipeshard":
+        given = [f"parallel.{k}" for k in ("stages", "schedule") if getattr(par, k) is not None]
+        given += ["parallel.remat"] if par.remat else []
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply to parallel.method=pipeshard (got "
+                              f"{par.method}); drop them or set parallel.method=pipeshard")
+    elif config.train.grad_accum_steps != 1:
+        raise ConfigError(f"parallel.method=pipeshard accumulates over "
+                          f"parallel.num_micro_batches; set train.grad_accum_steps=1 (got "
+                          f"{config.train.grad_accum_steps}) and parallel.num_micro_batches="
+                          f"{config.train.grad_accum_steps * config.parallel.num_micro_batches}")
+    if par.method == "pipeshard" and config.train.batch_size % par.num_micro_batches:
+        raise ConfigError(f"train.batch_size ({config.train.batch_size}) must divide by "
+                          f"parallel.num_micro_batches ({par.num_micro_batches}); change one "
+                          f"of them")
 
 
 def dump_config(config: Config, path: str | os.PathLike) -> None:

@@ -102,14 +102,17 @@ class Trainer:
         method = parallel.make_method(
             cfg.parallel.method, mesh=cfg.parallel.mesh, rules=cfg.parallel.rules,
             memory_budget_bytes=cfg.parallel.memory_budget_bytes,
-            num_micro_batches=cfg.parallel.num_micro_batches, profile=cfg.parallel.profile)
+            num_micro_batches=cfg.parallel.num_micro_batches, profile=cfg.parallel.profile,
+            stages=cfg.parallel.stages, schedule=cfg.parallel.schedule, remat=cfg.parallel.remat)
         # Only rule-based methods read the models' logical axis names.
         axes = (self.fns.logical_axes, None) if cfg.parallel.method == "manual" else None
         self.step_fn = parallel.parallelize(
             self.fns.train_step, method=method, batch_argnums=(1,), donate_argnums=(0,),
             logical_axes=axes)
+        # A pipeline runs training steps; evaluation (no backward) runs data parallel.
+        eval_method = parallel.DataParallel() if cfg.parallel.method == "pipeshard" else method
         self.eval_fn = parallel.parallelize(
-            self.fns.eval_step, method=method, batch_argnums=(1,), donate_argnums=(),
+            self.fns.eval_step, method=eval_method, batch_argnums=(1,), donate_argnums=(),
             logical_axes=axes)
         self.abstract_state = jax.eval_shape(self.fns.init, jax.random.key(cfg.train.seed))
         self.plan = self.step_fn.plan(self.abstract_state, self.batch_spec)

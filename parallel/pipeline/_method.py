@@ -41,6 +41,9 @@ class PipeshardParallel(Method):
         ``"gpipe"`` (all forwards, then all backwards).
       layers: how many layers to cut the forward into when it has no
         ``mark_pipeline_boundary``; ``None``: the number of stages (int option) or 8 (auto).
+      remat: recompute each stage's forward in its backward (like ``jax.checkpoint`` around
+        the stage): a stage then keeps only its input per micro-batch in flight, not every
+        activation.
       mesh: must be ``None``; stages pick their own sub-meshes.
       profile: device profile the automatic stages are priced with; ``None``: the running device.
     """
@@ -48,7 +51,7 @@ class PipeshardParallel(Method):
     name = "pipeshard"
 
     def __init__(self, num_micro_batches: int = 1, stage_option: int | str = "auto",
-                 schedule: str = "1f1b", layers: int | None = None,
+                 schedule: str = "1f1b", layers: int | None = None, remat: bool = False,
                  mesh: Mapping[str, int] | None = None,
                  profile: str | DeviceProfile | None = None):
         super().__init__(None)
@@ -68,11 +71,13 @@ class PipeshardParallel(Method):
         self.stage_option = stage_option
         self.schedule = schedule
         self.layers = layers
+        self.remat = bool(remat)
         self.profile = profile
 
     def __repr__(self) -> str:
         return (f"PipeshardParallel(num_micro_batches={self.num_micro_batches}, "
-                f"stage_option={self.stage_option!r}, schedule={self.schedule!r})")
+                f"stage_option={self.stage_option!r}, schedule={self.schedule!r}"
+                + (", remat=True)" if self.remat else ")"))
 
     def make_plan(self, fn, abstract_args, *, batch_argnums, donate_argnums, devices,
                   logical_axes):
@@ -141,7 +146,7 @@ class PipeshardParallel(Method):
             else:
                 output_stage.append(placement.value_stage.get(v, 0) if isinstance(v, int) else 0)
         runner = StageRunner(program, regions, placement, meshes, m, self.schedule,
-                             output_stage)
+                             output_stage, remat=self.remat)
         search = {"cost_s": choice.cost_s, "stage_times_s": list(choice.stage_times_s)}
         if equal is not None:
             search.update(equal_layers_starts=list(equal.starts), equal_layers_cost_s=equal.cost_s)
@@ -229,7 +234,7 @@ def _mirrors(fn, abstract_args, donate_argnums) -> dict[int, int]:
 
 
 def _factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1,
-             profile=None, stages=None, schedule=None):
+             profile=None, stages=None, schedule=None, remat=False):
     if rules:
         raise PlanError(f"parallel.rules={dict(rules)} only applies to method 'manual'; "
                         f"method 'pipeshard' places each stage itself. Drop the rules")
@@ -239,7 +244,7 @@ def _factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=
     return PipeshardParallel(num_micro_batches=num_micro_batches,
                              stage_option="auto" if stages is None else stages,
                              schedule="1f1b" if schedule is None else schedule,
-                             mesh=mesh, profile=profile)
+                             remat=remat, mesh=mesh, profile=profile)
 
 
 _factory.pipeline = True

@@ -40,8 +40,13 @@ class Task:
     outputs: list[int]
 
 
-def build_tasks(program: Program, regions: Regions, placement: Placement) -> dict[tuple, Task]:
-    """Groups operations into tasks and finds what each one reads and hands on."""
+def build_tasks(program: Program, regions: Regions, placement: Placement,
+                remat: bool = False) -> dict[tuple, Task]:
+    """Groups operations into tasks and finds what each one reads and hands on.
+
+    With ``remat``, a stage's backward task recomputes the forward operations whose results it
+    reads, so the forward task hands on only what the next stages and the update need.
+    """
     groups: dict[tuple, list[int]] = {}
     for i, phase in enumerate(placement.phase):
         s = placement.stage[i]
@@ -52,20 +57,35 @@ def build_tasks(program: Program, regions: Regions, placement: Placement) -> dic
         for i in ops:
             for v in program.ops[i].outputs:
                 made_in[v] = key
+    recomputed: dict[tuple, set[int]] = {}
+    if remat:
+        for key in [k for k in groups if k[0] == "B"]:
+            forward = ("F", key[1])
+            wanted = {v for i in groups[key] for v in program.ops[i].value_inputs()
+                      if made_in.get(v) == forward}
+            again = []
+            for i in reversed(groups.get(forward, [])):
+                if any(v in wanted for v in program.ops[i].outputs):
+                    again.append(i)
+                    wanted.update(program.ops[i].value_inputs())
+            groups[key] = sorted(again) + groups[key]
+            recomputed[key] = {v for i in again for v in program.ops[i].outputs}
     read_elsewhere: set[int] = {v for v in program.outputs if isinstance(v, int)}
     read_elsewhere.update(regions.crossing)
     tasks = {}
     for key, ops in groups.items():
         inputs = []
+        own = {v for i in ops for v in program.ops[i].outputs}
         for i in ops:
             for v in program.ops[i].value_inputs():
-                if made_in.get(v) != key:
+                if v not in own:
                     inputs.append(v)
                     read_elsewhere.add(v)
         tasks[key] = Task(key, placement.stage[ops[0]], ops, list(dict.fromkeys(inputs)), [])
     for key, task in tasks.items():
+        again = recomputed.get(key, set())
         task.outputs = [v for i in task.ops for v in program.ops[i].outputs
-                        if v in read_elsewhere]
+                        if v in read_elsewhere and v not in again]
     return tasks
 
 
@@ -95,17 +115,18 @@ class StageRunner:
       num_micro_batches: micro-batches per step.
       schedule: ``"1f1b"`` or ``"gpipe"``.
       output_stage: per flat output leaf, the stage it is returned on.
+      remat: backward tasks recompute their stage's forward.
     """
 
     def __init__(self, program: Program, regions: Regions, placement: Placement,
                  meshes: list[Mesh], num_micro_batches: int, schedule: str,
-                 output_stage: list[int]):
+                 output_stage: list[int], remat: bool = False):
         self.program, self.regions, self.placement = program, regions, placement
         self.meshes = meshes
         self.num_micro_batches = num_micro_batches
         self.schedule = schedule
         self.output_stage = output_stage
-        self.tasks = build_tasks(program, regions, placement)
+        self.tasks = build_tasks(program, regions, placement, remat)
         self.order = issue_order(schedule, placement.num_stages, num_micro_batches)
         self.per_micro_batch = {v for i, p in enumerate(placement.phase) if p in "FB"
                                 for v in program.ops[i].outputs}
