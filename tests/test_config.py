@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 import models
-from trainer.config import CONFIG_DIR, ConfigError, dump_config, load_config
+from trainer.config import CONFIG_DIR, DEFAULT_MODEL, ConfigError, dump_config, load_config
 
 SHIPPED = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml"))
 
@@ -14,12 +14,13 @@ SHIPPED = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yam
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_config_parses_and_builds_its_model(name):
     config = load_config(name)
+    model_name = config.model.name or DEFAULT_MODEL  # tiny/custom.yaml names none
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: models.create_model(
-            config.model.name, dict(config.model.options), rngs=nnx.Rngs(0)))
+            model_name, dict(config.model.options), rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    spec = models.get_spec(config.model.name)
+    spec = models.get_spec(model_name)
     assert count == spec.num_params(spec.config_cls(**config.model.options)) > 0
 
 
@@ -34,10 +35,12 @@ def test_overrides_and_defaults():
     assert load_config("gpt.yaml").workdir == "runs/gpt"
 
 
-def test_resolved_config_round_trips(tmp_path):
-    config = load_config("tiny/gpt.yaml", ["train.steps=9"])
+@pytest.mark.parametrize("name", ["tiny/gpt.yaml", "tiny/custom.yaml"])
+def test_resolved_config_round_trips(name, tmp_path):
+    config = load_config(name, ["train.steps=9"])
     dump_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+    assert config.model.name == {"tiny/gpt.yaml": "gpt", "tiny/custom.yaml": None}[name]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -52,6 +55,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["data.seq_len=64"], "data.seq_len (64) is longer than model.block_size (32)"),
     (["data.source=text"], "data.source=text needs data.path"),
     (["model.name=gtp"], "model.name 'gtp' is not a known model"),
+    (["model.name=null"], "model options (vocab_size, block_size, num_layers, num_heads, "
+                          "hidden_size) need model.name"),
     (["parallel.profile=tpu"], "parallel.profile must be one of cpu, a100, h100, v100; got 'tpu'"),
     (["train.batch_size=10", "train.grad_accum_steps=4"], "train.batch_size (10) must divide by train.grad_accum_steps (4)"),
 ])

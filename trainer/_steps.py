@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import jax
@@ -14,18 +15,35 @@ import optax
 from flax import nnx
 import flax.linen as nn
 
+from trainer.config import ConfigError
+from trainer.data import DataError
+
+
+class ModelError(TypeError):
+    """A hook returned something the Trainer cannot train; the message names it and the fix."""
+
 
 def as_nnx(model: Any, example_inputs) -> nnx.Module:
-    """Returns ``model`` as an NNX module; a linen module is wrapped and initialized lazily."""
+    """Returns ``model`` as an NNX module; a linen module is wrapped and initialized lazily.
+
+    Raises:
+      ModelError: ``model`` is not a Flax module (a class, a tuple, a function...).
+    """
     if isinstance(model, nnx.Module):
         return model
     if isinstance(model, nn.Module):
         wrapped = nnx.bridge.ToNNX(model, rngs=nnx.Rngs(0))
         nnx.bridge.lazy_init(wrapped, example_inputs)
         return wrapped
-    raise TypeError(
-        f"build_model must return a flax.nnx.Module or a flax.linen.Module, got {type(model).__name__}"
-    )
+    if isinstance(model, type):
+        got = f"the class {model.__name__}"
+        hint = f"; return an instance, e.g. {model.__name__}(rngs=rngs), not the class"
+    else:
+        text = " ".join(repr(model).split())
+        got = f"{type(model).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+        hint = "; return the module itself (build_model(self, rngs) -> module)"
+    raise ModelError(f"build_model must return a flax.nnx.Module or a flax.linen.Module, got "
+                     f"{got}{hint}")
 
 
 def logical_axes_of(abstract_params: nnx.State):
@@ -52,6 +70,12 @@ class StepFunctions:
     train_step: Callable  # (state, batch) -> (state, metrics)
     eval_step: Callable  # (state, batch) -> metrics
     logical_axes: Any  # pytree over the state: tuples of axis names or None
+    model_name: str  # the module's class name, for logs
+    loss: Callable  # (state, batch) -> (loss, metrics), the training loss alone
+    apply: Callable  # (state, inputs) -> the model's outputs
+    # The train step with every micro-batch in one pass: the same FLOPs as ``train_step``, with
+    # no loop, so XLA's cost analysis (which counts a loop body once) counts all of them.
+    unrolled_train_step: Callable
 
 
 def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedule,
@@ -72,8 +96,22 @@ def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedu
         with nnx.use_eager_sharding(False):
             return as_nnx(build_model(nnx.Rngs(key)), example_inputs)
 
-    abstract = nnx.eval_shape(lambda: build(jax.random.key(0)))
+    try:
+        abstract = nnx.eval_shape(lambda: build(jax.random.key(0)))
+    except TypeError as e:
+        if "not a valid JAX type" not in str(e):
+            raise
+        # JAX names the leaf: "... returned a value of type <class 'str'> at output component
+        # .states[0]['tag'][0], which is not a valid JAX type"
+        found = re.search(r"of type <class '([\w.]+)'> at output component \.states\[0\](\S*?)"
+                          r"(\[0\])?,", str(e))
+        what = (f"leaf {found.group(2)} holds a {found.group(1)}" if found else
+                f"holds a leaf that is not an array ({_first_line(e)})")
+        raise ModelError(
+            f"the model's state {what}, not an array; keep strings and other settings as plain "
+            "attributes (not nnx.Variable), and numbers as jnp arrays") from None
     graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+    model = abstract.module if isinstance(abstract, nnx.bridge.ToNNX) else abstract
 
     def init(key):
         init_key, rng = jax.random.split(key)
@@ -95,7 +133,7 @@ def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedu
 
     grad_fn = jax.value_and_grad(loss_and_state, has_aux=True)
 
-    def train_step(state, batch):
+    def train_step(state, batch, grad_accum_steps=grad_accum_steps):
         rng, step_rng = jax.random.split(state["rng"])
         params, model_state = state["params"], state["model_state"]
         if grad_accum_steps == 1:
@@ -136,9 +174,89 @@ def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedu
         metrics = eval_metrics_fn(model, batch)
         return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
+    def loss(state, batch):
+        loss, (metrics, _) = loss_and_state(state["params"], state["model_state"], batch,
+                                            state["rng"])
+        return loss, metrics
+
+    def apply(state, inputs):
+        model = nnx.merge(graphdef, cast_floating(state["params"], compute_dtype),
+                          state["model_state"])
+        return forward(model, inputs, True)[0]
+
     axes = {"step": None, "params": logical_axes_of(abstract_params), "opt_state": None,
             "model_state": None, "rng": None}
-    return StepFunctions(graphdef, init, train_step, eval_step, axes)
+    return StepFunctions(graphdef, init, train_step, eval_step, axes, type(model).__name__,
+                         loss, apply, lambda state, batch: train_step(state, batch, 1))
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+
+
+def _shapes(tree) -> str:
+    """``inputs (32, 16) float32, targets (32, 4) float32`` for a dict of arrays; else the shapes."""
+    if isinstance(tree, dict):
+        return ", ".join(f"{k} {_shapes(v)}" for k, v in tree.items())
+    leaves = jax.tree.leaves(tree)
+    if len(leaves) == 1 and hasattr(leaves[0], "shape"):
+        return f"{tuple(leaves[0].shape)} {leaves[0].dtype}"
+    return str(jax.tree.map(lambda x: tuple(x.shape), tree))
+
+
+def check_loss(fns: StepFunctions, abstract_state, batch_spec, name: str = "train_data()") -> None:
+    """Traces the loss on the data's shapes (nothing runs) so a mismatch fails before step 1.
+
+    Args:
+      fns: the step functions.
+      abstract_state: the state as ``jax.ShapeDtypeStruct`` leaves.
+      batch_spec: one batch as ``jax.ShapeDtypeStruct`` leaves.
+      name: where the batch came from, for the message.
+
+    Raises:
+      DataError: the loss does not trace on these shapes (the message names the batch's
+        shapes, the model's output shape when the batch has ``inputs``, and JAX's complaint).
+      ModelError: the loss is not a scalar.
+    """
+    try:
+        loss, _ = jax.eval_shape(fns.loss, abstract_state, batch_spec)
+    except KeyError as e:
+        raise DataError(f"loss_fn looked up batch key {e} but {name} gives keys "
+                        f"{sorted(batch_spec)}; use the data's keys in loss_fn or change the "
+                        "data") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, (ModelError, DataError, ConfigError)):  # already says what to change
+            raise
+        output = ""
+        if isinstance(batch_spec, dict) and "inputs" in batch_spec:
+            try:
+                out = jax.eval_shape(fns.apply, abstract_state, batch_spec["inputs"])
+                output = f"; the model's output is {_shapes(out)}"
+            except (TypeError, ValueError) as inner:
+                output = f"; the model does not take these inputs ({_first_line(inner)})"
+        raise DataError(
+            f"the data does not fit the model: {name} gives {_shapes(batch_spec)}{output}; "
+            f"the loss failed with: {_first_line(e)}. Change the model or the data so their "
+            "shapes agree (a subclass gives its data with train_data()/eval_data())"
+        ) from None
+    if loss.shape != ():
+        raise ModelError(f"loss_fn must return a scalar loss, got shape {loss.shape} on {name}'s "
+                         f"batch {_shapes(batch_spec)}; reduce it, e.g. with jnp.mean")
+
+
+def xla_flops(fn: Callable, *abstract_args) -> float | None:
+    """FLOPs of ``fn`` on these shapes as XLA's cost analysis counts them (whole program).
+
+    ``fn`` is lowered with ``jax.jit`` and no shardings, so this is the unpartitioned program:
+    every device's share together. (The cost analysis of a compiled multi-device SPMD program
+    reports one device's share, ``parallel.Report.flops``.) A loop body (``scan``, ``while``)
+    is counted once whatever its trip count. ``None`` when the backend reports no count.
+    """
+    costs = jax.jit(fn).lower(*abstract_args).cost_analysis()
+    if isinstance(costs, (list, tuple)):  # older JAX: one dict per program
+        costs = costs[0] if costs else None
+    flops = (costs or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
 
 
 def forward(model, inputs, train: bool):

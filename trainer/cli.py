@@ -5,10 +5,12 @@ import os
 import sys
 import traceback
 
+from trainer._steps import ModelError
 from trainer.config import ConfigError, load_config
 from trainer.data import DataError
 
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError, NotADirectoryError,
+               PermissionError)
 
 
 def user_errors() -> tuple:
@@ -60,5 +62,5 @@ def plan(config_name: str, overrides, profile=None) -> str:
     trainer = Trainer(config).build()
     report = trainer.step_fn.analyze(trainer.abstract_state, trainer.batch_spec,
                                      profile=config.parallel.profile)
-    header = f"model: {trainer.spec.name} with {trainer.num_params():,} parameters"
+    header = f"model: {trainer.model_name} with {trainer.num_params():,} parameters"
     return header + "\n" + parallel.format_plan(trainer.plan, report)

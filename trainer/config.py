@@ -26,11 +26,19 @@ class ConfigError(ValueError):
     """A user mistake in a config file or an override; the message says what to change."""
 
 
+# The registry model the base ``Trainer`` trains when a config names none.
+DEFAULT_MODEL = "gpt"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """``name`` picks a model from the registry; ``options`` are that model's own settings."""
+    """``name`` picks a model from the registry; ``options`` are that model's own settings.
 
-    name: str = "gpt"
+    ``name`` may be None: a ``Trainer`` subclass that builds its own model needs none, and
+    the base ``Trainer`` then trains ``DEFAULT_MODEL`` with its default options.
+    """
+
+    name: Optional[str] = None
     options: types.MappingProxyType = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({})
     )
@@ -114,7 +122,8 @@ class Config:
         for section in _SECTIONS:
             value = getattr(self, section)
             if section == "model":
-                out["model"] = {"name": value.name, **dict(value.options)}
+                name = {"name": value.name} if value.name is not None else {}
+                out["model"] = {**name, **dict(value.options)}
             else:
                 out[section] = dataclasses.asdict(value)
         return out
@@ -255,8 +264,15 @@ def _model_section(values: dict) -> ModelConfig:
     import models  # the model's own config dataclass validates its options
 
     values = dict(values)
-    name = values.pop("name", ModelConfig.name)
+    name = values.pop("name", None)
     known = models.available_models()
+    if name is None:
+        if values:
+            raise ConfigError(
+                f"model options ({', '.join(map(str, values))}) need model.name, the registry "
+                f"model they configure ({', '.join(known)}); a Trainer subclass with its own "
+                "build_model reads its settings itself, so drop them or name the model")
+        return ModelConfig()
     if name not in known:
         near = difflib.get_close_matches(str(name), known, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""

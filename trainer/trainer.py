@@ -16,8 +16,8 @@ import models
 import parallel
 from parallel.profiles import get_profile
 from trainer import _sample, _steps
-from trainer.config import Config, ConfigError, dump_config
-from trainer.data import Prefetcher, build_datasets
+from trainer.config import DEFAULT_MODEL, Config, ConfigError, dump_config
+from trainer.data import DataError, Prefetcher, build_datasets
 from trainer.metrics import MetricsLogger
 from trainer.optim import build_optimizer, learning_rate_schedule
 
@@ -42,26 +42,47 @@ class Trainer:
     """Trains a Flax model under a ``parallel`` method, with logging and checkpoints.
 
     Subclass and override ``build_model`` and ``loss_fn`` (and optionally ``build_optimizer``,
-    ``train_data``, ``eval_data``, ``eval_step``, ``callbacks``). The defaults train the registry
-    model named by ``config.model.name`` with its task's loss, so a config alone is enough.
+    ``train_data``, ``eval_data``, ``eval_step``, ``callbacks``, ``flops_per_step``). The defaults
+    train the registry model named by ``config.model.name`` (``gpt`` when none is named) with
+    its task's loss, so a config alone is enough.
+
+    A subclass that overrides ``build_model`` trains its own model: nothing about it comes from
+    the registry (``spec`` is None), and ``model.name`` may be left out of the config. Its data
+    is ``train_data()``/``eval_data()``; if it does not override them it gets the config's
+    built-in data (a text source, or the synthetic data of the registry model ``model.name``
+    names) and, unless it overrides ``loss_fn``, that data's loss. Data whose shapes do not fit
+    the model fail in ``build`` with a ``DataError`` naming both shapes.
+
+    Attributes:
+      spec: the registry ``models.ModelSpec`` of the model trained; None for a subclass's model.
     """
 
     def __init__(self, config: Config):
         self.config = config
         self.workdir = Path(config.workdir)
-        self.spec = models.get_spec(config.model.name)
+        own_model = type(self).build_model is not Trainer.build_model
+        self.spec = None if own_model else models.get_spec(config.model.name or DEFAULT_MODEL)
         self.state = None
         self.step_fn = None
         self._stop_signal = None
+        self._flops = None
 
     # ----- hooks for subclasses -------------------------------------------------------------
     def build_model(self, rngs):
         """Returns the model: a ``flax.nnx.Module`` (a ``flax.linen.Module`` is accepted too)."""
-        return models.create_model(self.config.model.name, dict(self.config.model.options), rngs=rngs)
+        return models.create_model(self.spec.name, dict(self.config.model.options), rngs=rngs)
 
     def loss_fn(self, model, batch, rng):
-        """Returns ``(scalar loss, dict of metrics)``; ``rng`` is None during evaluation."""
-        return _steps.TASK_LOSSES[self.spec.task](model, batch, rng)
+        """Returns ``(scalar loss, dict of metrics)``; ``rng`` is None during evaluation.
+
+        The default is the loss of the data's task (next-token cross entropy, classification
+        or regression); a subclass training on data of its own must override it.
+        """
+        task = self.data_task()
+        if task is None:
+            raise ConfigError(f"{type(self).__name__} trains on data of its own "
+                              "(train_data() is overridden) and so must override loss_fn too")
+        return _steps.TASK_LOSSES[task](model, batch, rng)
 
     def eval_step(self, model, batch) -> dict:
         """Metrics of one eval batch; by default the loss and the loss function's metrics."""
@@ -72,20 +93,78 @@ class Trainer:
         return build_optimizer(self.config.optimizer, self.config.train.steps)
 
     def train_data(self):
-        """An object with ``batch(index, batch_size) -> dict of numpy arrays``."""
+        """An object with ``batch(index, batch_size) -> dict of numpy arrays``.
+
+        A pure function of the index, so a resumed run sees the data it would have seen. The
+        default is the config's built-in data (see ``data_task``).
+        """
         return self._datasets()[0]
 
     def eval_data(self):
+        """Like ``train_data``, for evaluation."""
+        if type(self).train_data is not Trainer.train_data:
+            raise ConfigError(f"{type(self).__name__} overrides train_data() but not eval_data(); "
+                              "override eval_data() too (it may return the training data)")
         return self._datasets()[1]
 
     def callbacks(self) -> list[Callback]:
         return []
 
+    def flops_per_step(self) -> float | None:
+        """Training FLOPs of one step (all devices together), the numerator of ``mfu``.
+
+        The registry's closed form for its models; otherwise XLA's cost analysis of the train
+        step lowered for one device (``_steps.xla_flops``), with gradient accumulation unrolled.
+        XLA counts a loop body once, so a model that loops over its layers with ``scan`` should
+        override this with its own count. ``None``: no ``mfu`` is logged. Needs ``build``.
+        """
+        if self.spec is not None:
+            per_example = self.spec.flops_per_example(
+                self.spec.config_cls(**self.config.model.options), self.config.data.seq_len)
+            if per_example:
+                return per_example * self.config.train.batch_size
+        return _steps.xla_flops(self.fns.unrolled_train_step, self.abstract_state, self.batch_spec)
+
+    def data_task(self) -> str | None:
+        """The task of the config's built-in data: ``lm``, ``classify`` or ``regress``.
+
+        The registry model's task; for a subclass's own model, the task of the registry model
+        ``model.name`` names (whose options give the synthetic data's shapes), else ``lm`` for a
+        text source. ``None`` when the subclass gives its own ``train_data()``.
+
+        Raises:
+          ConfigError: synthetic data with neither a registry model to shape it nor a
+            ``train_data()`` of the subclass.
+        """
+        if self.spec is not None:
+            return self.spec.task
+        if type(self).train_data is not Trainer.train_data:
+            return None
+        if self.config.model.name:
+            return models.get_spec(self.config.model.name).task
+        if self.config.data.source != "synthetic":
+            return "lm"
+        raise ConfigError(
+            f"{type(self).__name__} builds its own model but has no data: data.source=synthetic "
+            "takes its shapes from a registry model (set model.name, e.g. mlp with in_features "
+            "and out_features); or override train_data() and eval_data()")
+
     # ----- setup ----------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        """The registry name of the model, or its class name for a subclass's own model."""
+        return self.spec.name if self.spec is not None else self.fns.model_name
+
+    def _builtin_data_name(self) -> str:
+        name = self.config.model.name or (self.spec.name if self.spec is not None else None)
+        shaped = f", model.name={name}" if name else ""
+        return f"the config's data (data.source={self.config.data.source}{shaped})"
+
     def _datasets(self):
         if not hasattr(self, "_data_cache"):
             cfg = self.config
-            self._data_cache = build_datasets(cfg.data, self.spec.task, cfg.train.seed, cfg.model.options)
+            options = cfg.model.options if self.spec is not None or cfg.model.name else {}
+            self._data_cache = build_datasets(cfg.data, self.data_task(), cfg.train.seed, options)
         return self._data_cache
 
     def build(self):
@@ -93,12 +172,14 @@ class Trainer:
         cfg = self.config
         self.train_set, self.eval_set = self.train_data(), self.eval_data()
         example = self.train_set.batch(0, 1)  # shapes only: a full batch may be large
-        self.batch_spec = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), v.dtype)
-                           for k, v in example.items()}
+        self.batch_spec = _batch_spec(example, cfg.train.batch_size, "train_data()")
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
         self.fns = _steps.make_step_functions(
             self.build_model, self.loss_fn, self.eval_step, self.build_optimizer(), self.schedule,
-            example["inputs"][:1], DTYPES[cfg.train.compute_dtype], cfg.train.grad_accum_steps)
+            _first_leaf(example.get("inputs", example))[:1], DTYPES[cfg.train.compute_dtype],
+            cfg.train.grad_accum_steps)
+        self.abstract_state = jax.eval_shape(self.fns.init, jax.random.key(cfg.train.seed))
+        self._check_data(example)
         method = parallel.make_method(
             cfg.parallel.method, mesh=cfg.parallel.mesh, rules=cfg.parallel.rules,
             memory_budget_bytes=cfg.parallel.memory_budget_bytes,
@@ -114,9 +195,22 @@ class Trainer:
         self.eval_fn = parallel.parallelize(
             self.fns.eval_step, method=eval_method, batch_argnums=(1,), donate_argnums=(),
             logical_axes=axes)
-        self.abstract_state = jax.eval_shape(self.fns.init, jax.random.key(cfg.train.seed))
         self.plan = self.step_fn.plan(self.abstract_state, self.batch_spec)
         return self
+
+    def _check_data(self, example: dict) -> None:
+        """Traces the loss on the train and eval batches' shapes, so a mismatch fails here."""
+        cfg = self.config
+        micro_batch = cfg.train.batch_size // cfg.train.grad_accum_steps
+        names = (("train_data()", "eval_data()") if self.data_task() is None else
+                 (self._builtin_data_name(),) * 2)
+        train_spec = _batch_spec(example, micro_batch, names[0])
+        _steps.check_loss(self.fns, self.abstract_state, train_spec, names[0])
+        eval_spec = _batch_spec(self.eval_set.batch(0, 1), micro_batch, names[1])
+        if jax.tree.structure(eval_spec) != jax.tree.structure(train_spec) or any(
+                a.shape != b.shape or a.dtype != b.dtype
+                for a, b in zip(jax.tree.leaves(eval_spec), jax.tree.leaves(train_spec))):
+            _steps.check_loss(self.fns, self.abstract_state, eval_spec, names[1])
 
     def setup(self):
         """``build``, then the state: restored from the newest valid checkpoint, or new."""
@@ -156,7 +250,7 @@ class Trainer:
         start = int(jax.device_get(self.state["step"]))
         logger = MetricsLogger(self.workdir, tc.steps, start)
         callbacks = self.callbacks()
-        logger.print(f"shardax: {self.spec.name} with {self.num_params():,} parameters, "
+        logger.print(f"shardax: {self.model_name} with {self.num_params():,} parameters, "
                      f"method {self.plan.method} on mesh {self.plan.mesh_shape}, "
                      f"{'resuming at step ' + str(start) if start else 'starting'} -> {tc.steps} steps")
         previous = self._install_signal_handlers()
@@ -196,7 +290,8 @@ class Trainer:
                 if step == tc.steps and start < tc.steps:
                     metrics.update(self._evaluate_and_log(logger, step, callbacks))
                     self.save(step, metrics)
-                if self.spec.task == "lm" and tc.sample_tokens and self._stop_signal is None:
+                if (self.spec is not None and self.spec.task == "lm" and tc.sample_tokens
+                        and self._stop_signal is None):
                     logger.print("sample:\n" + self.sample(tc.sample_tokens))
             for cb in callbacks:
                 cb.on_fit_end(self, step)
@@ -245,13 +340,13 @@ class Trainer:
     def _speed(self, step_time: float) -> dict:
         tc = self.config.train
         out = {"step_time_s": step_time}
-        if self.spec.task == "lm":
+        if self.data_task() == "lm":
             out["tokens_per_s"] = tc.batch_size * self.config.data.seq_len / step_time
-        flops = self.spec.flops_per_example(self.spec.config_cls(**self.config.model.options),
-                                            self.config.data.seq_len)
-        if flops:
+        if self._flops is None:
+            self._flops = self.flops_per_step() or 0.0
+        if self._flops:
             profile = get_profile(num_devices=jax.device_count())
-            out["mfu"] = flops * tc.batch_size / step_time / (profile.peak_flops * jax.device_count())
+            out["mfu"] = self._flops / step_time / (profile.peak_flops * jax.device_count())
         return out
 
     def _install_signal_handlers(self):
@@ -269,3 +364,30 @@ class Trainer:
     def _restore_signal_handlers(self, previous):
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _first_leaf(tree):
+    return jax.tree.leaves(tree)[0]
+
+
+def _batch_spec(example: dict, batch_size: int, name: str) -> dict:
+    """``example``'s leaves as ``jax.ShapeDtypeStruct`` with leading dimension ``batch_size``.
+
+    Raises:
+      DataError: ``example`` is not a dict of arrays with a leading batch dimension.
+    """
+    if not isinstance(example, dict) or not example:
+        raise DataError(f"{name}.batch(index, batch_size) must return a dict of numpy arrays, "
+                        f"got {type(example).__name__}")
+
+    def one(path, leaf):
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype") or np.ndim(leaf) == 0:
+            raise DataError(f"{name} batch leaf {jax.tree_util.keystr(path)} is "
+                            f"{type(leaf).__name__} {str(leaf)[:40]!r}; every leaf must be an "
+                            "array whose first dimension is the batch")
+        if not (jnp.issubdtype(leaf.dtype, jnp.number) or jnp.issubdtype(leaf.dtype, jnp.bool_)):
+            raise DataError(f"{name} batch leaf {jax.tree_util.keystr(path)} has dtype "
+                            f"{leaf.dtype}; only numeric arrays can be trained on")
+        return jax.ShapeDtypeStruct((batch_size, *leaf.shape[1:]), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, example)
