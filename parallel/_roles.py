@@ -43,6 +43,7 @@ names the path of anything else.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -167,9 +168,11 @@ def mirrors(paths: Sequence[tuple], shapes: Sequence[tuple], target_paths: Seque
             target_shapes: Sequence[tuple]) -> dict[int, int]:
     """Which target leaf each leaf mirrors, as an optimizer moment mirrors its parameter.
 
-    A target's relative path is its path below the longest prefix all targets share (at least
-    its last entry). A leaf mirrors the target of equal shape whose relative path is the
-    longest that ends the leaf's path.
+    The targets' root is the longest key path that more than half of them start with (the
+    parameters' subtree, even when a stray leaf elsewhere counts as a target too). A target's
+    relative path is its path below the part of the root it shares: ``['dense']['kernel']``
+    for ``[0]['dense']['kernel']`` under root ``[0]``. A leaf mirrors the target of equal shape
+    whose relative path is the longest that ends the leaf's path.
 
     Args:
       paths, shapes: the leaves (plain paths, shapes).
@@ -178,16 +181,13 @@ def mirrors(paths: Sequence[tuple], shapes: Sequence[tuple], target_paths: Seque
     Returns:
       leaf index -> target index, for the leaves that mirror one.
     """
-    if not target_paths:
-        return {}
-    shortest = min(len(p) for p in target_paths)
-    root = 0
-    while (root < shortest - 1
-           and all(p[root] == target_paths[0][root] for p in target_paths)):
-        root += 1
+    root = _majority_prefix([tuple(p) for p in target_paths])
     by_shape: dict[tuple, list[tuple[tuple, int]]] = {}
     for t, (path, shape) in enumerate(zip(target_paths, target_shapes)):
-        by_shape.setdefault(tuple(shape), []).append((tuple(path[root:]), t))
+        shared = 0
+        while shared < min(len(root), len(path) - 1) and path[shared] == root[shared]:
+            shared += 1
+        by_shape.setdefault(tuple(shape), []).append((tuple(path[shared:]), t))
     found = {}
     for i, (path, shape) in enumerate(zip(paths, shapes)):
         matches = [(len(rel), t) for rel, t in by_shape.get(tuple(shape), ())
@@ -195,6 +195,20 @@ def mirrors(paths: Sequence[tuple], shapes: Sequence[tuple], target_paths: Seque
         if matches:
             found[i] = max(matches)[1]
     return found
+
+
+def _majority_prefix(paths: list[tuple]) -> tuple:
+    """The longest prefix that more than half of ``paths`` start with and extend beyond."""
+    root: tuple = ()
+    while True:
+        below = collections.Counter(p[len(root)] for p in paths
+                                    if p[:len(root)] == root and len(p) > len(root) + 1)
+        if not below:
+            return root
+        key, count = below.most_common(1)[0]
+        if 2 * count <= len(paths):
+            return root
+        root += (key,)
 
 
 def trace(fn: Callable, args: tuple):
@@ -258,7 +272,7 @@ def _updated_in_place(jaxpr, returned: dict[int, int]) -> set[int]:
     for out, j in returned.items():
         atom = jaxpr.outvars[out]
         form = None if isinstance(atom, jax_core.Literal) else forms.get(atom)
-        if form == ("plus", j) and uses.get(j, 0) > 0:
+        if form == ("plus", j) and uses.get(j, 0) > 1:  # the update, and another read
             found.add(j)
     return found
 
@@ -269,7 +283,8 @@ def _forms(jaxpr, in_forms: Sequence[tuple | None]) -> tuple[dict, dict]:
     Returns:
       ``(forms, uses)``: ``forms`` maps a variable to ``("same", j)`` when it equals input
       ``j`` (up to dtype), ``("plus", j)`` when it is input ``j`` plus or minus something;
-      ``uses`` counts, per input, the equations that read its value for anything else.
+      ``uses`` counts, per input, the equations that compute something from its value (the
+      ``+`` of an update included; casts, copies and calls are looked through).
     """
     forms = {var: form for var, form in zip(jaxpr.invars, in_forms) if form is not None}
     uses: dict[int, int] = {}
@@ -298,10 +313,8 @@ def _forms(jaxpr, in_forms: Sequence[tuple | None]) -> tuple[dict, dict]:
             continue
         if name in ("add", "add_any") and len(same) == 1:
             forms[eqn.outvars[0]] = ("plus", same[0])
-            same = []
         elif name == "sub" and ins[0] is not None and ins[0][0] == "same":
             forms[eqn.outvars[0]] = ("plus", ins[0][1])
-            same = same[1:]
         for j in same:
             uses[j] = uses.get(j, 0) + 1
     return forms, uses

@@ -252,11 +252,15 @@ def test_a_string_leaf_is_refused_with_its_path_and_a_python_int_is_a_scalar():
     with pytest.raises(parallel.PlanError, match=r"args\[0\]\['name'\] is str 'run-1', not an "
                                                  r"array"):
         step.plan({**state, "name": "run-1"}, make_batch())
+    with pytest.raises(parallel.PlanError, match=r"args\[0\]\['log'\] is object <object"):
+        auto.solve(step.fn, ({**state, "log": object()}, make_batch()))
     # a TrainState starts with the Python int step 0: taken as an int32 scalar
     ts, ts_step = make_form("train_state", params)
     assert isinstance(ts.step, int)
-    new_state, _ = parallel.parallelize(ts_step, method=parallel.Zero2Parallel())(ts, make_batch())
-    assert int(new_state.step) == 1
+    ts_step = parallel.parallelize(ts_step, method=parallel.Zero2Parallel())
+    new_state, _ = ts_step(ts, make_batch())
+    new_state, _ = ts_step(new_state, make_batch())  # now an int32 array: the same plan
+    assert int(new_state.step) == 2 and len(ts_step._entries) == 1
 
 
 def build(form):
@@ -358,3 +362,28 @@ def test_solver_flavours_split_the_same_leaves_of_every_form():
         for variant in reference:
             assert found[form][variant][0] == reference[variant][0]
             assert found[form][variant][1] == pytest.approx(reference[variant][1], rel=1e-6)
+
+
+def test_mirrors_follow_the_parameters_subtree_across_arguments():
+    # step(params, opt_state, batch), both donated; a float step counter that is also a
+    # "parameter" by its update (step + 1, read by a schedule) does not hide the mirroring.
+    params = mlp_params(jax.random.key(0))
+    tx = optax.sgd(1e-2, momentum=0.9)
+
+    def step(params, opt_state, counter, batch):
+        loss, grads = jax.value_and_grad(mlp_loss)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        updates = jax.tree.map(lambda u: u / (1.0 + counter), updates)
+        return optax.apply_updates(params, updates), opt_state, counter + 1.0, loss
+
+    args = (params, tx.init(params), jnp.zeros(()), make_batch())
+    roles = find_roles(step, abstract(args), batch_argnums=(3,), donate_argnums=(0, 1, 2))
+    assert roles.by_arg[0] == (PARAMETER,) * 4
+    assert roles.by_arg[1] == (OPTIMIZER,) * 4  # optax's TraceState: by type
+    assert roles.by_arg[2] == (PARAMETER,)
+    from parallel._roles import mirrors
+    paths = [(1, 0, "trace", f"dense_{i}", w) for i in range(2) for w in ("bias", "kernel")]
+    targets = [(0, f"dense_{i}", w) for i in range(2) for w in ("bias", "kernel")] + [(2,)]
+    shapes = [(64,), (16, 64), (16,), (64, 16)]
+    # without types, each moment is matched to its own parameter
+    assert mirrors(paths, shapes, targets, shapes + [()]) == {0: 0, 1: 1, 2: 2, 3: 3}

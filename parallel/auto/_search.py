@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from parallel._errors import PlanError
-from parallel._roles import OPTIMIZER, find_roles
+from parallel._roles import OPTIMIZER, check_leaves, find_roles
 from parallel.auto._cost import MeshModel
 from parallel.auto._graph import build_graph
 from parallel.auto._groups import Structure, warn_fallbacks
@@ -187,9 +187,11 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
 
     Raises:
       MemoryBudgetError: no mesh shape has a plan within ``memory_budget_bytes``.
+      PlanError: an argument leaf is not an array or a number.
     """
     start = time.perf_counter()
     args = tuple(abstract_args)
+    check_leaves(args)
     n = num_devices or jax.device_count()
     if mesh_shape is not None:
         sizes = tuple(int(mesh_shape.get(a, 1)) for a in AXIS_NAMES)
