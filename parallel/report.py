@@ -65,7 +65,8 @@ class Report:
             f"  flops               {self.flops:,.0f} per device per step",
             f"  estimated step time {self.estimated_step_time_s * 1e3:.3f} ms on '{self.profile}'",
             f"  solve / compile     {self.solve_time_s:.3f} s / {self.compile_time_s:.3f} s",
-        ])
+        ] + ([self.stages["table"]] if isinstance(self.stages, dict) and "table" in self.stages
+             else []))
 
 
 def memory_bytes(compiled: Any) -> int:

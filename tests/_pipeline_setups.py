@@ -74,25 +74,28 @@ def gpt_batches(num: int = 3, size: int = 16):
              "labels": rng.integers(0, VOCAB, (size, SEQ))} for _ in range(num)]
 
 
-# A stack of dense residual layers of different widths (Wide-ResNet-like: the wide middle
-# layers hold most of the FLOPs).
-WIDTHS = (16, 16, 16, 16, 128, 128, 16, 16)
+# A stack of dense residual layers of different widths (Wide-ResNet-like: the two wide layers
+# hold most of the FLOPs), cut after every layer by hand.
+WIDE_IN = 32
+WIDTHS = (32, 32, 32, 32, 512, 512, 32, 32)
 
 
 def wide_init(key):
-    layers = []
-    for i, w in enumerate(WIDTHS):
-        k = jax.random.fold_in(key, i)
-        layers.append({"up": jax.random.normal(k, (16, w)) * 0.1,
-                       "down": jax.random.normal(jax.random.fold_in(k, 1), (w, 16)) * 0.1})
-    return layers
+    return [{"up": jax.random.normal(jax.random.fold_in(key, i), (WIDE_IN, w)) * 0.1,
+             "down": jax.random.normal(jax.random.fold_in(key, 100 + i), (w, WIDE_IN)) * 0.1}
+            for i, w in enumerate(WIDTHS)]
 
 
 def wide_loss(layers, batch):
-    x = batch["x"]  # (B, 16)
-    for p in layers:
+    x = batch["x"]  # (B, 32)
+    for i, p in enumerate(layers):
         x = x + jnp.tanh(x @ p["up"]) @ p["down"]
+        if i < len(layers) - 1:
+            x = parallel.mark_pipeline_boundary(x)
     return jnp.mean((x - batch["y"]) ** 2)
+
+
+SGD = optax.sgd(0.1)
 
 
 def wide_step(state, batch):
@@ -102,15 +105,12 @@ def wide_step(state, batch):
     return (optax.apply_updates(params, updates), opt_state), {"loss": loss}
 
 
-SGD = optax.sgd(0.1)
-
-
 def wide_state(key):
     params = wide_init(key)
     return (params, SGD.init(params))
 
 
-def wide_batch(size: int = 32):
+def wide_batches(num: int = 3, size: int = 64):
     rng = np.random.default_rng(1)
-    return {"x": rng.normal(size=(size, 16)).astype(np.float32),
-            "y": rng.normal(size=(size, 16)).astype(np.float32)}
+    return [{"x": rng.normal(size=(size, WIDE_IN)).astype(np.float32),
+             "y": rng.normal(size=(size, WIDE_IN)).astype(np.float32)} for _ in range(num)]

@@ -58,3 +58,16 @@ def test_bad_pipeline_options_exit_2(tmp_path, capsys, extra, message):
     assert _train(tmp_path / "bad", 1, *extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_plan_script_prints_the_stages(capsys):
+    from scripts.plan import main as plan_main
+
+    assert plan_main(["--config", "tiny/gpt.yaml", "parallel.method=pipeshard",
+                      "parallel.num_micro_batches=4"]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline: 2 stages, schedule 1f1b, 4 micro-batches, bubble 20.0%" in out
+    table = out[out.rindex("pipeline: 2 stages"):].splitlines()
+    assert table[1].split()[:4] == ["stage", "layers", "devices", "sub-mesh"]
+    assert [row.split()[2] for row in table[2:4]] == ["0,1,2,3", "4,5,6,7"]
+    assert "in flight" in table[1]

@@ -142,6 +142,9 @@ class StageRunner:
                     if v in self.per_micro_batch:
                         uses[v] = uses.get(v, 0) + 1
         self._uses = uses
+        # Set to a list to record, per stage, the most bytes per device of per-micro-batch values
+        # (activations and their gradients) alive at once during a step.
+        self.peak_live_bytes: list[int] | None = None
 
     # ----- shardings ------------------------------------------------------------------------
     def spec(self, v: int, stage: int) -> PartitionSpec:
@@ -183,6 +186,14 @@ class StageRunner:
                                      sharding=self.sharding(v, task.stage),
                                      weak_type=getattr(self.program.avals[v], "weak_type", False))
                 for v in task.inputs]
+
+    def _record_live(self, micro) -> None:
+        live = [0] * len(self.meshes)
+        for table in micro:
+            for copies in table.values():
+                for stage, x in copies.items():
+                    live[stage] += _per_device_bytes(x)
+        self.peak_live_bytes = [max(a, b) for a, b in zip(self.peak_live_bytes, live)]
 
     # ----- one step -------------------------------------------------------------------------
     def __call__(self, flat_args: list) -> list:
@@ -236,6 +247,8 @@ class StageRunner:
                     uses[i][v] -= 1
                     if uses[i][v] == 0:
                         micro[i].pop(v, None)
+            if self.peak_live_bytes is not None:
+                self._record_live(micro)
         for v, total in sums.items():
             dtype = program.avals[v].dtype
             step[v] = {placement.value_stage[v]: _mean(total, m, dtype)}
@@ -251,6 +264,11 @@ class StageRunner:
                 results.append(jax.device_put(jnp.asarray(v.val),
                                               NamedSharding(self.meshes[stage], PartitionSpec())))
         return results
+
+
+def _per_device_bytes(x) -> int:
+    shard = x.addressable_shards[0].data
+    return int(shard.size * shard.dtype.itemsize)
 
 
 def _acc_dtype(dtype):

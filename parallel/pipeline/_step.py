@@ -80,9 +80,14 @@ class PipelinedStep:
             LeafPlan(jax.tree_util.keystr(kp), tuple(leaf.shape), str(leaf.dtype), sh.spec)
             for (kp, leaf), sh in zip(out_flat, flat_out))
         self.stage_info = self._stage_info(global_batch)
+        if "data" not in mesh_shape:  # sub-meshes of different sizes: specs hold per stage
+            inputs = tuple(tuple(LeafPlan(p.path, p.shape, p.dtype, PartitionSpec()) for p in arg)
+                           for arg in inputs)
+            outputs = tuple(LeafPlan(p.path, p.shape, p.dtype, PartitionSpec()) for p in outputs)
         extras = {"num_micro_batches": runner.num_micro_batches, "schedule": runner.schedule,
                   "bubble_fraction": bubble_fraction(num_stages, runner.num_micro_batches),
                   "stages": self.stage_info, "leaf_stages": leaf_stages, "search": search}
+        extras["explanation"] = format_stages(extras)
         self.plan = Plan("pipeshard", mesh_shape, tuple(inputs), outputs,
                          batch_argnums=tuple(batch_argnums), donate_argnums=tuple(donate_argnums),
                          extras=extras)
@@ -180,10 +185,11 @@ class PipelinedStep:
             per_stage.append(entry)
             total_flops = max(total_flops, flops)
             total_bytes = max(total_bytes, accessed)
-        times = [e["measured_time_per_micro_batch_s"] for e in per_stage]
+        times = [e["measured_time_per_micro_batch_s"] for e in per_stage]  # compiled estimate
         step_time = sum(times) + (m - 1) * max(times)
         stages = {"schedule": runner.schedule, "num_micro_batches": m,
-                  "bubble_fraction": bubble_fraction(num_stages, m), "stages": per_stage}
+                  "bubble_fraction": bubble_fraction(num_stages, m), "stages": per_stage,
+                  "table": format_stages(self.plan.extras, per_stage)}
         shardings = jax.tree.map(lambda sh: sh.spec, self.in_shardings)
         return Report(
             method="pipeshard", mesh_shape=dict(self.plan.mesh_shape),
@@ -193,6 +199,34 @@ class PipelinedStep:
             bytes_accessed=total_bytes, estimated_step_time_s=step_time,
             profile=device_profile.name, solve_time_s=solve_time_s,
             compile_time_s=self.compile_time_s, shardings=shardings, stages=stages)
+
+
+def format_stages(extras: dict, report_stages: list[dict] | None = None) -> str:
+    """The stage table ``scripts/plan.py`` prints."""
+    stages = report_stages or extras["stages"]
+    lines = [f"pipeline: {len(stages)} stages, schedule {extras['schedule']}, "
+             f"{extras['num_micro_batches']} micro-batches, bubble "
+             f"{100 * extras['bubble_fraction']:.1f}% (predicted step "
+             f"{1e3 * extras['search']['cost_s']:.3f} ms)"]
+    header = ["stage", "layers", "devices", "sub-mesh", "predicted ms/micro-batch"]
+    if report_stages:
+        header += ["compiled ms/micro-batch", "activations/micro-batch", "in flight",
+                   "peak memory/device"]
+    rows = [header]
+    for s in stages:
+        row = [str(s["stage"]), f"{s['layers'][0]}-{s['layers'][1]}",
+               ",".join(map(str, s["devices"])),
+               ", ".join(f"{k}={v}" for k, v in s["submesh"].items()),
+               f"{1e3 * s['predicted_time_per_micro_batch_s']:.3f}"]
+        if report_stages:
+            row += [f"{1e3 * s['measured_time_per_micro_batch_s']:.3f}",
+                    f"{s['activation_bytes_per_micro_batch']:,}",
+                    str(s["max_micro_batches_in_flight"]), f"{s['memory_bytes']:,}"]
+        rows.append(row)
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
+              for r in rows]
+    return "\n".join(lines)
 
 
 def _kept_bytes(program) -> int:

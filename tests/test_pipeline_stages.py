@@ -1,0 +1,66 @@
+"""Automatic stages: uneven layers for uneven widths, priced lower than an equal split; the
+schedule's memory: 1F1B keeps fewer micro-batches of activations alive than GPipe."""
+import jax
+import numpy as np
+
+import parallel
+from tests import _pipeline_setups as setups
+
+
+def test_auto_stages_follow_the_cost_of_uneven_layers():
+    method = parallel.PipeshardParallel(num_micro_batches=4, stage_option="auto", profile="cpu")
+    step = parallel.parallelize(setups.wide_step, method=method)
+    batches = setups.wide_batches(3)
+    state = step.init_state(setups.wide_state, jax.random.key(0), batches[0])
+    plan = step.plan(state, batches[0])
+    stages = plan.extras["stages"]
+    search = plan.extras["search"]
+    # 8 hand-cut layers; the two wide ones (4, 5) weigh most: the first stage takes layers 0-4,
+    # the second 5-7, rather than four layers each.
+    assert [s["layers"] for s in stages] == [[0, 4], [5, 7]]
+    assert [len(s["devices"]) for s in stages] == [4, 4]
+    assert search["equal_layers_starts"] == [0, 4]
+    assert search["cost_s"] < 0.9 * search["equal_layers_cost_s"]
+    # ... and it trains like the unpipelined step.
+    reference = jax.jit(setups.wide_step)
+    expected = setups.wide_state(jax.random.key(0))
+    for batch in batches:
+        state, metrics = step(state, batch)
+        expected, want = reference(expected, batch)
+        np.testing.assert_allclose(float(metrics["loss"]), float(want["loss"]), rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_one_f_one_b_keeps_fewer_activations_than_gpipe():
+    num_stages, micro_batches = 4, 8
+    batch = setups.gpt_batches(1)[0]
+    predicted, measured = {}, {}
+    for schedule in ("gpipe", "1f1b"):
+        method = parallel.PipeshardParallel(micro_batches, stage_option=num_stages,
+                                            schedule=schedule)
+        step = parallel.parallelize(setups.gpt_step(markers=True), method=method)
+        state = step.init_state(setups.gpt_state, jax.random.key(0), batch)
+        report = step.analyze(state, batch)
+        stages = report.stages["stages"]
+        assert report.stages["bubble_fraction"] == (num_stages - 1) / (micro_batches + num_stages - 1)
+        in_flight = [s["max_micro_batches_in_flight"] for s in stages]
+        assert in_flight == ([8, 8, 8, 8] if schedule == "gpipe" else [4, 3, 2, 1])
+        # XLA's memory analysis of each stage's forward program: the bytes it hands on per
+        # micro-batch (kept until that micro-batch's backward), times the micro-batches in flight.
+        for s in stages:
+            assert s["activation_bytes_per_micro_batch"] > 0
+            assert s["peak_activation_bytes"] == s["activation_bytes_per_micro_batch"] * s[
+                "max_micro_batches_in_flight"]
+        predicted[schedule] = [s["peak_activation_bytes"] for s in stages]
+        # Measured: the per-micro-batch arrays the runtime holds on each stage during a step.
+        runner = step.compile(state, batch).runner
+        runner.peak_live_bytes = [0] * num_stages
+        step(state, batch)
+        measured[schedule] = runner.peak_live_bytes
+    # Stage s: GPipe keeps all 8 micro-batches, 1F1B at most S - s (4 on the first stage).
+    for s in range(num_stages):
+        factor = micro_batches / (num_stages - s)
+        assert predicted["gpipe"][s] >= factor * predicted["1f1b"][s] * 0.999
+    assert max(predicted["gpipe"]) >= 2 * max(predicted["1f1b"])
+    assert measured["gpipe"][0] >= 1.8 * measured["1f1b"][0]
