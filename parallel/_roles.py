@@ -3,8 +3,8 @@
 Design
 ------
 ``parallel`` works on any step ``fn(*args)`` over pytrees: a dict with any keys, a tuple
-``(weights, optimizer_state)``, a flax ``TrainState``, an ``nnx.Optimizer``'s state. It never looks at
-key names. A leaf's role comes from the arguments' roles, from types, and from the traced step:
+``(weights, optimizer_state)``, a flax ``TrainState``, an ``nnx.Optimizer``'s state. It never
+looks at key names. A leaf's role comes from its argument, its type, and the traced step:
 
 * ``BATCH``: a leaf of a ``batch_argnums`` argument.
 * Stored state is every leaf of a ``donate_argnums`` argument (the step returns it updated).
@@ -25,11 +25,11 @@ key names. A leaf's role comes from the arguments' roles, from types, and from t
       ``InjectHyperparamsState``...), wherever it sits (under any dict key, in a tuple, as a
       ``TrainState`` field);
     * by mirroring: a leaf that is not a parameter, has a parameter's shape, and whose key
-      path ends with that parameter's path below the parameters' common prefix
+      path ends with that parameter's path below the prefix most parameters share
       (``[1]['opt'][0]['mu']['dense']['kernel']`` mirrors ``[0]['dense']['kernel']``). This is
       how every optax moment is laid out, and all that is left of it once ``nnx.split`` or
       ``nnx.to_pure_dict`` has turned optax's NamedTuples into dicts.
-    A leaf that is both (Adagrad's accumulator in optax's state) is ``OPTIMIZER``.
+    A leaf inside an optax state is ``OPTIMIZER`` whatever its update looks like.
   - ``STATE``: every other stored leaf (step counter, RNG key, batch-norm statistics).
 * ``OTHER``: leaves of the remaining arguments.
 
@@ -148,11 +148,11 @@ def find_roles(fn: Callable, abstract_args: Sequence[Any], *, batch_argnums: Seq
     closed_jaxpr, out_shape = trace(fn, args) if traced is None else traced
     updated = _updated_in_place(closed_jaxpr.jaxpr, returned_state(args, out_shape,
                                                                    donate_argnums))
-    parameters = [j for j in state if j in updated
-                  and jax.dtypes.issubdtype(flat_leaves[j].dtype, np.inexact)]
+    parameters = [j for j in state if j in updated and jax.dtypes.issubdtype(
+        getattr(flat_leaves[j], "dtype", np.result_type(flat_leaves[j])), np.inexact)]
     typed = {int(offsets[i]) + k for i in donate_argnums for k in _inside_optax_state(args[i])}
     shapes = [tuple(np.shape(leaf)) for leaf in flat_leaves]
-    candidates = [j for j in state if j not in parameters]
+    candidates = [j for j in state if j not in set(parameters)]
     mirrored = mirrors([flat_paths[j] for j in candidates], [shapes[j] for j in candidates],
                        [flat_paths[j] for j in parameters], [shapes[j] for j in parameters])
     optimizer = typed | {candidates[c] for c in mirrored}

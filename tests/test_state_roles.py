@@ -58,13 +58,16 @@ def make_form(form, params, loss_fn=mlp_loss, tx=None):
         return optax.apply_updates(params, updates), opt_state, loss
 
     if form == "trainer":
+        # model_state: a running average, updated like a batch-norm statistic
         state = {"step": jnp.zeros((), jnp.int32), "params": params,
-                 "opt_state": tx.init(params), "model_state": {}, "rng": jax.random.key(7)}
+                 "opt_state": tx.init(params), "rng": jax.random.key(7),
+                 "model_state": {"mean": jnp.zeros((), jnp.float32)}}
 
         def step(state, batch):
             params, opt_state, loss = adam(state["params"], state["opt_state"], batch)
+            mean = 0.9 * state["model_state"]["mean"] + 0.1 * loss
             return {**state, "step": state["step"] + 1, "params": params,
-                    "opt_state": opt_state}, {"loss": loss}
+                    "opt_state": opt_state, "model_state": {"mean": mean}}, {"loss": loss}
     elif form == "opt_key":
         state = {"params": params, "opt": tx.init(params)}
 
@@ -118,6 +121,11 @@ def nnx_form(sizes=SIZES, tx=None):
     return nnx.to_pure_dict(state), step
 
 
+def build(form):
+    """The small MLP with Adam held as ``form`` (one of ``FORMS`` or ``"nnx"``)."""
+    return nnx_form() if form == "nnx" else make_form(form, mlp_params(jax.random.key(0)))
+
+
 def make_batch(d_in=SIZES[0], d_out=SIZES[-1], batch=BATCH):
     rng = np.random.default_rng(0)
     return {"x": rng.normal(size=(batch, d_in)).astype(np.float32),
@@ -139,14 +147,16 @@ def roles_by_path(state, step, batch):
 def test_roles_of_each_state_form(form):
     state, step = make_form(form, mlp_params(jax.random.key(0)))
     roles = roles_by_path(state, step, make_batch())
-    prefix = {"trainer": ("['params']", "['opt_state'][0]"), "opt_key": ("['params']", "['opt'][0]"),
+    prefix = {"trainer": ("['params']", "['opt_state'][0]"),
+              "opt_key": ("['params']", "['opt'][0]"),
               "train_state": (".params", ".opt_state[0]"), "tuple": ("[0]", "[1][0]")}[form]
     layers = [f"['dense_{i}']['{w}']" for i in range(2) for w in ("kernel", "bias")]
     expected = {prefix[0] + leaf: PARAMETER for leaf in layers}
     expected.update({f"{prefix[1]}.{moment}{leaf}": OPTIMIZER
                      for moment in ("mu", "nu") for leaf in layers})
     expected[f"{prefix[1]}.count"] = OPTIMIZER  # inside optax's ScaleByAdamState
-    others = {"trainer": ["['rng']", "['step']"], "train_state": [".step"]}.get(form, [])
+    others = {"trainer": ["['model_state']['mean']", "['rng']", "['step']"],
+              "train_state": [".step"]}.get(form, [])
     expected.update({path: STATE for path in others})
     assert roles == expected
 
@@ -207,10 +217,7 @@ KERNEL_0, KERNEL_1 = (16, 64), (64, 16)
 
 @pytest.mark.parametrize("form", FORMS + ("nnx",))
 def test_zero_specs_are_the_same_for_every_form(form):
-    if form == "nnx":
-        state, step = nnx_form()
-    else:
-        state, step = make_form(form, mlp_params(jax.random.key(0)))
+    state, step = build(form)
     batch = make_batch()
     zero2 = parallel.parallelize(step, method=parallel.Zero2Parallel()).plan(state, batch)
     # parameters whole, Adam's mu and nu split on their dimension that divides by 8
@@ -261,11 +268,6 @@ def test_a_string_leaf_is_refused_with_its_path_and_a_python_int_is_a_scalar():
     new_state, _ = ts_step(ts, make_batch())
     new_state, _ = ts_step(new_state, make_batch())  # now an int32 array: the same plan
     assert int(new_state.step) == 2 and len(ts_step._entries) == 1
-
-
-def build(form):
-    """The small MLP with Adam held as ``form`` (one of ``FORMS`` or ``"nnx"``)."""
-    return nnx_form() if form == "nnx" else make_form(form, mlp_params(jax.random.key(0)))
 
 
 def single_device_losses(form, steps=2):
