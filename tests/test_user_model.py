@@ -126,6 +126,12 @@ def test_mfu_is_xla_flop_count_of_the_step(runs):
         assert record["mfu"] * record["step_time_s"] * peak == pytest.approx(single, rel=0.1)
 
 
+def test_gradient_accumulation_counts_every_micro_batch(runs, tmp_path):
+    # XLA counts a loop body once; the count unrolls the micro-batch loop instead
+    accumulated = make(tmp_path, "data", 12, "train.grad_accum_steps=4").build()
+    assert accumulated.flops_per_step() == pytest.approx(runs["data"].flops_per_step(), rel=0.01)
+
+
 def test_an_interrupted_run_resumes_bit_exact(runs, tmp_path):
     extra = ["train.checkpoint_every=6"]
     with pytest.raises(Crash, match="interrupted at step 7"):

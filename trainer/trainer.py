@@ -168,7 +168,17 @@ class Trainer:
         return self._data_cache
 
     def build(self):
-        """Builds the pure step functions and the parallel plan; allocates no model state."""
+        """Builds the pure step functions and the parallel plan; allocates no model state.
+
+        The loss is traced on the train and eval batches' shapes first, so bad input stops here.
+
+        Raises:
+          DataError: the data's shapes do not fit the model (both are named), or a batch is
+            not a dict of numeric arrays.
+          ModelError: ``build_model`` returned no Flax module, the model holds a non-array
+            state leaf, or the loss is not a scalar.
+          ConfigError: a subclass's own model has no data to train on, or no loss for its data.
+        """
         cfg = self.config
         self.train_set, self.eval_set = self.train_data(), self.eval_data()
         example = self.train_set.batch(0, 1)  # shapes only: a full batch may be large
