@@ -110,7 +110,7 @@ def move_aside(entry: StepDir, directory: Path) -> Path:
 
 
 def layout(tree: Any) -> list[list]:
-    """``[path, shape, dtype]`` of every leaf, e.g. ``["params/wte/embedding", [256, 64], "float32"]``."""
+    """``[path, shape, dtype]`` of every leaf, e.g. ``["0/wte/embedding", [256, 64], "float32"]``."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return [[jax.tree_util.keystr(path, simple=True, separator="/"), list(leaf.shape), str(leaf.dtype)]
             for path, leaf in leaves]
@@ -119,19 +119,37 @@ def layout(tree: Any) -> list[list]:
 def first_mismatch(saved: list[list], wanted: list[list]) -> str | None:
     """Describes the first leaf whose path or shape differs between checkpoint and target.
 
-    Parameters (paths under ``params/``) are compared first, so a different model is reported
-    by the parameter that differs rather than by its optimizer state.
+    Leaves that another leaf mirrors (parameters, which optimizer moments mirror) are compared
+    first, so a different model is reported by the parameter that differs rather than by its
+    optimizer state, whatever the state's keys.
     """
     saved_shapes = {path: tuple(shape) for path, shape, _ in saved}
     wanted_paths = set()
-    for path, shape, _ in sorted(wanted, key=lambda leaf: not leaf[0].startswith("params/")):
+    for path, shape, _ in _mirrored_first(wanted):
         wanted_paths.add(path)
         if path not in saved_shapes:
             return f"parameter {path}: the checkpoint has none, the model expects shape {tuple(shape)}"
         if saved_shapes[path] != tuple(shape):
             return (f"parameter {path}: the checkpoint has shape {saved_shapes[path]}, "
                     f"the model expects shape {tuple(shape)}")
-    for path, shape, _ in sorted(saved, key=lambda leaf: not leaf[0].startswith("params/")):
+    for path, shape, _ in _mirrored_first(saved):
         if path not in wanted_paths:
             return f"parameter {path}: the checkpoint has shape {tuple(shape)}, the model has no such parameter"
     return None
+
+
+def _mirrored_first(leaves: list[list]) -> list[list]:
+    """``leaves`` with the mirrored ones first: a leaf is mirrored when another leaf of its
+    shape has a path ending with this one's path below its first entry, as
+    ``1/0/mu/dense/kernel`` mirrors ``0/dense/kernel``."""
+    by_shape: dict[tuple, list[list[str]]] = {}
+    for path, shape, _ in leaves:
+        by_shape.setdefault(tuple(shape), []).append(path.split("/"))
+
+    def mirrored(leaf) -> bool:
+        parts = leaf[0].split("/")
+        tail = parts[1:]
+        return bool(tail) and any(len(other) > len(tail) and other[-len(tail):] == tail
+                                  and other != parts for other in by_shape[tuple(leaf[1])])
+
+    return sorted(leaves, key=lambda leaf: not mirrored(leaf))

@@ -389,3 +389,17 @@ def test_mirrors_follow_the_parameters_subtree_across_arguments():
     shapes = [(64,), (16, 64), (16,), (64, 16)]
     # without types, each moment is matched to its own parameter
     assert mirrors(paths, shapes, targets, shapes + [()]) == {0: 0, 1: 1, 2: 2, 3: 3}
+
+
+def test_a_checkpoint_of_another_model_names_the_parameter_whatever_the_keys():
+    from parallel._checkpoint_files import first_mismatch
+
+    def layout(width):  # {"opt": Adam state, "w": params}: "opt" flattens first
+        return [["opt/0/count", [], "int32"], ["opt/0/mu/dense/kernel", [16, width], "float32"],
+                ["opt/0/nu/dense/kernel", [16, width], "float32"],
+                ["w/dense/kernel", [16, width], "float32"]]
+
+    assert first_mismatch(layout(8), layout(8)) is None
+    assert first_mismatch(layout(8), layout(4)) == (
+        "parameter w/dense/kernel: the checkpoint has shape (16, 8), the model expects shape "
+        "(16, 4)")
