@@ -122,6 +122,35 @@ def _solver_table(data: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _pipeline_tables(data: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, (rows, _) in _by_workload(data).items():
+        flat = [r for r in rows if "error" not in r and "pipeline" not in r and r["step_time_s"]]
+        best = min(flat, key=lambda r: r["step_time_s"], default=None)
+        base = f"best unpipelined ({best['method']})" if best else "best unpipelined"
+        lines += [f"### {name} ({data['devices']} devices)", "",
+                  f"| method | stages: layers @ devices | step time (ms) | vs {base} "
+                  f"| per-device memory (MiB) | bubble (schedule) | bubble (measured) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['method']} | failed: {r['error']} | | | | | |")
+                continue
+            pipe = r.get("pipeline")
+            stages = " / ".join(
+                f"{s['layers'][0]}-{s['layers'][1]} @ {len(s['devices'])}"
+                for s in pipe["stages"]) if pipe else plan_text(r, 1)
+            ratio = (r["step_time_s"] / best["step_time_s"]
+                     if best and r["step_time_s"] else None)
+            bubble = f"{100 * pipe['bubble_fraction']:.0f}%" if pipe else ""
+            measured = pipe.get("measured_bubble_fraction") if pipe else None
+            lines.append(f"| {r['method']} | {stages} | {_ms(r['step_time_s'])} | {_ratio(ratio)} "
+                         f"| {r['per_device_memory_bytes'] / MiB:.2f} | {bubble} "
+                         f"| {'' if measured is None else f'{100 * measured:.0f}%'} |")
+        lines.append("")
+    return lines
+
+
 def _seconds(value) -> str:
     return "—" if value is None else f"{value:.2f}"
 
@@ -136,7 +165,8 @@ def _by_workload(data: dict[str, Any]) -> dict[str, tuple[list, str]]:
 
 def format_markdown(data: dict[str, Any]) -> str:
     """The suite's results as Markdown tables (one per workload; one for the solver suite)."""
-    tables = {"seed": _seed_tables, "models": _models_tables, "solver": _solver_table}
+    tables = {"seed": _seed_tables, "models": _models_tables, "solver": _solver_table,
+              "pipeline": _pipeline_tables}
     env = data.get("environment", {})
     head = [f"Suite `{data['suite']}`, {data['devices']} devices, jax {env.get('jax', '?')}, "
             f"{env.get('cpu_count', '?')} CPU cores, load average at the end "

@@ -23,15 +23,18 @@ from parallel._hlo import collective_bytes
 from parallel.plan import spec_to_json
 from parallel.report import cost_figures, memory_bytes
 
-METHODS = ("pmap", "data", "zero2", "zero3", "manual", "auto", "auto_untimed")
+METHODS = ("pmap", "data", "zero2", "zero3", "manual", "auto", "auto_untimed", "pipeshard",
+           "pipeshard_gpipe")
 RESULT_MARKER = "BENCHMARK_RESULT "
 
 
-def make_method(name: str, profile: str | None = None) -> parallel.Method:
+def make_method(name: str, profile: str | None = None,
+                pipeline: dict[str, Any] | None = None) -> parallel.Method:
     """The ``parallel`` method benchmarked under ``name`` (``"manual"`` is Megatron-style).
 
     ``profile`` names the device profile the automatic method prices its plan with
-    (``None``: the running platform's).
+    (``None``: the running platform's). ``pipeline`` gives ``pipeshard``'s
+    ``num_micro_batches`` and ``stages`` (``"auto"`` or a number).
 
     Raises:
       ValueError: ``name`` is not one of ``METHODS`` (or is ``"pmap"``, which is no method).
@@ -44,6 +47,11 @@ def make_method(name: str, profile: str | None = None) -> parallel.Method:
         return parallel.ShardParallel(profile=profile, measure=False)
     if name in ("data", "zero2", "zero3"):
         return parallel.make_method(name)
+    if name in ("pipeshard", "pipeshard_gpipe"):
+        pipeline = pipeline or {}
+        return parallel.PipeshardParallel(
+            pipeline.get("num_micro_batches", 1), stage_option=pipeline.get("stages", "auto"),
+            schedule="gpipe" if name == "pipeshard_gpipe" else "1f1b", profile=profile)
     raise ValueError(f"unknown benchmark method {name!r}; expected one of {METHODS[1:]} "
                      f"('pmap' runs the jax.pmap baseline instead of a parallel.Method)")
 
@@ -112,14 +120,16 @@ def run_solve(workload: Workload, num_devices: int, profile: str | None) -> dict
 
 def run_parallel(workload: Workload, method_name: str, devices: list, warmup: int, steps: int,
                  measure: bool, profile: str | None,
-                 estimate_profiles: tuple[str, ...] = ()) -> dict[str, Any]:
+                 estimate_profiles: tuple[str, ...] = (),
+                 pipeline: dict[str, Any] | None = None) -> dict[str, Any]:
     """A ``parallel.parallelize`` step: plan, compile, report and (if ``measure``) time it.
 
     ``profile`` prices the plan and the estimate (``None``: the running platform's);
     ``estimate_profiles`` adds the cost model's step time for other devices, e.g. ``h100``.
     """
     logical_axes = workload.logical_axes if method_name == "manual" else None
-    step = parallel.parallelize(workload.train_step, method=make_method(method_name, profile),
+    step = parallel.parallelize(workload.train_step,
+                                method=make_method(method_name, profile, pipeline),
                                 logical_axes=logical_axes, devices=devices)
     abstract_state = jax.eval_shape(workload.init, jax.random.key(0))
     abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), workload.batch)
@@ -147,7 +157,30 @@ def run_parallel(workload: Workload, method_name: str, devices: list, warmup: in
         state = step.init_state(workload.init, jax.random.key(0), abstract_batch)
         batch = jax.device_put(workload.batch, step.input_shardings(state, abstract_batch)[1])
         result["step_times_s"], result["losses"] = _time_steps(step, state, batch, warmup, steps)
+    if report.stages is not None:
+        result["pipeline"] = _pipeline_figures(step.compile(state if measure else abstract_state,
+                                                            abstract_batch),
+                                               report, result.get("step_times_s"))
     return result
+
+
+def _pipeline_figures(pipelined, report, step_times) -> dict[str, Any]:
+    """The stages, the schedule's bubble, and the bubble measured: the share of device time
+    idle in a step, from each stage's forward and backward programs timed alone."""
+    busy = pipelined.time_stages()
+    m = report.stages["num_micro_batches"]
+    figures = {"stages": [{k: s[k] for k in ("layers", "devices", "max_micro_batches_in_flight",
+                                             "activation_bytes_per_micro_batch")}
+                          for s in report.stages["stages"]],
+               "schedule": report.stages["schedule"], "num_micro_batches": m,
+               "bubble_fraction": report.stages["bubble_fraction"],
+               "stage_time_per_micro_batch_s": busy}
+    if step_times:
+        step = statistics.median(step_times)
+        sizes = [len(s["devices"]) for s in report.stages["stages"]]
+        used = sum(m * t * n for t, n in zip(busy, sizes))
+        figures["measured_bubble_fraction"] = max(0.0, 1.0 - used / (sum(sizes) * step))
+    return figures
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -182,10 +215,10 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     else:
         result = run_parallel(workload, case["method"], devices, warmup, steps,
                               bool(case.get("measure", True)), case.get("profile"),
-                              tuple(case.get("estimate_profiles", ())))
+                              tuple(case.get("estimate_profiles", ())), case.get("pipeline"))
     times = result.get("step_times_s")
     step_time = statistics.median(times) if times else None
-    return {"workload": spec.name, "method": case["method"], "devices": n,
+    return {"workload": spec.name, "method": case.get("label", case["method"]), "devices": n,
             "platform": devices[0].platform, "step_time_s": step_time,
             "per_device_memory_bytes": result.pop("per_device_memory_bytes"),
             "communication_bytes": result.pop("communication_bytes"),

@@ -9,6 +9,9 @@ Suites (``scripts/benchmark.py --suite NAME``):
   (Megatron-style rules), ``auto`` and ``auto_untimed`` (``measure=False``: the estimates alone
   choose): CPU step time measured, H100 step time estimated by the cost model from the same
   compiled step.
+* ``pipeline``: an 8-layer GPT and a Wide-ResNet, the best unpipelined plan (data, ZeRO-2,
+  ZeRO-3, auto) against ``pipeshard`` with automatic stages and with 4 stages x 2 devices
+  (1F1B and GPipe), 8 micro-batches: step time, the schedule's bubble and the measured one.
 * ``solver``: the automatic method's solve and compile time against model depth and device
   count (compiled on abstract shapes; nothing is run), and the solver alone on a 24-layer,
   2048-wide GPT on 8 devices and a 48-layer, 8192-wide GPT on 64 (priced for H100s).
@@ -40,7 +43,7 @@ from benchmarks._workloads import SEED_WORKLOADS, WorkloadSpec
 __all__ = ["SUITES", "can_plot", "format_markdown", "format_result", "merge_rounds", "plot",
            "run_case_subprocess", "run_suite", "suite_cases", "summarize", "write_json"]
 
-SUITES = ("seed", "models", "solver")
+SUITES = ("seed", "models", "solver", "pipeline")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs", "benchmarks")
 SEED_METHODS = ("pmap", "data", "zero2", "zero3", "auto")
@@ -66,6 +69,22 @@ MODEL_WORKLOADS = {
 # The smallest of Alpa's sizes (configs/benchmarks/), compiled on abstract shapes only and
 # priced with the H100 profile; global batches cut to what 8 GPUs hold without pipelining.
 ESTIMATE_CONFIGS = {"gpt-125m": 64, "moe-380m": 64, "wide_resnet-250m": 256}
+# Deeper versions of the models suite's GPT and Wide-ResNet for the pipeline suite: the best
+# unpipelined plan (data, ZeRO-2, ZeRO-3, the solver's) against pipeshard with automatic stages
+# and with four stages of two devices, under 1F1B and GPipe, 8 micro-batches.
+PIPELINE_WORKLOADS = {
+    "gpt": WorkloadSpec("gpt_8_layers", "gpt", {
+        "vocab_size": 1024, "block_size": 64, "num_layers": 8, "num_heads": 8,
+        "hidden_size": 256}, batch_size=32, seq_len=64),
+    "wide_resnet": WorkloadSpec("wide_resnet", "wide_resnet", {
+        "depth": 14, "base_channels": 16, "width_factor": 2, "num_classes": 10,
+        "image_size": 32}, batch_size=32, seq_len=32),
+}
+PIPELINE_MICRO_BATCHES = 8
+# (label, method, stages): stages None for the unpipelined methods.
+PIPELINE_CASES = (("data", "data", None), ("zero2", "zero2", None), ("zero3", "zero3", None),
+                  ("auto", "auto", None), ("pipeshard_auto", "pipeshard", "auto"),
+                  ("pipeshard_4x2", "pipeshard", 4), ("pipeshard_4x2_gpipe", "pipeshard_gpipe", 4))
 SOLVER_DEPTHS = (1, 2, 4, 8)
 SOLVER_DEVICE_COUNTS = (2, 4, 8)
 # The solver alone (nothing compiled) on large GPTs, priced for H100s: (config, global batch,
@@ -118,6 +137,11 @@ def suite_cases(suite: str, devices: int = 8, steps: int = 5,
 
     if suite == "seed":
         return [case(spec, method) for spec in SEED_WORKLOADS.values() for method in SEED_METHODS]
+    if suite == "pipeline":
+        return [case(spec, method, label=label, **({"pipeline": {
+                    "num_micro_batches": PIPELINE_MICRO_BATCHES, "stages": stages}}
+                    if stages is not None else {}))
+                for spec in PIPELINE_WORKLOADS.values() for label, method, stages in PIPELINE_CASES]
     if suite == "models":
         measured = [case(spec, method, estimate_profiles=[ESTIMATE_PROFILE])
                     for spec in MODEL_WORKLOADS.values() for method in MEASURED_MODEL_METHODS]
@@ -143,7 +167,7 @@ def run_case_subprocess(case: dict[str, Any], timeout_s: float = 1800.0) -> dict
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
                         f"{case['devices']}").strip()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    failed = {"workload": case["workload"]["name"], "method": case["method"],
+    failed = {"workload": case["workload"]["name"], "method": case.get("label", case["method"]),
               "devices": case["devices"]}
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks._run", json.dumps(case)],
