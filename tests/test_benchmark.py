@@ -221,3 +221,27 @@ def test_the_library_packages_import_no_benchmark_code():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root,
                          env={**os.environ, "PYTHONPATH": root}, check=True).stdout
     assert out == "[] False False\n"
+
+
+def test_pipeline_case_reports_stages_bubbles_and_trains_like_data(tiny_results):
+    pipe = run_case(_case("pipeshard", label="pipeshard_2x4",
+                          pipeline={"num_micro_batches": 4, "stages": 2}))
+    assert pipe["method"] == "pipeshard_2x4"
+    figures = pipe["pipeline"]
+    assert [s["devices"] for s in figures["stages"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert figures["bubble_fraction"] == pytest.approx(1 / 5)  # (S - 1) / (M + S - 1)
+    assert 0.0 <= figures["measured_bubble_fraction"] < 1.0
+    assert len(figures["stage_time_per_micro_batch_s"]) == 2
+    np.testing.assert_allclose(pipe["losses"], tiny_results["data"]["losses"], rtol=1e-5)
+    results = [tiny_results["data"], pipe]
+    table = suites.format_markdown({"suite": "pipeline", "devices": 8, "repeat": 1,
+                                    "results": results, "summary": suites.summarize(results),
+                                    "environment": {}})
+    assert "vs best unpipelined (data)" in table
+    row = next(line for line in table.splitlines() if line.startswith("| pipeshard_2x4 |"))
+    assert " 0-0 @ 4 / 1-1 @ 4 " in row and "| 20% |" in row
+    cases = suites.suite_cases("pipeline", 8)
+    assert [(c["workload"]["name"], c["label"]) for c in cases] == [
+        (w, label) for w in ("gpt_8_layers", "wide_resnet")
+        for label in ("data", "zero2", "zero3", "auto", "pipeshard_auto", "pipeshard_4x2",
+                      "pipeshard_4x2_gpipe")]
