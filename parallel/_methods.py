@@ -227,10 +227,20 @@ class Zero2Parallel(Method):
 
     name = "zero2"
     sharded_roles = (OPTIMIZER,)
+    nothing_to_shard = (
+        "found no optimizer state in the donated arguments (no optax state, no leaf mirroring "
+        "a parameter that the step updates as p + u), so it replicates everything like "
+        "DataParallel; donate the state (donate_argnums) or use Zero3Parallel, which shards "
+        "every donated leaf")
 
     def __init__(self, mesh: Mapping[str, int] | None = None, min_shard_elements: int = 1024):
         super().__init__(mesh)
         self.min_shard_elements = min_shard_elements
+
+    def prepare(self, abstract_args, mesh_shape, logical_axes, roles):
+        if not any(role in self.sharded_roles for role in roles.flat()):
+            warn_once(f"{type(self).__name__} {self.nothing_to_shard}")
+        return super().prepare(abstract_args, mesh_shape, logical_axes, roles)
 
     def leaf_spec(self, role, path, key_path, leaf, mesh_shape, argnum, context):
         del path, key_path, argnum, context
@@ -253,6 +263,8 @@ class Zero3Parallel(Zero2Parallel):
 
     name = "zero3"
     sharded_roles = (PARAMETER, OPTIMIZER, STATE)
+    nothing_to_shard = ("shards the stored state, the donated arguments, but none is donated; "
+                        "pass donate_argnums (e.g. (0,) for the state)")
 
 
 _REGISTRY: dict[str, Callable[..., Method]] = {}

@@ -403,3 +403,24 @@ def test_a_checkpoint_of_another_model_names_the_parameter_whatever_the_keys():
     assert first_mismatch(layout(8), layout(4)) == (
         "parameter w/dense/kernel: the checkpoint has shape (16, 8), the model expects shape "
         "(16, 4)")
+
+
+def test_zero_methods_say_when_they_find_nothing_to_shard(monkeypatch):
+    from parallel import _methods
+    monkeypatch.setattr(_methods, "_warned", set())  # each warning is given once per process
+    params = mlp_params(jax.random.key(0))
+
+    def sgd(params, batch):  # a hand-written SGD step: no optimizer state at all
+        grads = jax.grad(mlp_loss)(params, batch)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
+    with pytest.warns(UserWarning, match="Zero2Parallel found no optimizer state in the donated"):
+        plan = parallel.parallelize(sgd, method=parallel.Zero2Parallel()).plan(params, make_batch())
+    assert all(leaf.spec == P() for leaf in plan.inputs[0])
+    with pytest.warns(UserWarning, match="Zero3Parallel shards the stored state.*none is donated"):
+        parallel.parallelize(sgd, method=parallel.Zero3Parallel(),
+                             donate_argnums=()).plan(params, make_batch())
+    # donated, the same step's parameters are found (p - 0.1 g) and ZeRO-3 splits the kernels
+    plan = parallel.parallelize(sgd, method=parallel.Zero3Parallel()).plan(params, make_batch())
+    assert sharded_specs(plan) == (sorted([(KERNEL_0, (None, "data")), (KERNEL_1, ("data",))]),
+                                   True)
