@@ -15,19 +15,8 @@ from jax.extend import core as jex_core
 from jax.sharding import Mesh, NamedSharding
 
 from parallel._errors import PlanError
+from parallel._roles import trace
 from parallel.plan import Constraint
-
-
-def trace_flat(fn: Callable, abstract_args: Sequence[Any]):
-    """The closed jaxpr of ``fn`` over the flattened ``abstract_args``, and its out treedef."""
-    flat_args, in_tree = jax.tree.flatten(tuple(abstract_args))
-
-    def flat_fn(*flat):
-        return jax.tree.leaves(fn(*jax.tree.unflatten(in_tree, flat)))
-
-    closed = jax.make_jaxpr(flat_fn)(*flat_args)
-    out_tree = jax.tree.structure(jax.eval_shape(fn, *abstract_args))
-    return closed, in_tree, out_tree
 
 
 def with_constraints(fn: Callable, abstract_args: Sequence[Any],
@@ -38,7 +27,8 @@ def with_constraints(fn: Callable, abstract_args: Sequence[Any],
       PlanError: a constraint names an equation or output the jaxpr does not have, or a spec
         with more entries than the value has dimensions.
     """
-    closed, in_tree, out_tree = trace_flat(fn, abstract_args)
+    closed, in_tree, out_shape = trace(fn, tuple(abstract_args))
+    out_tree = jax.tree.structure(out_shape)
     eqns = closed.jaxpr.eqns
     by_output = {}
     for c in constraints:

@@ -145,7 +145,7 @@ def find_roles(fn: Callable, abstract_args: Sequence[Any], *, batch_argnums: Seq
     offsets = np.cumsum([0] + sizes)
     flat_leaves = jax.tree.leaves(args)
     state = [j for i in donate_argnums for j in range(offsets[i], offsets[i + 1])]
-    closed_jaxpr, out_shape = trace(fn, args) if traced is None else traced
+    closed_jaxpr, _, out_shape = trace(fn, args) if traced is None else traced
     updated = _updated_in_place(closed_jaxpr.jaxpr, returned_state(args, out_shape,
                                                                    donate_argnums))
     parameters = [j for j in state if j in updated and jax.dtypes.issubdtype(
@@ -212,8 +212,9 @@ def _majority_prefix(paths: list[tuple]) -> tuple:
 
 
 def trace(fn: Callable, args: tuple):
-    """``(closed_jaxpr, out_shape)``: the jaxpr of ``fn`` over the flattened ``args`` and its
-    output as a pytree of ``jax.ShapeDtypeStruct``."""
+    """``(closed_jaxpr, in_tree, out_shape)``: the jaxpr of ``fn`` over the flattened ``args``
+    (the jaxpr whose equation indices ``parallel.Constraint`` refers to), the arguments' tree,
+    and the output as a pytree of ``jax.ShapeDtypeStruct``."""
     flat_args, in_tree = jax.tree.flatten(args)
     out_tree = []
 
@@ -224,7 +225,7 @@ def trace(fn: Callable, args: tuple):
 
     closed = jax.make_jaxpr(flat_fn)(*flat_args)
     shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in closed.out_avals]
-    return closed, jax.tree.unflatten(out_tree[0], shapes)
+    return closed, in_tree, jax.tree.unflatten(out_tree[0], shapes)
 
 
 def returned_state(args: Sequence[Any], out_shape: Any,

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 import parallel
 from _parallel_setups import gpt_setup, mlp_setup
-from parallel._constraints import trace_flat
+from parallel._roles import trace
 from parallel.mesh import resolve_mesh_shape
 
 
@@ -183,7 +183,7 @@ def test_constraints_on_intermediates_reach_the_compiled_step():
     class ConstrainedData(parallel.DataParallel):
         def make_plan(self, fn, abstract_args, **kwargs):
             plan = super().make_plan(fn, abstract_args, **kwargs)
-            jaxpr = trace_flat(fn, abstract_args)[0].jaxpr
+            jaxpr = trace(fn, tuple(abstract_args))[0].jaxpr
             dot = next(i for i, e in enumerate(jaxpr.eqns) if e.primitive.name == "dot_general")
             return dataclasses.replace(plan, constraints=(parallel.Constraint(dot, 0,
                                                                               P(None, "data")),))

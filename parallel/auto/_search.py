@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from parallel._errors import PlanError
-from parallel._roles import OPTIMIZER, check_leaves, find_roles
+from parallel._roles import OPTIMIZER, check_leaves, find_roles, trace
 from parallel.auto._cost import MeshModel
 from parallel.auto._graph import build_graph
 from parallel.auto._groups import Structure, warn_fallbacks
@@ -233,7 +233,7 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
         batch = {graph.inputs[j] for j in batch_leaves}
         state = {v for v in donated if graph.values[v].nbytes >= _SHARDED_STATE_BYTES}
         roles = find_roles(fn, args, batch_argnums=batch_argnums, donate_argnums=donate_argnums,
-                           traced=(closed, out_shape))
+                           traced=(closed, in_tree, out_shape))
         update = {graph.inputs[j] for j in roles.indices(OPTIMIZER)} & state
         variants = [("batch split", (batch,)), ("state sharded", (batch, state, donated - state))]
         if update:  # weight-update sharding (ZeRO-2): parameters whole, optimizer state split
@@ -260,22 +260,6 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
         solve_time_s=time.perf_counter() - start, num_equations=len(graph.eqns),
         num_groups=len(structure.groups), num_classes=structure.num_classes,
         in_tree=in_tree, out_shape=out_shape)
-
-
-def trace(fn: Callable, args: tuple):
-    """The closed jaxpr of ``fn`` over its flattened arguments (the jaxpr whose equation
-    indices ``parallel.Constraint`` refers to), the arguments' tree, and the output shapes."""
-    flat_args, in_tree = jax.tree.flatten(args)
-    out_tree = []
-
-    def flat_fn(*flat):
-        leaves, tree = jax.tree.flatten(fn(*jax.tree.unflatten(in_tree, flat)))
-        out_tree.append(tree)
-        return leaves
-
-    closed = jax.make_jaxpr(flat_fn)(*flat_args)
-    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in closed.out_avals]
-    return closed, in_tree, jax.tree.unflatten(out_tree[0], shapes)
 
 
 def _pair_state(args, out_shape, donate_argnums, offsets) -> dict[int, int]:
