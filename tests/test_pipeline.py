@@ -43,6 +43,9 @@ def test_four_stages_equal_unpipelined_step(reference, markers, schedule):
     stages = plan.extras["stages"]
     assert [s["layers"] for s in stages] == [[0, 0], [1, 1], [2, 2], [3, 3]]
     assert [s["devices"] for s in stages] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    # Hand-cut or automatic, only the residual stream crosses a cut: (2, 8, 16) float32 per
+    # micro-batch (the labels' work is done on the last stage, not carried there).
+    assert [s["sends_bytes_per_micro_batch"] for s in stages] == [2 * 8 * 16 * 4] * 3 + [0]
     # Each block's weights live on the sub-mesh of its stage, replicated inside it.
     for k, block in enumerate(state["weights"]["blocks"]):
         sharding = block["qkv"].sharding

@@ -85,6 +85,8 @@ def find_layers(program: Program, regions: Regions, backward: list[bool],
         of_op[i] = layer
         for v in op.outputs:
             layer_of_value[v] = layer
+    if has_markers:
+        _delay_side_work(program, forward, of_op, layer_of_value)
     count = max(of_op.values()) + 1
     flops = [0.0] * count
     for i in forward:
@@ -99,6 +101,31 @@ def find_layers(program: Program, regions: Regions, backward: list[bool],
         for layer in range(layer_of_value[v], last):
             cut[layer] += program.nbytes(v)
     return Layers(of_op, count, flops, cut, has_markers)
+
+
+def _delay_side_work(program: Program, forward: list[int], of_op: dict[int, int],
+                     layer_of_value: dict[int, int]) -> None:
+    """Moves forward ops that feed no marker (e.g. the labels' one-hot, read by the loss only)
+    to the first layer that reads their results, so they do not cross every cut."""
+    feeds_marker: set[int] = set()
+    wanted: set[int] = set()
+    for i in reversed(forward):
+        op = program.ops[i]
+        if op.is_marker or any(v in wanted for v in op.outputs):
+            feeds_marker.add(i)
+            wanted.update(op.value_inputs())
+    readers: dict[int, list[int]] = {}
+    for i in forward:
+        for v in program.ops[i].value_inputs():
+            readers.setdefault(v, []).append(i)
+    for i in reversed(forward):
+        if i in feeds_marker:
+            continue
+        later = [of_op[r] for v in program.ops[i].outputs for r in readers.get(v, ())]
+        if later and min(later) > of_op[i]:
+            of_op[i] = min(later)
+            for v in program.ops[i].outputs:
+                layer_of_value[v] = of_op[i]
 
 
 def _auto_cuts(program: Program, forward: list[int], num_layers: int) -> dict[int, int]:

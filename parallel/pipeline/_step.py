@@ -106,6 +106,8 @@ class PipelinedStep:
                 "intra_op_mesh": {"data": int(size)},
                 "micro_batch_size": global_batch // self.runner.num_micro_batches,
                 "predicted_time_per_micro_batch_s": float(self.choice.stage_times_s[s]),
+                "sends_bytes_per_micro_batch": float(self.layers.cut_bytes[int(starts[s + 1]) - 1])
+                if s + 1 < len(self.choice.sizes) else 0.0,
             })
             offset += size
         return info
