@@ -9,6 +9,7 @@ from parallel._methods import Zero2Parallel as Zero2Parallel
 from parallel._methods import Zero3Parallel as Zero3Parallel
 from parallel._methods import make_method as make_method
 from parallel._methods import register_method as register_method
+from parallel._parallelize import FollowPlan as FollowPlan
 from parallel._parallelize import ParallelStep as ParallelStep
 from parallel._parallelize import parallelize as parallelize
 from parallel.auto import ShardParallel as ShardParallel

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from parallel._constraints import with_constraints
 from parallel._errors import PlanError
-from parallel._methods import DataParallel, Method
+from parallel._methods import DataParallel, Method, plan_outputs
 from parallel._roles import check_leaves
 from parallel.plan import Plan, shardings_from_specs
 
@@ -37,6 +39,23 @@ def abstractify(tree: Any) -> Any:
         return jax.ShapeDtypeStruct(array.shape, jax.dtypes.canonicalize_dtype(array.dtype))
 
     return jax.tree.map(one, tree)
+
+
+def program_fingerprint(fn: Callable, abstract_args: Sequence[Any]) -> str:
+    """A short hash of ``fn``'s jaxpr over ``abstract_args``: equal programs, equal hashes.
+
+    A saved plan is reused only for the program it was made for: its constraints name
+    equations of this jaxpr, and a solver's choice depends on every equation.
+    """
+    text = str(jax.make_jaxpr(fn)(*abstract_args))
+    text = re.sub(r" at 0x[0-9a-f]+", "", text)  # function reprs in custom-derivative params
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def device_summary(devices: Sequence[jax.Device]) -> dict:
+    """What a plan depends on about the devices: their count, platform and kind."""
+    return {"count": len(devices), "platform": devices[0].platform,
+            "kind": devices[0].device_kind}
 
 
 def _signature(abstract_args: Sequence[Any]) -> tuple:
@@ -95,25 +114,76 @@ class ParallelStep:
             self._entries[key] = entry
         return entry
 
-    def _build(self, abstract_args: tuple) -> _Entry:
+    def set_plan(self, plan: Plan, *args) -> None:
+        """Runs these arguments with ``plan`` (e.g. one saved with a checkpoint): no solve.
+
+        Args:
+          plan: a plan this step made before, possibly in another process (``Plan.from_json``).
+          *args: arrays or ``jax.ShapeDtypeStruct`` leaves with the signature to use it for.
+
+        Raises:
+          PlanError: the plan was made for another method, other devices, other argument
+            leaves or another program; the message says which (plan afresh then).
+        """
+        abstract_args = tuple(abstractify(tuple(args)))
+        self._check_arguments(abstract_args)
+        problem = self._reuse_problem(plan, abstract_args)
+        if problem is not None:
+            raise PlanError(f"the saved plan does not apply: {problem}")
+        self._entries[_signature(abstract_args)] = self._build(abstract_args, plan, 0.0)
+
+    def _reuse_problem(self, plan: Plan, abstract_args: tuple) -> str | None:
+        if hasattr(self.method, "build_executable"):
+            return f"method {self.method.name!r} builds its programs anew"
+        if plan.method != self.method.name:
+            return f"it was made by method {plan.method!r}, this step uses {self.method.name!r}"
+        saved, now = plan.extras.get("devices"), device_summary(self.devices)
+        if saved != now:
+            return f"it was made for devices {saved}, these are {now}"
+        if (tuple(plan.batch_argnums), tuple(plan.donate_argnums)) != (
+                self.batch_argnums, self.donate_argnums):
+            return "its batch or donated arguments differ"
+        if not plan.matches(abstract_args) or any(
+                leaf.dtype != str(x.dtype)
+                for arg, planned in zip(abstract_args, plan.inputs)
+                for leaf, x in zip(planned, jax.tree.leaves(arg))):
+            return "the arguments' leaves, shapes or dtypes differ"
+        if plan.extras.get("program") != program_fingerprint(self.fn, abstract_args):
+            return "the step's program differs"
+        return None
+
+    def _check_arguments(self, abstract_args: tuple) -> None:
         n = len(abstract_args)
         for name, nums in (("batch_argnums", self.batch_argnums),
                            ("donate_argnums", self.donate_argnums)):
             if any(not 0 <= i < n for i in nums):
                 raise PlanError(f"{name}={nums} but the function was called with {n} "
                                  f"positional arguments")
+
+    def _make_plan(self, abstract_args: tuple) -> tuple[Plan, float]:
+        """The method's plan, stamped with what reusing it requires (devices, program)."""
         start = time.perf_counter()
-        build = getattr(self.method, "build_executable", None)
-        if build is not None:  # methods running several programs (pipelines) build their own
-            step = build(self.fn, abstract_args, batch_argnums=self.batch_argnums,
-                         donate_argnums=self.donate_argnums, devices=self.devices)
-            return _Entry(step.plan, step.mesh, step.in_shardings, step.out_shardings, step,
-                          abstract_args, time.perf_counter() - start, compiled=step)
         plan = self.method.make_plan(
             self.fn, abstract_args, batch_argnums=self.batch_argnums,
             donate_argnums=self.donate_argnums, devices=self.devices,
             logical_axes=self.logical_axes)
         solve_time = time.perf_counter() - start
+        extras = {**plan.extras, "devices": device_summary(self.devices),
+                  "program": program_fingerprint(self.fn, abstract_args)}
+        return dataclasses.replace(plan, extras=extras), solve_time
+
+    def _build(self, abstract_args: tuple, plan: Plan | None = None,
+               solve_time: float = 0.0) -> _Entry:
+        if plan is None:
+            self._check_arguments(abstract_args)
+            build = getattr(self.method, "build_executable", None)
+            if build is not None:  # methods running several programs (pipelines) build their own
+                start = time.perf_counter()
+                step = build(self.fn, abstract_args, batch_argnums=self.batch_argnums,
+                             donate_argnums=self.donate_argnums, devices=self.devices)
+                return _Entry(step.plan, step.mesh, step.in_shardings, step.out_shardings, step,
+                              abstract_args, time.perf_counter() - start, compiled=step)
+            plan, solve_time = self._make_plan(abstract_args)
         if plan.num_devices != len(self.devices):
             raise PlanError(f"plan mesh {plan.mesh_shape} covers {plan.num_devices} devices but "
                              f"{len(self.devices)} are in use")
@@ -211,6 +281,39 @@ class ParallelStep:
         specs = entry.plan.input_specs(entry.abstract_args)
         return build_report(compiled, entry.plan, specs, solve_time_s=entry.solve_time_s,
                             compile_time_s=entry.compile_time_s, profile=profile)
+
+
+class FollowPlan(Method):
+    """Lays out another step's arguments as that step's plan does: nothing is solved.
+
+    For a companion of a train step taking the same arguments, such as an eval step
+    ``(state, batch) -> metrics``: the state stays where training keeps it and only the batch
+    is placed. Outputs mirroring an argument take its specs; others are replicated.
+
+    Args:
+      step: the ``ParallelStep`` whose plan (for the same abstract arguments) is followed.
+    """
+
+    name = "follow"
+
+    def __init__(self, step: "ParallelStep"):
+        super().__init__(None)
+        self.step = step
+
+    def __repr__(self) -> str:
+        return f"FollowPlan({self.step!r})"
+
+    def make_plan(self, fn, abstract_args, *, batch_argnums, donate_argnums, devices,
+                  logical_axes) -> Plan:
+        del logical_axes
+        source = self.step.plan(*abstract_args)
+        if source.num_devices != len(devices):
+            raise PlanError(f"FollowPlan: the followed plan covers {source.num_devices} devices, "
+                            f"this step runs on {len(devices)}")
+        outputs = plan_outputs(fn, abstract_args, source.inputs, donate_argnums)
+        return Plan(source.method, dict(source.mesh_shape), source.inputs, outputs,
+                    batch_argnums=tuple(batch_argnums), donate_argnums=tuple(donate_argnums),
+                    extras={"follows": repr(self.step)})
 
 
 def place(tree: Any, shardings: Any) -> Any:

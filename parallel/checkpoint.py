@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -65,7 +66,8 @@ class Checkpointer:
                  async_save: bool = True):
         for name, value in (("max_to_keep", max_to_keep), ("keep_every", keep_every)):
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+                raise CheckpointError(f"Checkpointer {name} must be a positive int or None, "
+                                      f"got {value!r}")
         self.directory = Path(directory).absolute()
         self.max_to_keep = max_to_keep
         self.keep_every = keep_every
@@ -74,6 +76,7 @@ class Checkpointer:
         self._watcher: threading.Thread | None = None
         self._watch_error: tuple[int, BaseException] | None = None
         self._saved_steps: set[int] = set()
+        self._verified: set[int] = set()  # steps whose file contents this object checked
 
     @classmethod
     def start_over(cls, directory, **kwargs) -> "Checkpointer":
@@ -95,20 +98,41 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         """The newest valid step, or None if ``directory`` holds no checkpoint at all.
 
-        Newer torn or corrupt steps are skipped with a warning naming each (they are not deleted).
+        Steps are verified newest first, so when the newest is intact only its files are read
+        (``restore`` then reads them without checking again), however many steps are kept.
+        Newer torn or corrupt steps are skipped with a warning naming each (not deleted). With
+        several processes, process 0 verifies and tells the others.
 
         Raises:
           CheckpointError: checkpoints exist but none is valid.
         """
         self.wait()
-        entries = files.scan(self.directory)
+        step, error = None, None
+        if jax.process_index() == 0:
+            try:
+                step = self._newest_valid()
+            except CheckpointError as e:
+                error = e
+        if jax.process_count() > 1:
+            code = -2 if error is not None else -1 if step is None else step
+            code = int(multihost_utils.broadcast_one_to_all(np.int64(code)))
+            if code == -2 and error is None:
+                error = CheckpointError(f"no valid checkpoint in {self.directory} (found by process 0)")
+            step = code if code >= 0 else None
+        if error is not None:
+            raise error
+        if step is not None:
+            self._verified.add(step)
+        return step
+
+    def _newest_valid(self) -> int | None:
         problems = []
-        for entry in reversed(entries):
+        for entry in reversed(files.scan(self.directory)):
             problem = files.verify(entry)
             if problem is None:
                 for skipped in problems:
                     warnings.warn(f"skipping checkpoint {skipped}; resuming from step {entry.step} "
-                                  f"({entry.path})", stacklevel=2)
+                                  f"({entry.path})", stacklevel=3)
                 return entry.step
             problems.append(f"{entry.path}: {problem}")
         if problems:
@@ -117,12 +141,17 @@ class Checkpointer:
                 + f". Nothing was deleted; move {self.directory} aside to start from scratch")
         return None
 
-    def list(self) -> list[CheckpointInfo]:
-        """Every step directory (committed or interrupted), oldest first, with its validity."""
+    def list(self, verify: bool = True) -> list[CheckpointInfo]:
+        """Every step directory (committed or interrupted), oldest first, with its validity.
+
+        Args:
+          verify: check every file's contents (CRC32) too; otherwise only commits, manifests
+            and sizes (nothing is read).
+        """
         self.wait()
         infos = []
         for entry in files.scan(self.directory):
-            problem = files.verify(entry)
+            problem = files.verify(entry, contents=verify)
             infos.append(CheckpointInfo(entry.step, files.size_bytes(entry.path), problem is None,
                                         problem, str(entry.path)))
         return infos
@@ -226,7 +255,7 @@ class Checkpointer:
         if not step_dir.is_dir():
             held = [e.step for e in files.scan(self.directory) if e.committed]
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; it holds steps {held}")
-        problem = files.verify(entry)
+        problem = files.verify(entry, contents=int(step) not in self._verified)
         if problem is not None:
             raise CheckpointError(f"checkpoint {step_dir} is not valid: {problem}")
         abstract = _abstract_target(target)
@@ -268,8 +297,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"cannot create the checkpoint directory {self.directory}: {e.strerror or e}; "
                 "make the workdir writable or choose another one") from e
-        for entry in files.scan(self.directory):
-            problem = files.verify(entry)
+        for entry in files.scan(self.directory):  # torn steps: found without reading any file
+            problem = files.verify(entry, contents=False)
             if problem is not None:
                 self._move_aside(entry, problem)
         self._sync("open")

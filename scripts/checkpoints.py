@@ -1,6 +1,8 @@
 """List a run's checkpoints with step, size and validity: ``python scripts/checkpoints.py WORKDIR``.
 
 WORKDIR is a training workdir (its ``checkpoints/`` is listed) or a checkpoint directory itself.
+Validity means committed, with a manifest and every file of its recorded size; ``--verify``
+also reads every file and compares its CRC32 with the manifest.
 """
 import argparse
 import sys
@@ -20,7 +22,7 @@ def human_size(num_bytes: int) -> str:
     return f"{num_bytes} B" if power == 0 else f"{num_bytes / 1024 ** power:.1f} {units[power]}"
 
 
-def list_checkpoints(workdir: str) -> None:
+def list_checkpoints(workdir: str, verify: bool = False) -> None:
     from parallel import Checkpointer
 
     path = Path(workdir)
@@ -29,7 +31,7 @@ def list_checkpoints(workdir: str) -> None:
     if not path.is_dir():
         raise NotADirectoryError(f"{path} is not a directory; pass a training workdir or its checkpoints/ directory")
     directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    infos = Checkpointer(directory).list()
+    infos = Checkpointer(directory).list(verify=verify)
     if not infos:
         print(f"no checkpoints in {directory}")
         return
@@ -45,8 +47,10 @@ def list_checkpoints(workdir: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("workdir", help="a training workdir or a checkpoint directory")
+    parser.add_argument("--verify", action="store_true",
+                        help="read every file and compare its checksum with the manifest")
     args = parser.parse_args(argv)
-    return cli.run(lambda: list_checkpoints(args.workdir))
+    return cli.run(lambda: list_checkpoints(args.workdir, args.verify))
 
 
 if __name__ == "__main__":

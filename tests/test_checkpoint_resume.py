@@ -8,6 +8,7 @@ that step, bit for bit (CPU, same device count, same compiled program).
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,22 +44,27 @@ class Run:
         self.workdir = workdir
         self.log_path = workdir.parent / f"{workdir.name}-{time.monotonic_ns()}.log"
         self.metrics_path = workdir / "metrics.jsonl"
-        self.offset = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
-        self.end = None  # where this run's records stop once it has exited
+        self.final = None  # this run's records once it has exited (later runs rewrite the file)
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "scripts" / "train.py"), *ARGS, f"workdir={workdir}", *extra],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
     def losses(self) -> dict:
-        """step -> loss of the train records this run appended to metrics.jsonl."""
-        if not self.metrics_path.exists():
+        """step -> loss of the train records this run logged to metrics.jsonl.
+
+        A run drops the records past the step it resumes from before it prints where it starts,
+        so once that line is out the records past that step are this run's.
+        """
+        if self.final is not None:
+            return self.final
+        found = re.search(r"resuming at step (\d+)|starting ->", self.output())
+        if found is None or not self.metrics_path.exists():
             return {}
-        with open(self.metrics_path) as f:
-            f.seek(self.offset)
-            text = f.read() if self.end is None else f.read(self.end - self.offset)
+        start = int(found.group(1) or 0)
+        text = self.metrics_path.read_text()
         records = [json.loads(line) for line in text.split("\n")[:-1]]  # complete lines only
-        return {r["step"]: r["loss"] for r in records if "loss" in r}
+        return {r["step"]: r["loss"] for r in records if "loss" in r and r["step"] > start}
 
     def signal_after(self, step: int, sig: int, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
@@ -70,7 +76,7 @@ class Run:
 
     def wait(self) -> int:
         code = self.proc.wait(timeout=300)
-        self.end = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+        self.final = self.losses()
         return code
 
     def output(self) -> str:
@@ -184,7 +190,8 @@ def test_no_valid_checkpoint_stops_with_an_error(scenario, tmp_path, capsys):
 
 def test_a_different_model_names_the_first_mismatched_parameter(scenario, tmp_path, capsys):
     shutil.copytree(scenario["workdir"] / "checkpoints" / "30", tmp_path / "checkpoints" / "30")
-    assert _train_in_process(tmp_path, "model.hidden_size=48") == 2
+    # allowed to differ in config, the model still cannot load another model's checkpoint
+    assert _train_in_process(tmp_path, "model.hidden_size=48", "train.allow_config_change=true") == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"error: checkpoint {tmp_path / 'checkpoints' / '30'} does not match the model: parameter "
                    "params/blocks/0/attn/out_bias: the checkpoint has shape (32,), the model expects shape (48,)")

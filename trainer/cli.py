@@ -14,13 +14,14 @@ USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError, NotADirect
 
 
 def user_errors() -> tuple:
-    """User-mistake exceptions, including those of ``parallel`` (bad mesh, torn checkpoint...)."""
+    """shardax's validation errors, including those of ``parallel`` (bad mesh, torn checkpoint...).
+
+    Any other exception, a bare ``ValueError`` included, is a bug and keeps its traceback.
+    """
     import parallel
     from trainer.trainer import TrainingDiverged
 
-    extra = tuple(getattr(parallel, name) for name in ("PlanError", "CheckpointError") if hasattr(parallel, name))
-    # parallel reports plan problems (batch not divisible, bad mesh) as ValueError
-    return USER_ERRORS + extra + (TrainingDiverged, ValueError)
+    return USER_ERRORS + (parallel.PlanError, parallel.CheckpointError, TrainingDiverged)
 
 
 def run(fn) -> int:

@@ -68,6 +68,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     momentum: float = 0.9
     grad_clip: Optional[float] = 1.0
+    decay_steps: Optional[int] = None  # the step the schedule ends at; None: train.steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,7 @@ class TrainConfig:
     compute_dtype: str = "float32"  # float32 | bfloat16 | float16
     resume: bool = True
     overwrite: bool = False
+    allow_config_change: bool = False  # resume even if keys that change the math differ
     sample_tokens: int = 200
 
 
@@ -151,6 +153,7 @@ _POSITIVE = {
     ("optimizer", "learning_rate"), ("train", "steps"), ("train", "batch_size"),
     ("train", "log_every"), ("train", "eval_batches"), ("train", "keep_checkpoints"),
     ("train", "grad_accum_steps"), ("parallel", "num_micro_batches"), ("cluster", "num_hosts"),
+    ("train", "keep_every"), ("optimizer", "decay_steps"),
 }
 _NON_NEGATIVE = {
     ("optimizer", "warmup_steps"), ("optimizer", "weight_decay"), ("optimizer", "min_lr_ratio"),
@@ -340,6 +343,10 @@ def _check_relations(config: Config) -> None:
             f"data.seq_len ({config.data.seq_len}) is longer than model.block_size ({block_size}); "
             "lower data.seq_len or raise model.block_size"
         )
+    if train.compute_dtype == "float16":
+        raise ConfigError(
+            "train.compute_dtype=float16 needs loss scaling, which shardax does not do (float16 "
+            "gradients underflow); use bfloat16 (same memory, float32's range) or float32")
     if config.data.source in ("text", "tokens") and not config.data.path:
         raise ConfigError(f"data.source={config.data.source} needs data.path (a file or folder)")
 
@@ -366,6 +373,51 @@ def _check_pipeline(config: Config) -> None:
         raise ConfigError(f"train.batch_size ({config.train.batch_size}) must divide by "
                           f"parallel.num_micro_batches ({par.num_micro_batches}); change one "
                           f"of them")
+
+
+# Keys that leave a resumed run's math as it was: cadence, places and the run's length.
+# Every other key of these sections changes what is computed (sections not listed, such as
+# ``parallel`` and ``cluster``, change where it runs: the plan is made again instead).
+_COMPARED_SECTIONS = ("model", "data", "optimizer", "train")
+_HARMLESS = {
+    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.keep_every", "train.resume",
+    "train.overwrite", "train.allow_config_change", "train.sample_tokens",
+}
+
+
+def changed_keys(saved: dict, config: Config) -> tuple[list[str], str | None]:
+    """Compares a checkpoint's resolved config (``Config.to_dict()``) with ``config``.
+
+    Returns:
+      ``(keys, note)``: the keys whose change alters the math (``section.key``, sorted), and a
+      line to print when only the run's length changed the learning-rate schedule (else None).
+    """
+    current = config.to_dict()
+
+    def flat(raw: dict) -> dict:
+        out = {}
+        for section in _COMPARED_SECTIONS:
+            for key, value in (raw.get(section) or {}).items():
+                out[f"{section}.{key}"] = value
+        steps = (raw.get("train") or {}).get("steps")
+        if out.get("optimizer.decay_steps") is None:  # the schedule follows train.steps
+            out["optimizer.decay_steps"] = steps
+        return out
+
+    old, new = flat(saved), flat(current)
+    defaults = flat(Config().to_dict())  # keys added since the checkpoint was written
+    keys = sorted(k for k in set(old) | set(new) if k not in _HARMLESS
+                  and old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))
+    note = None
+    if "optimizer.decay_steps" in keys and config.optimizer.decay_steps is None and (
+            (saved.get("optimizer") or {}).get("decay_steps") is None):
+        keys.remove("optimizer.decay_steps")
+        before = old["optimizer.decay_steps"]
+        note = (f"train.steps changed from {before} to {config.train.steps}: the learning-rate "
+                f"schedule is built from it, so every later learning rate changes; pass "
+                f"optimizer.decay_steps={before} to keep the schedule of the run being resumed")
+    return keys, note
 
 
 def dump_config(config: Config, path: str | os.PathLike) -> None:

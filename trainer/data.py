@@ -11,6 +11,7 @@ import sysconfig
 import threading
 from pathlib import Path
 
+import jax
 import numpy as np
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".yaml", ".yml", ".csv", ".html", ".c", ".h")
@@ -138,25 +139,45 @@ def split_tokens(tokens: np.ndarray, eval_fraction: float) -> tuple[np.ndarray, 
     return tokens[:cut], tokens[cut:] if eval_fraction > 0 else tokens
 
 
+def place_batch(local_rows, shardings, global_shapes):
+    """Puts this process's rows of a batch on its devices as one global array per leaf.
+
+    Args:
+      local_rows: the batch pytree (e.g. a dict) of numpy arrays holding the rows this process
+        feeds (all of them with one process).
+      shardings: a matching pytree of the ``jax.sharding.Sharding`` the step expects per leaf.
+      global_shapes: a matching pytree of ``jax.ShapeDtypeStruct``: the global batch's shapes.
+
+    Returns:
+      The batch as ``jax.Array`` leaves laid out as ``shardings`` says.
+    """
+    return jax.tree.map(lambda rows, sharding, spec: jax.make_array_from_process_local_data(
+        sharding, rows, tuple(spec.shape)), local_rows, shardings, global_shapes)
+
+
 class Prefetcher:
-    """Prepares the host batches of the next steps in a background thread.
+    """Prepares the batches of the next steps in a background thread.
 
     Yields ``(index, batch)`` for ``index`` in ``[start, stop)``; batches are built ahead, up to
-    ``depth`` of them, so the device never waits for Python to slice the data.
+    ``depth`` of them, so the device never waits for Python to slice the data. With ``place``
+    (``host batch -> device batch``, e.g. ``place_batch`` bound to the step's shardings) they
+    are put on the devices ahead of use too.
     """
 
-    def __init__(self, dataset, batch_size: int, start: int, stop: int, depth: int = 2):
+    def __init__(self, dataset, batch_size: int, start: int, stop: int, depth: int = 2,
+                 place=None):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._fill, args=(dataset, batch_size, start, stop), daemon=True
+            target=self._fill, args=(dataset, batch_size, start, stop, place), daemon=True
         )
         self._thread.start()
 
-    def _fill(self, dataset, batch_size, start, stop):
+    def _fill(self, dataset, batch_size, start, stop, place):
         for index in range(start, stop):
             try:
-                item = (index, dataset.batch(index, batch_size))
+                batch = dataset.batch(index, batch_size)
+                item = (index, batch if place is None else place(batch))
             except Exception as e:  # handed to the consumer, raised in the training thread
                 item = (index, e)
             while not self._stop.is_set():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,17 +11,26 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 
+LOG_NAMES = ("metrics.jsonl", "tensorboard")
+
+
 class MetricsLogger:
     """Writes each logged step to tensorboard and ``metrics.jsonl``; shows progress.
 
-    A tqdm bar is shown when stderr is a terminal, plain log lines otherwise (CI, files).
+    A run starting at ``start_step`` (resumed from that checkpoint) first drops what an
+    interrupted attempt logged after it: records past ``start_step`` leave ``metrics.jsonl``,
+    and tensorboard hides events from ``start_step + 1`` on (``purge_step``), so each step is
+    logged once. A tqdm bar is shown when stderr is a terminal, plain log lines otherwise.
     """
 
     def __init__(self, workdir: Path, total_steps: int, start_step: int = 0, stream=None):
         from tensorboardX import SummaryWriter
 
         self.stream = stream or sys.stderr
-        self.writer = SummaryWriter(str(workdir / "tensorboard"))
+        events = workdir / "tensorboard"
+        purge = start_step + 1 if events.is_dir() and any(events.iterdir()) else None
+        self.writer = SummaryWriter(str(events), purge_step=purge)
+        _drop_records_after(workdir / "metrics.jsonl", start_step)
         self.jsonl = open(workdir / "metrics.jsonl", "a")
         self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.bar = (
@@ -55,11 +65,46 @@ class MetricsLogger:
         else:
             print(text, file=self.stream, flush=True)
 
+    def flush(self) -> None:
+        """Writes pending tensorboard events to disk (``metrics.jsonl`` is flushed per line)."""
+        self.writer.flush()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         self.writer.close()
         self.jsonl.close()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrites ``path`` (atomically) without its records past ``step`` and any torn last line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:  # the line an interrupted write left unfinished
+            continue
+        if line.endswith("\n") and record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def move_logs_aside(workdir: Path) -> Path | None:
+    """Moves ``metrics.jsonl`` and ``tensorboard/`` into ``workdir/logs.old-<time>/``; returns it."""
+    found = [workdir / name for name in LOG_NAMES if (workdir / name).exists()]
+    if not found:
+        return None
+    aside, n = workdir / f"logs.old-{time.strftime('%Y%m%d-%H%M%S')}", 1
+    while aside.exists():
+        aside, n = workdir / f"logs.old-{time.strftime('%Y%m%d-%H%M%S')}.{n}", n + 1
+    aside.mkdir()
+    for path in found:
+        path.rename(aside / path.name)
+    return aside
 
 
 def _fmt(value: float) -> str:

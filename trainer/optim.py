@@ -8,8 +8,11 @@ import optax
 def learning_rate_schedule(opt, total_steps: int) -> optax.Schedule:
     """Linear warmup to ``learning_rate``, then constant, cosine or linear decay.
 
-    Decay ends at ``learning_rate * min_lr_ratio`` on the last step.
+    Decay ends at ``learning_rate * min_lr_ratio`` at step ``opt.decay_steps`` if set (and
+    stays there), else on the last step (``total_steps``): fixing ``decay_steps`` keeps the
+    schedule when a run is extended.
     """
+    total_steps = opt.decay_steps or total_steps
     peak, warmup = opt.learning_rate, min(opt.warmup_steps, max(total_steps - 1, 0))
     end = peak * opt.min_lr_ratio
     decay_steps = max(total_steps - warmup, 1)
@@ -34,7 +37,7 @@ def build_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
 
     Args:
       opt: the ``OptimizerConfig``.
-      total_steps: ``train.steps``, the length of the schedule.
+      total_steps: ``train.steps``, the length of the schedule unless ``opt.decay_steps`` is set.
     """
     lr = learning_rate_schedule(opt, total_steps)
     parts = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip else []

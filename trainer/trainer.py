@@ -1,9 +1,11 @@
 """The ``Trainer`` users subclass: hooks for the model, loss, optimizer and data; ``fit`` runs it."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -14,11 +16,11 @@ import optax
 
 import models
 import parallel
-from parallel.profiles import get_profile
+from parallel.profiles import UnknownDeviceError, get_profile
 from trainer import _sample, _steps
-from trainer.config import DEFAULT_MODEL, Config, ConfigError, dump_config
-from trainer.data import DataError, Prefetcher, build_datasets
-from trainer.metrics import MetricsLogger
+from trainer.config import DEFAULT_MODEL, Config, ConfigError, changed_keys, dump_config
+from trainer.data import DataError, Prefetcher, build_datasets, place_batch
+from trainer.metrics import MetricsLogger, move_logs_aside
 from trainer.optim import build_optimizer, learning_rate_schedule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -66,6 +68,9 @@ class Trainer:
         self.step_fn = None
         self._stop_signal = None
         self._flops = None
+        self._saved_plan = None  # the plan of the checkpoint being resumed, reused if it applies
+        self._notes: list[str] = []  # one-line notes of setup, printed when training starts
+        self._pending: list[tuple[int, jax.Array]] = []  # (step, loss) not yet read back
 
     # ----- hooks for subclasses -------------------------------------------------------------
     def build_model(self, rngs):
@@ -200,13 +205,32 @@ class Trainer:
         self.step_fn = parallel.parallelize(
             self.fns.train_step, method=method, batch_argnums=(1,), donate_argnums=(0,),
             logical_axes=axes)
-        # A pipeline runs training steps; evaluation (no backward) runs data parallel.
-        eval_method = parallel.DataParallel() if cfg.parallel.method == "pipeshard" else method
+        # Eval runs on the train step's plan: the state stays where training keeps it. A
+        # pipeline runs training steps; evaluation (no backward) runs data parallel.
+        eval_method = (parallel.DataParallel() if cfg.parallel.method == "pipeshard"
+                       else parallel.FollowPlan(self.step_fn))
         self.eval_fn = parallel.parallelize(
-            self.fns.eval_step, method=eval_method, batch_argnums=(1,), donate_argnums=(),
-            logical_axes=axes)
+            self.fns.eval_step, method=eval_method, batch_argnums=(1,), donate_argnums=())
+        self._reuse_saved_plan()
         self.plan = self.step_fn.plan(self.abstract_state, self.batch_spec)
         return self
+
+    def _reuse_saved_plan(self) -> None:
+        """Gives the step the resumed checkpoint's plan when it still applies (no solve)."""
+        saved, self._saved_plan = self._saved_plan, None
+        if saved is None:
+            return
+        plan, saved_parallel = saved
+        now = self.config.to_dict()["parallel"]
+        changed = sorted(k for k in set(now) | set(saved_parallel) if now.get(k) != saved_parallel.get(k))
+        try:
+            if changed:
+                raise parallel.PlanError(f"parallel.{', parallel.'.join(changed)} changed")
+            self.step_fn.set_plan(plan, self.abstract_state, self.batch_spec)
+        except parallel.PlanError as e:
+            self._notes.append(f"planning anew ({e})")
+        else:
+            self._notes.append(f"reusing the saved plan ({plan.method} on mesh {plan.mesh_shape})")
 
     def _check_data(self, example: dict) -> None:
         """Traces the loss on the train and eval batches' shapes, so a mismatch fails here."""
@@ -225,12 +249,13 @@ class Trainer:
     def setup(self):
         """``build``, then the state: restored from the newest valid checkpoint, or new."""
         cfg = self.config
-        self.build()
-        abstract_state = self.abstract_state
         directory = self.workdir / "checkpoints"
         keep = dict(max_to_keep=cfg.train.keep_checkpoints, keep_every=cfg.train.keep_every)
         if not cfg.train.resume and cfg.train.overwrite:  # old checkpoints are moved aside
             self.checkpointer, latest = parallel.Checkpointer.start_over(directory, **keep), None
+            aside = move_logs_aside(self.workdir) if self.workdir.is_dir() else None
+            if aside is not None:
+                self._notes.append(f"moved the previous logs to {aside}")
         else:
             self.checkpointer = parallel.Checkpointer(directory, **keep)
             latest = self.checkpointer.latest_step()
@@ -240,6 +265,14 @@ class Trainer:
                     "train.resume=false; pass train.resume=true to continue, or "
                     "train.overwrite=true to start over (old checkpoints are moved aside, not deleted)")
         if latest is not None:
+            saved = self.checkpointer.extras(latest)
+            self._check_config(latest, saved.get("config") or {})
+            if saved.get("plan"):
+                self._saved_plan = (parallel.Plan.from_json(json.dumps(saved["plan"])),
+                                    (saved.get("config") or {}).get("parallel") or {})
+        self.build()
+        abstract_state = self.abstract_state
+        if latest is not None:
             target = self.step_fn.abstract_inputs(abstract_state, self.batch_spec)[0]
             self.state, extras = self.checkpointer.restore(latest, target)
             self.last_metrics = extras.get("metrics", {})
@@ -247,6 +280,22 @@ class Trainer:
             self.state = self.step_fn.init_state(self.fns.init, jax.random.key(cfg.train.seed), self.batch_spec)
             self.last_metrics = {}
         return self
+
+    def _check_config(self, step: int, saved: dict) -> None:
+        """Stops a resume whose config changes the math, unless ``train.allow_config_change``."""
+        keys, note = changed_keys(saved, self.config)
+        if note:
+            self._notes.append(note)
+        if not keys:
+            return
+        now = self.config.to_dict()
+        changes = ", ".join(f"{k} {_lookup(saved, k)!r} -> {_lookup(now, k)!r}" for k in keys)
+        if not self.config.train.allow_config_change:
+            raise ConfigError(
+                f"the checkpoint of step {step} in {self.workdir} was trained with other values "
+                f"of keys that change the math: {changes}; rerun with the checkpoint's values, "
+                "pass train.allow_config_change=true to continue anyway, or use another workdir")
+        self._notes.append(f"continuing with changed config (train.allow_config_change): {changes}")
 
     # ----- the loop -------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -263,23 +312,28 @@ class Trainer:
         logger.print(f"shardax: {self.model_name} with {self.num_params():,} parameters, "
                      f"method {self.plan.method} on mesh {self.plan.mesh_shape}, "
                      f"{'resuming at step ' + str(start) if start else 'starting'} -> {tc.steps} steps")
+        for note in self._notes:
+            logger.print(note)
+        self._notes.clear()
         previous = self._install_signal_handlers()
-        prefetch = Prefetcher(self.train_set, tc.batch_size, start, tc.steps)
+        shardings = self.step_fn.input_shardings(self.abstract_state, self.batch_spec)[1]
+        place = functools.partial(place_batch, shardings=shardings, global_shapes=self.batch_spec)
+        prefetch = Prefetcher(self.train_set, tc.batch_size, start, tc.steps, place=place)
         step, metrics = start, dict(self.last_metrics)
-        window_start, window_steps = time.perf_counter(), 0
+        # Throughput windows open once a step has compiled and close at a log step; evals
+        # close them too. The loop reads the device only at log, eval, checkpoint and end steps.
+        window_start, window_steps = None, 0
         try:
             for index, batch in prefetch:
                 self.state, step_metrics = self.step_fn(self.state, batch)
                 step = index + 1
-                loss = float(step_metrics["loss"])
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss} at step {step}; that state was not saved. Lower "
-                        f"optimizer.learning_rate (now {cfg.optimizer.learning_rate}), set "
-                        "optimizer.grad_clip, or use train.compute_dtype=float32")
+                self._pending.append((step, step_metrics["loss"]))
+                if window_start is None:
+                    window_start = time.perf_counter()
                 window_steps += 1
                 logger.advance()
                 if step % tc.log_every == 0 or step == tc.steps:
+                    self._check_losses()
                     elapsed = time.perf_counter() - window_start
                     metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     metrics.update(self._speed(elapsed / window_steps))
@@ -289,42 +343,74 @@ class Trainer:
                     cb.on_step_end(self, step, step_metrics)
                 if tc.eval_every and step % tc.eval_every == 0 and step != tc.steps:
                     self._evaluate_and_log(logger, step, callbacks)
-                    window_start = time.perf_counter()
+                    window_start, window_steps = time.perf_counter(), 0
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0:
-                    self.save(step, metrics)
+                    self._save_logged(logger, step, metrics)
                 if self._stop_signal is not None:
                     logger.print(f"received {self._stop_signal}: saving step {step} and stopping")
-                    self.save(step, metrics)
+                    self._save_logged(logger, step, metrics)
                     break
             else:
                 if step == tc.steps and start < tc.steps:
                     metrics.update(self._evaluate_and_log(logger, step, callbacks))
-                    self.save(step, metrics)
+                    self._save_logged(logger, step, metrics)
                 if (self.spec is not None and self.spec.task == "lm" and tc.sample_tokens
                         and self._stop_signal is None):
                     logger.print("sample:\n" + self.sample(tc.sample_tokens))
             for cb in callbacks:
                 cb.on_fit_end(self, step)
         finally:
+            self._pending.clear()
             prefetch.close()
             self.checkpointer.wait()
             logger.close()
             self._restore_signal_handlers(previous)
         return metrics
 
+    def _save_logged(self, logger, step: int, metrics: dict) -> None:
+        """Saves ``step`` once its logs are on disk: a resume from it finds them all."""
+        logger.flush()
+        self.save(step, metrics)
+
+    def _check_losses(self) -> None:
+        """Reads the losses of the steps since the last check (one transfer); stops at a NaN.
+
+        Raises:
+          TrainingDiverged: naming the first step whose loss is not finite.
+        """
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        for step, loss in zip([s for s, _ in pending], jax.device_get([l for _, l in pending])):
+            if not math.isfinite(float(loss)):
+                cfg = self.config
+                raise TrainingDiverged(
+                    f"loss became {float(loss)} at step {step}; that state was not saved. Lower "
+                    f"optimizer.learning_rate (now {cfg.optimizer.learning_rate}), set "
+                    "optimizer.grad_clip, or use train.compute_dtype=float32")
+
     def evaluate(self) -> dict:
         """Mean eval metrics over ``train.eval_batches`` fixed batches of the eval split."""
         if self.step_fn is None:
             self.setup()
+        tc = self.config.train
+        shardings = self.eval_fn.input_shardings(self.abstract_state, self.batch_spec)[1]
+        results = [self.eval_fn(self.state, place_batch(self.eval_set.batch(i, tc.batch_size),
+                                                        shardings, self.batch_spec))
+                   for i in range(tc.eval_batches)]
         totals = {}
-        for i in range(self.config.train.eval_batches):
-            batch = self.eval_set.batch(i, self.config.train.batch_size)
-            for k, v in jax.device_get(self.eval_fn(self.state, batch)).items():
+        for result in jax.device_get(results):  # one read back, after every batch ran
+            for k, v in result.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-        return {k: v / self.config.train.eval_batches for k, v in totals.items()}
+        return {k: v / tc.eval_batches for k, v in totals.items()}
 
     def save(self, step: int, metrics: dict) -> None:
-        """Checkpoints the state with the data position, config, plan and metrics (async)."""
+        """Checkpoints the state with the data position, config, plan and metrics (async).
+
+        Raises:
+          TrainingDiverged: a loss since the last check is not finite (nothing is saved).
+        """
+        self._check_losses()
         extras = {"data_index": step, "config": self.config.to_dict(),
                   "plan": json.loads(self.plan.to_json()), "metrics": metrics}
         self.checkpointer.save(step, self.state, extras)
@@ -354,10 +440,25 @@ class Trainer:
             out["tokens_per_s"] = tc.batch_size * self.config.data.seq_len / step_time
         if self._flops is None:
             self._flops = self.flops_per_step() or 0.0
-        if self._flops:
-            profile = get_profile(num_devices=jax.device_count())
-            out["mfu"] = self._flops / step_time / (profile.peak_flops * jax.device_count())
+        peak = self._peak_flops()
+        if self._flops and peak:
+            out["mfu"] = self._flops / step_time / (peak * jax.device_count())
         return out
+
+    def _peak_flops(self) -> float | None:
+        """One device's peak FLOP/s in the run's compute dtype; None for an unknown device."""
+        if not hasattr(self, "_peak"):
+            dtype, name = self.config.train.compute_dtype, None
+            try:
+                get_profile(num_devices=jax.device_count())  # the running device, if known
+            except UnknownDeviceError as e:
+                name = self.config.parallel.profile
+                if name is None:
+                    self._peak = None
+                    print(f"mfu is not reported: {e}", file=sys.stderr)
+                    return None
+            self._peak = get_profile(name, jax.device_count()).peak_flops_for(dtype)
+        return self._peak
 
     def _install_signal_handlers(self):
         def handler(signum, _frame):
@@ -401,3 +502,9 @@ def _batch_spec(example: dict, batch_size: int, name: str) -> dict:
         return jax.ShapeDtypeStruct((batch_size, *leaf.shape[1:]), leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(one, example)
+
+
+def _lookup(raw: dict, dotted: str):
+    """The value of ``section.key`` in a ``Config.to_dict()`` (None when absent)."""
+    section, _, key = dotted.partition(".")
+    return (raw.get(section) or {}).get(key)

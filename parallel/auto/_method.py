@@ -14,7 +14,7 @@ from parallel.auto._search import AXIS_NAMES, MemoryBudgetError, Solution, solve
 from parallel.auto._solve import MeshResult
 from parallel.auto._timing import time_compiled
 from parallel.plan import Constraint, Plan, make_leaf_plans, shardings_from_specs
-from parallel.profiles import DeviceProfile, get_profile
+from parallel.profiles import DeviceProfile, allocatable_bytes, get_profile
 from parallel.report import cost_figures, estimate_step_time, memory_bytes
 
 # Re-plans with a tighter target when XLA's memory analysis finds the plan over the budget.
@@ -99,7 +99,7 @@ class ShardParallel(Method):
         mesh_shape = None if self.mesh is None else self.resolve_mesh_shape(len(devices))
         budget = self.memory_budget_bytes
         if budget is None:  # the device's memory: a plan XLA finds bigger would not run
-            budget = self._profile(len(devices)).memory_bytes
+            budget = self._default_budget(devices)
         target = budget
 
         def fits(check: _Check) -> bool:
@@ -164,6 +164,13 @@ class ShardParallel(Method):
             if check.result.measured_step_time_s is None:  # shown for the runner-ups
                 check.result.measured_step_time_s = seconds
         return times
+
+    def _default_budget(self, devices: Sequence[jax.Device]) -> int:
+        """What the running devices can allocate (``memory_stats``), else the profile's memory."""
+        profile = self._profile(len(devices))
+        if self.profile is None:  # planning for the devices at hand
+            return allocatable_bytes(devices[0]) or profile.memory_bytes
+        return profile.memory_bytes
 
     def _profile(self, num_devices: int) -> DeviceProfile:
         profile = self.profile

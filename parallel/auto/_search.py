@@ -197,7 +197,7 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
         sizes = tuple(int(mesh_shape.get(a, 1)) for a in AXIS_NAMES)
         unknown = set(mesh_shape) - set(AXIS_NAMES)
         if unknown or np.prod(sizes) != n:
-            raise ValueError(
+            raise PlanError(
                 f"ShardParallel mesh {mesh_shape} must use axes {AXIS_NAMES} with sizes whose "
                 f"product is the device count {n}; e.g. {{'data': {n // 2 or 1}, 'model': 2}}")
         meshes = [sizes]
