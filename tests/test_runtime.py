@@ -1,6 +1,8 @@
 """The train loop's runtime: no device reads between log points, NaN checks, cheap start-up,
 honest figures, and which errors the CLI shortens."""
+import json
 import threading
+import time
 
 import jax
 import numpy as np
@@ -225,3 +227,32 @@ def test_mfu_peak_follows_the_compute_dtype(dtype, running, profile, peak, monke
     assert ("mfu" in speed) == (peak is not None)
     if peak is None:
         assert "mfu is not reported: no device profile" in capsys.readouterr().err
+
+
+class SlowFirstCall:
+    """A step whose first call takes ``delay`` seconds more, as compiling does."""
+
+    def __init__(self, step, delay):
+        self.step, self.delay, self.calls = step, delay, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(self.delay)
+        return self.step(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.step, name)
+
+
+def test_throughput_windows_leave_out_compilation_and_evals(tmp_path):
+    config = load_config("tiny/mlp.yaml", MLP + [f"workdir={tmp_path}", "train.steps=6",
+                                                 "train.log_every=3", "train.eval_every=3"])
+    trainer = Trainer(config).setup()
+    trainer.step_fn = SlowFirstCall(trainer.step_fn, 2.0)
+    evaluate = trainer.evaluate
+    trainer.evaluate = lambda: time.sleep(2.0) or evaluate()
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    times = [r["step_time_s"] for r in records if "loss" in r]
+    assert len(times) == 2 and max(times) < 0.5  # neither 2 s / 3 steps of them

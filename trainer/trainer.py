@@ -247,7 +247,11 @@ class Trainer:
             _steps.check_loss(self.fns, self.abstract_state, eval_spec, names[1])
 
     def setup(self):
-        """``build``, then the state: restored from the newest valid checkpoint, or new."""
+        """``build``, then the state: restored from the newest valid checkpoint, or new.
+
+        Resuming, the checkpoint's config must agree with this one on every key that changes
+        the math (``ConfigError`` otherwise), and its plan is reused when it still applies.
+        """
         cfg = self.config
         directory = self.workdir / "checkpoints"
         keep = dict(max_to_keep=cfg.train.keep_checkpoints, keep_every=cfg.train.keep_every)
@@ -266,7 +270,8 @@ class Trainer:
                     "train.overwrite=true to start over (old checkpoints are moved aside, not deleted)")
         if latest is not None:
             saved = self.checkpointer.extras(latest)
-            self._check_config(latest, saved.get("config") or {})
+            if saved.get("config"):  # written by a Trainer: compare what it trained with
+                self._check_config(latest, saved["config"])
             if saved.get("plan"):
                 self._saved_plan = (parallel.Plan.from_json(json.dumps(saved["plan"])),
                                     (saved.get("config") or {}).get("parallel") or {})
