@@ -24,5 +24,6 @@ from parallel.plan import LeafPlan as LeafPlan
 from parallel.plan import Plan as Plan
 from parallel.plan import format_plan as format_plan
 from parallel.profiles import DeviceProfile as DeviceProfile
+from parallel.profiles import UnknownDeviceError as UnknownDeviceError
 from parallel.profiles import get_profile as get_profile
 from parallel.report import Report as Report

@@ -68,6 +68,12 @@ def test_overwrite_moves_old_checkpoints_aside(tmp_path):
     aside = [p for p in workdir.iterdir() if p.name.startswith("checkpoints.old-")]
     assert len(aside) == 1 and (aside[0] / "3").is_dir()  # kept, not deleted
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    # the logs start afresh too; the old ones are moved aside with their tensorboard events
+    logs = [p for p in workdir.iterdir() if p.name.startswith("logs.old-")]
+    assert len(logs) == 1 and sorted(p.name for p in logs[0].iterdir()) == ["metrics.jsonl", "tensorboard"]
+    old = [json.loads(line)["step"] for line in (logs[0] / "metrics.jsonl").read_text().splitlines()]
+    new = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert old == [3, 3] and new == [2, 2]  # the train and eval records of the last step
 
 
 def test_plan_for_another_device_solves_and_prices_for_it():

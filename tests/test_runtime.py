@@ -76,6 +76,9 @@ def _guarded_trainer(guard, bad=None):
             data = super().train_data()
             return data if bad is None else NaNInputs(data, bad)
 
+        def eval_data(self):
+            return self._datasets()[1]
+
     return GuardedTrainer
 
 
