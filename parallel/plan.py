@@ -60,7 +60,7 @@ class LeafPlan:
 
     def bytes_per_device(self, mesh_shape: Mapping[str, int]) -> int:
         """Bytes of this leaf's shard on one device."""
-        ways = math.prod(mesh_shape[axis] for axis in spec_axes(self.spec))
+        ways = math.prod(mesh_shape.get(axis, 1) for axis in spec_axes(self.spec))
         itemsize = _itemsize(self.dtype)
         return math.prod(self.shape) * itemsize // ways
 

@@ -10,6 +10,11 @@ import optax
 
 import parallel
 
+# Fixed CPU-like figures, so that the stages and intra-op plans chosen in tests do not depend on
+# the load of the machine (the "cpu" profile is measured when first used).
+PROFILE = parallel.DeviceProfile(
+    name="cpu-like", peak_flops=2e10, memory_bytes=2**32, memory_bandwidth=6e9,
+    link_bandwidth=6e9, link_latency_s=2e-5, native_reduce_scatter=False, overlaps_memory=False)
 VOCAB, SEQ, WIDTH, DEPTH = 32, 8, 16, 4
 
 

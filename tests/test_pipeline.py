@@ -25,7 +25,8 @@ def reference():
 @pytest.mark.parametrize("markers", [True, False], ids=["markers", "automatic"])
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
 def test_four_stages_equal_unpipelined_step(reference, markers, schedule):
-    method = parallel.PipeshardParallel(num_micro_batches=8, stage_option=4, schedule=schedule)
+    method = parallel.PipeshardParallel(num_micro_batches=8, stage_option=4, schedule=schedule,
+                                        profile=setups.PROFILE)
     step = parallel.parallelize(setups.gpt_step(markers), method=method)
     batches = setups.gpt_batches(STEPS)
     state = step.init_state(setups.gpt_state, jax.random.key(0), batches[0])
@@ -39,18 +40,23 @@ def test_four_stages_equal_unpipelined_step(reference, markers, schedule):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
     plan = step.plan(state, batches[0])
     assert plan.method == "pipeshard"
-    assert plan.mesh_shape == {"stage": 4, "data": 2}
+    assert plan.num_devices == 8
     stages = plan.extras["stages"]
     assert [s["layers"] for s in stages] == [[0, 0], [1, 1], [2, 2], [3, 3]]
     assert [s["devices"] for s in stages] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    # Each stage's intra-op mesh (from the ShardParallel solver) covers its 2 devices.
+    assert [np.prod(list(s["intra_op_mesh"].values())) for s in stages] == [2, 2, 2, 2]
     # Hand-cut or automatic, only the residual stream crosses a cut: (2, 8, 16) float32 per
     # micro-batch (the labels' work is done on the last stage, not carried there).
     assert [s["sends_bytes_per_micro_batch"] for s in stages] == [2 * 8 * 16 * 4] * 3 + [0]
-    # Each block's weights live on the sub-mesh of its stage, replicated inside it.
+    # Every state leaf lives on its stage's devices with the spec the plan records; block k
+    # lives on stage k.
+    leaf_stages = plan.extras["leaf_stages"][0]
+    for leaf, planned, stage in zip(jax.tree.leaves(state), plan.inputs[0], leaf_stages):
+        assert sorted(d.id for d in leaf.sharding.device_set) == stages[stage]["devices"]
+        assert leaf.sharding.spec == planned.spec
     for k, block in enumerate(state["weights"]["blocks"]):
-        sharding = block["qkv"].sharding
-        assert sorted(d.id for d in sharding.device_set) == [2 * k, 2 * k + 1]
-        assert sharding.spec == jax.sharding.PartitionSpec()
+        assert sorted(d.id for d in block["qkv"].sharding.device_set) == [2 * k, 2 * k + 1]
 
 
 def test_marker_cuts_forward_and_backward():

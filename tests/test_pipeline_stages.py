@@ -8,7 +8,7 @@ from tests import _pipeline_setups as setups
 
 
 def test_auto_stages_follow_the_cost_of_uneven_layers():
-    method = parallel.PipeshardParallel(num_micro_batches=4, stage_option="auto", profile="cpu")
+    method = parallel.PipeshardParallel(num_micro_batches=4, stage_option="auto", profile=setups.PROFILE)
     step = parallel.parallelize(setups.wide_step, method=method)
     batches = setups.wide_batches(3)
     state = step.init_state(setups.wide_state, jax.random.key(0), batches[0])
@@ -38,7 +38,7 @@ def test_one_f_one_b_keeps_fewer_activations_than_gpipe():
     predicted, measured = {}, {}
     for schedule in ("gpipe", "1f1b"):
         method = parallel.PipeshardParallel(micro_batches, stage_option=num_stages,
-                                            schedule=schedule)
+                                            schedule=schedule, profile=setups.PROFILE)
         step = parallel.parallelize(setups.gpt_step(markers=True), method=method)
         state = step.init_state(setups.gpt_state, jax.random.key(0), batch)
         report = step.analyze(state, batch)

@@ -68,6 +68,6 @@ def test_plan_script_prints_the_stages(capsys):
     out = capsys.readouterr().out
     assert "pipeline: 2 stages, schedule 1f1b, 4 micro-batches, bubble 20.0%" in out
     table = out[out.rindex("pipeline: 2 stages"):].splitlines()
-    assert table[1].split()[:4] == ["stage", "layers", "devices", "sub-mesh"]
+    assert table[1].split()[:5] == ["stage", "layers", "devices", "intra-op", "mesh"]
     assert [row.split()[2] for row in table[2:4]] == ["0,1,2,3", "4,5,6,7"]
     assert "in flight" in table[1]

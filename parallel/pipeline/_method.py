@@ -12,6 +12,7 @@ from parallel import mesh as mesh_lib
 from parallel._errors import PlanError
 from parallel._methods import Method, register_method, warn_once
 from parallel.pipeline import _dp
+from parallel.pipeline._intra import stage_plan
 from parallel.pipeline._program import flatten, split_regions
 from parallel.pipeline._runtime import StageRunner
 from parallel.pipeline._schedule import SCHEDULES
@@ -41,6 +42,9 @@ class PipeshardParallel(Method):
         ``"gpipe"`` (all forwards, then all backwards).
       layers: how many layers to cut the forward into when it has no
         ``mark_pipeline_boundary``; ``None``: the number of stages (int option) or 8 (auto).
+      intra_op: ``"solver"``: each stage's sub-mesh shape (``data`` x ``model``) and parameter
+        specs come from the ``ShardParallel`` solver run on the stage's own work; ``"data"``:
+        every stage is data parallel over its devices (no solve).
       remat: recompute each stage's forward in its backward (like ``jax.checkpoint`` around
         the stage): a stage then keeps only its input per micro-batch in flight, not every
         activation.
@@ -52,7 +56,7 @@ class PipeshardParallel(Method):
 
     def __init__(self, num_micro_batches: int = 1, stage_option: int | str = "auto",
                  schedule: str = "1f1b", layers: int | None = None, remat: bool = False,
-                 mesh: Mapping[str, int] | None = None,
+                 intra_op: str = "solver", mesh: Mapping[str, int] | None = None,
                  profile: str | DeviceProfile | None = None):
         super().__init__(None)
         if mesh is not None:
@@ -72,6 +76,9 @@ class PipeshardParallel(Method):
         self.schedule = schedule
         self.layers = layers
         self.remat = bool(remat)
+        if intra_op not in ("solver", "data"):
+            raise PlanError(f"intra_op={intra_op!r} must be 'solver' or 'data'")
+        self.intra_op = intra_op
         self.profile = profile
 
     def __repr__(self) -> str:
@@ -137,8 +144,18 @@ class PipeshardParallel(Method):
         mirrors = _mirrors(fn, abstract_args, donate_argnums)
         placement = place(program, regions, backward, layers, stage_of_layer, num_stages, mirrors)
         offsets = np.cumsum([0] + list(choice.sizes))
-        meshes = [mesh_lib.make_mesh({"data": int(d)}, list(devices)[offsets[k]:offsets[k + 1]])
-                  for k, d in enumerate(choice.sizes)]
+        shapes = [{"data": int(d)} for d in choice.sizes]
+        specs: dict[int, dict[int, Any]] = {}
+        if self.intra_op == "solver":
+            for k, d in enumerate(choice.sizes):
+                if d > 1:
+                    shapes[k], specs[k] = stage_plan(program, regions, placement, k, int(d),
+                                                     profile)
+        meshes = [mesh_lib.make_mesh(shape, list(devices)[offsets[k]:offsets[k + 1]])
+                  for k, shape in enumerate(shapes)]
+        same_as = {program.outputs[pos]: program.inputs[i] for pos, i in mirrors.items()
+                   if isinstance(program.outputs[pos], int)
+                   and program.outputs[pos] not in program.inputs}
         output_stage = []
         for pos, v in enumerate(program.outputs):
             if pos in mirrors:
@@ -146,7 +163,7 @@ class PipeshardParallel(Method):
             else:
                 output_stage.append(placement.value_stage.get(v, 0) if isinstance(v, int) else 0)
         runner = StageRunner(program, regions, placement, meshes, m, self.schedule,
-                             output_stage, remat=self.remat)
+                             output_stage, remat=self.remat, specs=specs, same_as=same_as)
         search = {"cost_s": choice.cost_s, "stage_times_s": list(choice.stage_times_s)}
         if equal is not None:
             search.update(equal_layers_starts=list(equal.starts), equal_layers_cost_s=equal.cost_s)

@@ -116,16 +116,22 @@ class StageRunner:
       schedule: ``"1f1b"`` or ``"gpipe"``.
       output_stage: per flat output leaf, the stage it is returned on.
       remat: backward tasks recompute their stage's forward.
+      specs: per stage, value id -> spec the stage's intra-op plan gives it (parameters).
+      same_as: value id -> input value id it replaces (the new state takes the old's layout).
     """
 
     def __init__(self, program: Program, regions: Regions, placement: Placement,
                  meshes: list[Mesh], num_micro_batches: int, schedule: str,
-                 output_stage: list[int], remat: bool = False):
+                 output_stage: list[int], remat: bool = False,
+                 specs: dict[int, dict[int, PartitionSpec]] | None = None,
+                 same_as: dict[int, int] | None = None):
         self.program, self.regions, self.placement = program, regions, placement
         self.meshes = meshes
         self.num_micro_batches = num_micro_batches
         self.schedule = schedule
         self.output_stage = output_stage
+        self.specs = specs or {}
+        self.same_as = same_as or {}
         self.tasks = build_tasks(program, regions, placement, remat)
         self.order = issue_order(schedule, placement.num_stages, num_micro_batches)
         self.per_micro_batch = {v for i, p in enumerate(placement.phase) if p in "FB"
@@ -148,9 +154,14 @@ class StageRunner:
 
     # ----- shardings ------------------------------------------------------------------------
     def spec(self, v: int, stage: int) -> PartitionSpec:
-        """Per-example values split their batch dimension over the stage's devices."""
+        """The stage's intra-op spec for parameters; per-example values split their batch
+        dimension over the stage's ``data`` axis; everything else replicated."""
+        v = self.same_as.get(v, v)
+        planned = self.specs.get(stage, {}).get(v)
+        if planned is not None:
+            return planned
         dim = self.regions.batch_dim.get(v)
-        size = self.meshes[stage].shape["data"]
+        size = self.meshes[stage].shape.get("data", 1)
         shape = self.program.avals[v].shape
         if dim is None or size == 1 or v in self.crossing or shape[dim] % size:
             return PartitionSpec()

@@ -36,7 +36,7 @@ class PipelinedStep:
         for v, leaf in zip(program.inputs, flat_args):
             stage = placement.home[v]
             if v in runner.regions.batch_dim:
-                size = runner.meshes[stage].shape["data"]
+                size = runner.meshes[stage].shape.get("data", 1)
                 spec = PartitionSpec("data") if size > 1 and leaf.shape[0] % size == 0 \
                     else PartitionSpec()
                 flat_in.append(NamedSharding(runner.meshes[stage], spec))
@@ -58,8 +58,9 @@ class PipelinedStep:
         self.out_shardings = jax.tree.unflatten(self.out_treedef, flat_out)
         num_devices = sum(choice.sizes)
         num_stages = len(choice.sizes)
-        if len(set(choice.sizes)) == 1:
-            mesh_shape = {"stage": num_stages, "data": choice.sizes[0]}
+        shapes = [dict(mesh.shape) for mesh in runner.meshes]
+        if all(shape == shapes[0] for shape in shapes):
+            mesh_shape = {"stage": num_stages, **shapes[0]}
         else:
             mesh_shape = {"devices": num_devices}
         devices = [d for mesh in runner.meshes for d in mesh.devices.flat]
@@ -80,10 +81,6 @@ class PipelinedStep:
             LeafPlan(jax.tree_util.keystr(kp), tuple(leaf.shape), str(leaf.dtype), sh.spec)
             for (kp, leaf), sh in zip(out_flat, flat_out))
         self.stage_info = self._stage_info(global_batch)
-        if "data" not in mesh_shape:  # sub-meshes of different sizes: specs hold per stage
-            inputs = tuple(tuple(LeafPlan(p.path, p.shape, p.dtype, PartitionSpec()) for p in arg)
-                           for arg in inputs)
-            outputs = tuple(LeafPlan(p.path, p.shape, p.dtype, PartitionSpec()) for p in outputs)
         extras = {"num_micro_batches": runner.num_micro_batches, "schedule": runner.schedule,
                   "bubble_fraction": bubble_fraction(num_stages, runner.num_micro_batches),
                   "stages": self.stage_info, "leaf_stages": leaf_stages, "search": search}
@@ -102,8 +99,8 @@ class PipelinedStep:
                 "stage": s,
                 "layers": [int(starts[s]), int(starts[s + 1]) - 1],
                 "devices": [int(d.id) for d in mesh.devices.flat],
-                "submesh": {"data": int(size)},
-                "intra_op_mesh": {"data": int(size)},
+                "submesh": [1, int(size)],  # (hosts, devices per host)
+                "intra_op_mesh": {k: int(v) for k, v in mesh.shape.items()},
                 "micro_batch_size": global_batch // self.runner.num_micro_batches,
                 "predicted_time_per_micro_batch_s": float(self.choice.stage_times_s[s]),
                 "sends_bytes_per_micro_batch": float(self.layers.cut_bytes[int(starts[s + 1]) - 1])
@@ -231,7 +228,7 @@ def format_stages(extras: dict, report_stages: list[dict] | None = None) -> str:
              f"{extras['num_micro_batches']} micro-batches, bubble "
              f"{100 * extras['bubble_fraction']:.1f}% (predicted step "
              f"{1e3 * extras['search']['cost_s']:.3f} ms)"]
-    header = ["stage", "layers", "devices", "sub-mesh", "predicted ms/micro-batch"]
+    header = ["stage", "layers", "devices", "intra-op mesh", "predicted ms/micro-batch"]
     if report_stages:
         header += ["compiled ms/micro-batch", "activations/micro-batch", "in flight",
                    "peak memory/device"]
@@ -239,7 +236,7 @@ def format_stages(extras: dict, report_stages: list[dict] | None = None) -> str:
     for s in stages:
         row = [str(s["stage"]), f"{s['layers'][0]}-{s['layers'][1]}",
                ",".join(map(str, s["devices"])),
-               ", ".join(f"{k}={v}" for k, v in s["submesh"].items()),
+               ",".join(f"{k}={v}" for k, v in s["intra_op_mesh"].items()),
                f"{1e3 * s['predicted_time_per_micro_batch_s']:.3f}"]
         if report_stages:
             row += [f"{1e3 * s['measured_time_per_micro_batch_s']:.3f}",
