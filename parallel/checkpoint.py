@@ -80,9 +80,12 @@ class Checkpointer:
 
     @classmethod
     def start_over(cls, directory, **kwargs) -> "Checkpointer":
-        """Moves an existing ``directory`` aside (renamed ``<name>.old-<time>``) and returns a new one."""
+        """Moves an existing ``directory`` aside (renamed ``<name>.old-<time>``) and returns a new one.
+
+        With several processes, process 0 moves it while the others wait.
+        """
         directory = Path(directory).absolute()
-        if directory.exists():
+        if directory.exists() and jax.process_index() == 0:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             aside, n = directory.with_name(f"{directory.name}.old-{stamp}"), 1
             while aside.exists():
@@ -92,7 +95,9 @@ class Checkpointer:
             except OSError as e:
                 raise CheckpointError(f"cannot move {directory} aside to {aside}: {e}") from e
             warnings.warn(f"moved the previous checkpoints {directory} to {aside}", stacklevel=2)
-        return cls(directory, **kwargs)
+        checkpointer = cls(directory, **kwargs)
+        checkpointer._sync("start-over")
+        return checkpointer
 
     # ----- queries --------------------------------------------------------------------------
     def latest_step(self) -> int | None:

@@ -19,9 +19,11 @@ def user_errors() -> tuple:
     Any other exception, a bare ``ValueError`` included, is a bug and keeps its traceback.
     """
     import parallel
+    from parallel import cluster
     from trainer.trainer import TrainingDiverged
 
-    return USER_ERRORS + (parallel.PlanError, parallel.CheckpointError, TrainingDiverged)
+    return USER_ERRORS + (parallel.PlanError, parallel.CheckpointError, cluster.ClusterError,
+                          TrainingDiverged)
 
 
 def run(fn) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -105,7 +106,16 @@ class ParallelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
+    """Workers on a Ray cluster (``num_hosts`` > 1); with 1 host Ray is not used at all."""
+
     num_hosts: int = 1
+    address: str = ""  # "": a local Ray instance; "auto", "host:port", "ray://host:port"
+    devices_per_host: Optional[int] = None  # CPU devices each worker simulates
+    gpus_per_host: int = 0
+    cpus_per_host: int = 1
+    max_restarts: int = 3
+    startup_timeout_s: float = 120.0
+    hang_timeout_s: float = 1800.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,11 +164,13 @@ _POSITIVE = {
     ("train", "log_every"), ("train", "eval_batches"), ("train", "keep_checkpoints"),
     ("train", "grad_accum_steps"), ("parallel", "num_micro_batches"), ("cluster", "num_hosts"),
     ("train", "keep_every"), ("optimizer", "decay_steps"),
+    ("cluster", "devices_per_host"), ("cluster", "cpus_per_host"), ("cluster", "startup_timeout_s"),
+    ("cluster", "hang_timeout_s"),
 }
 _NON_NEGATIVE = {
     ("optimizer", "warmup_steps"), ("optimizer", "weight_decay"), ("optimizer", "min_lr_ratio"),
     ("train", "eval_every"), ("train", "checkpoint_every"), ("train", "sample_tokens"),
-    ("data", "eval_fraction"),
+    ("data", "eval_fraction"), ("cluster", "gpus_per_host"), ("cluster", "max_restarts"),
 }
 
 
@@ -349,6 +361,38 @@ def _check_relations(config: Config) -> None:
             "gradients underflow); use bfloat16 (same memory, float32's range) or float32")
     if config.data.source in ("text", "tokens") and not config.data.path:
         raise ConfigError(f"data.source={config.data.source} needs data.path (a file or folder)")
+    _check_cluster(config)
+
+
+def _check_cluster(config: Config) -> None:
+    """Cluster keys act only with several hosts, and the batch and mesh must split across them."""
+    cluster, hosts = config.cluster, config.cluster.num_hosts
+    if hosts == 1:
+        unused = [f"cluster.{f.name}={getattr(cluster, f.name)!r}" for f in dataclasses.fields(cluster)
+                  if f.name != "num_hosts" and getattr(cluster, f.name) != f.default]
+        if unused:
+            raise ConfigError(
+                f"{', '.join(unused)} does nothing with cluster.num_hosts=1 (no Ray, one process); "
+                "set cluster.num_hosts to the number of hosts, or drop the key (simulate CPU "
+                "devices in one process with XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+        return
+    if cluster.devices_per_host is not None and cluster.gpus_per_host:
+        raise ConfigError(
+            f"cluster.devices_per_host={cluster.devices_per_host} simulates CPU devices, but "
+            f"cluster.gpus_per_host={cluster.gpus_per_host} asks for GPUs; drop devices_per_host "
+            "(each worker uses the GPUs Ray gives it)")
+    if config.train.batch_size % hosts:
+        raise ConfigError(
+            f"train.batch_size ({config.train.batch_size}) must divide by cluster.num_hosts "
+            f"({hosts}): each host feeds an equal share of the rows; change one of them")
+    mesh = config.parallel.mesh
+    if mesh and cluster.devices_per_host is not None:
+        size, devices = math.prod(int(v) for v in mesh.values()), hosts * cluster.devices_per_host
+        if size != devices:
+            raise ConfigError(
+                f"parallel.mesh {dict(mesh)} covers {size} devices but cluster.num_hosts x "
+                f"cluster.devices_per_host = {hosts} x {cluster.devices_per_host} = {devices}; "
+                "make them equal")
 
 
 def _check_pipeline(config: Config) -> None:

@@ -87,10 +87,14 @@ class TokenDataset:
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
 
     def batch(self, index: int, batch_size: int) -> dict:
+        return self.rows(index, batch_size, slice(None))
+
+    def rows(self, index: int, batch_size: int, rows: slice) -> dict:
+        """Rows ``rows`` of ``batch(index, batch_size)``; only those windows are read."""
         rng = np.random.default_rng([self.seed, index])
-        starts = rng.integers(0, self.tokens.size - self.seq_len - 1, size=batch_size)
+        starts = rng.integers(0, self.tokens.size - self.seq_len - 1, size=batch_size)[rows]
         window = np.asarray(self.tokens[starts[:, None] + np.arange(self.seq_len + 1)], np.int32)
-        return {"inputs": window[:, :-1], "targets": window[:, 1:]}  # (B, T) each
+        return {"inputs": window[:, :-1], "targets": window[:, 1:]}  # (rows, T) each
 
 
 class SyntheticImages:
@@ -153,6 +157,61 @@ def place_batch(local_rows, shardings, global_shapes):
     """
     return jax.tree.map(lambda rows, sharding, spec: jax.make_array_from_process_local_data(
         sharding, rows, tuple(spec.shape)), local_rows, shardings, global_shapes)
+
+
+class ProcessShare:
+    """One process's rows of every batch of ``dataset``, in a run of several processes.
+
+    Each process feeds only the rows its own devices hold (``process_rows``), so no host
+    builds the whole global batch. A dataset with ``rows(index, batch_size, rows)`` builds just
+    those rows; any other is sliced after ``batch``. Batches of another size than
+    ``batch_size`` (a sampling prompt, a shape example) come whole.
+
+    Args:
+      dataset: an object with ``batch(index, batch_size) -> pytree of numpy arrays``.
+      rows: this process's rows of a global batch of ``batch_size``.
+      batch_size: the global batch size.
+    """
+
+    def __init__(self, dataset, rows: slice, batch_size: int):
+        self.dataset, self.rows, self.batch_size = dataset, rows, batch_size
+
+    def batch(self, index: int, batch_size: int):
+        if batch_size != self.batch_size:
+            return self.dataset.batch(index, batch_size)
+        if hasattr(self.dataset, "rows"):
+            return self.dataset.rows(index, batch_size, self.rows)
+        return jax.tree.map(lambda leaf: leaf[self.rows], self.dataset.batch(index, batch_size))
+
+
+def process_rows(shardings, global_shapes) -> slice:
+    """The rows of a global batch that this process's devices hold under ``shardings``.
+
+    Args:
+      shardings: the batch pytree's ``jax.sharding.Sharding`` per leaf.
+      global_shapes: a matching pytree of ``jax.ShapeDtypeStruct``: the global batch's shapes.
+
+    Raises:
+      DataError: the leaves are split differently, or a process's rows are not one block.
+    """
+    found = set()
+    leaves = jax.tree_util.tree_leaves_with_path(shardings)
+    for (path, sharding), spec in zip(leaves, jax.tree.leaves(global_shapes)):
+        key, shape = jax.tree_util.keystr(path), tuple(spec.shape)
+        indices = sharding.addressable_devices_indices_map(shape)
+        spans = sorted({index[0].indices(shape[0])[:2] for index in indices.values()})
+        start, stop = spans[0]
+        for begin, end in spans[1:]:
+            if begin > stop:
+                raise DataError(
+                    f"batch leaf {key}: this process holds rows {spans} of the batch, not one "
+                    "block; use a mesh whose batch axis follows the processes")
+            stop = max(stop, end)
+        found.add((start, stop))
+    if len(found) != 1:
+        raise DataError(f"the batch leaves' rows differ ({sorted(found)}); every leaf of a "
+                        "batch must be split the same way")
+    return slice(*found.pop())
 
 
 class Prefetcher:

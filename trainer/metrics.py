@@ -21,18 +21,24 @@ class MetricsLogger:
     interrupted attempt logged after it: records past ``start_step`` leave ``metrics.jsonl``,
     and tensorboard hides events from ``start_step + 1`` on (``purge_step``), so each step is
     logged once. A tqdm bar is shown when stderr is a terminal, plain log lines otherwise.
+    With ``primary=False`` (every process but the first of a multi-process run) nothing is
+    written or shown: one process speaks for the run.
     """
 
-    def __init__(self, workdir: Path, total_steps: int, start_step: int = 0, stream=None):
+    def __init__(self, workdir: Path, total_steps: int, start_step: int = 0, stream=None,
+                 primary: bool = True):
         from tensorboardX import SummaryWriter
 
+        self.primary = primary
         self.stream = stream or sys.stderr
-        events = workdir / "tensorboard"
-        purge = start_step + 1 if events.is_dir() and any(events.iterdir()) else None
-        self.writer = SummaryWriter(str(events), purge_step=purge)
-        _drop_records_after(workdir / "metrics.jsonl", start_step)
-        self.jsonl = open(workdir / "metrics.jsonl", "a")
-        self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.writer, self.jsonl = None, None
+        if primary:
+            events = workdir / "tensorboard"
+            purge = start_step + 1 if events.is_dir() and any(events.iterdir()) else None
+            self.writer = SummaryWriter(str(events), purge_step=purge)
+            _drop_records_after(workdir / "metrics.jsonl", start_step)
+            self.jsonl = open(workdir / "metrics.jsonl", "a")
+        self.interactive = primary and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.bar = (
             tqdm(total=total_steps, initial=start_step, file=self.stream, dynamic_ncols=True)
             if self.interactive else None
@@ -42,6 +48,8 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
         """Records ``metrics`` (floats) at ``step`` under ``prefix`` (``train`` or ``eval``)."""
+        if not self.primary:
+            return
         clean = {k: float(v) for k, v in metrics.items()}
         for key, value in clean.items():
             if math.isfinite(value):
@@ -60,6 +68,8 @@ class MetricsLogger:
             self.bar.update(steps)
 
     def print(self, text: str) -> None:
+        if not self.primary:
+            return
         if self.bar is not None:
             self.bar.write(text, file=self.stream)
         else:
@@ -67,13 +77,15 @@ class MetricsLogger:
 
     def flush(self) -> None:
         """Writes pending tensorboard events to disk (``metrics.jsonl`` is flushed per line)."""
-        self.writer.flush()
+        if self.primary:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        self.writer.close()
-        self.jsonl.close()
+        if self.primary:
+            self.writer.close()
+            self.jsonl.close()
 
 
 def _drop_records_after(path: Path, step: int) -> None:

@@ -16,10 +16,12 @@ import optax
 
 import models
 import parallel
+from parallel import cluster
 from parallel.profiles import UnknownDeviceError, get_profile
 from trainer import _sample, _steps
 from trainer.config import DEFAULT_MODEL, Config, ConfigError, changed_keys, dump_config
-from trainer.data import DataError, Prefetcher, build_datasets, place_batch
+from trainer.data import (DataError, Prefetcher, ProcessShare, build_datasets, place_batch,
+                          process_rows)
 from trainer.metrics import MetricsLogger, move_logs_aside
 from trainer.optim import build_optimizer, learning_rate_schedule
 
@@ -213,6 +215,11 @@ class Trainer:
             self.fns.eval_step, method=eval_method, batch_argnums=(1,), donate_argnums=())
         self._reuse_saved_plan()
         self.plan = self.step_fn.plan(self.abstract_state, self.batch_spec)
+        if jax.process_count() > 1:  # each process builds only the rows its devices hold
+            shardings = self.step_fn.input_shardings(self.abstract_state, self.batch_spec)[1]
+            rows = process_rows(shardings, self.batch_spec)
+            self.train_set = ProcessShare(self.train_set, rows, cfg.train.batch_size)
+            self.eval_set = ProcessShare(self.eval_set, rows, cfg.train.batch_size)
         return self
 
     def _reuse_saved_plan(self) -> None:
@@ -257,7 +264,8 @@ class Trainer:
         keep = dict(max_to_keep=cfg.train.keep_checkpoints, keep_every=cfg.train.keep_every)
         if not cfg.train.resume and cfg.train.overwrite:  # old checkpoints are moved aside
             self.checkpointer, latest = parallel.Checkpointer.start_over(directory, **keep), None
-            aside = move_logs_aside(self.workdir) if self.workdir.is_dir() else None
+            primary = jax.process_index() == 0  # the one process that writes logs
+            aside = move_logs_aside(self.workdir) if primary and self.workdir.is_dir() else None
             if aside is not None:
                 self._notes.append(f"moved the previous logs to {aside}")
         else:
@@ -306,13 +314,19 @@ class Trainer:
     def fit(self) -> dict:
         """Trains to ``train.steps``, evaluating, logging and checkpointing; returns last metrics."""
         cfg, tc = self.config, self.config.train
+        if cfg.cluster.num_hosts > 1 and cluster.worker_info() is None:
+            from trainer._cluster import fit_on_cluster  # Ray is imported only here
+
+            return fit_on_cluster(self)
         if self.step_fn is None:
             self.setup()
+        primary = jax.process_index() == 0  # one process writes the run's files and logs
         self.workdir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, self.workdir / "config.yaml")
-        (self.workdir / "plan.json").write_text(self.plan.to_json())
+        if primary:
+            dump_config(cfg, self.workdir / "config.yaml")
+            (self.workdir / "plan.json").write_text(self.plan.to_json())
         start = int(jax.device_get(self.state["step"]))
-        logger = MetricsLogger(self.workdir, tc.steps, start)
+        logger = MetricsLogger(self.workdir, tc.steps, start, primary=primary)
         callbacks = self.callbacks()
         logger.print(f"shardax: {self.model_name} with {self.num_params():,} parameters, "
                      f"method {self.plan.method} on mesh {self.plan.mesh_shape}, "
@@ -332,6 +346,7 @@ class Trainer:
             for index, batch in prefetch:
                 self.state, step_metrics = self.step_fn(self.state, batch)
                 step = index + 1
+                cluster.heartbeat(step)
                 self._pending.append((step, step_metrics["loss"]))
                 if window_start is None:
                     window_start = time.perf_counter()

@@ -1,0 +1,93 @@
+"""Cluster start-up and bad input: config errors, unreachable addresses, too few resources, hangs.
+
+These start no training; the ones that start Ray use a private local instance (loopback only).
+"""
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", "tiny/gpt.yaml"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster.address=auto"], "cluster.address='auto' does nothing with cluster.num_hosts=1"),
+    (["cluster.devices_per_host=4"], "cluster.devices_per_host=4 does nothing with cluster.num_hosts=1"),
+    (["cluster.max_restarts=5"], "cluster.max_restarts=5 does nothing with cluster.num_hosts=1"),
+    (["cluster.num_hosts=2", "cluster.devices_per_host=4", "cluster.gpus_per_host=1"],
+     "cluster.devices_per_host=4 simulates CPU devices, but cluster.gpus_per_host=1 asks for GPUs"),
+    (["cluster.num_hosts=3"], "train.batch_size (16) must divide by cluster.num_hosts (3)"),
+    (["cluster.num_hosts=2", "cluster.devices_per_host=4", "parallel.mesh={data: 4}"],
+     "parallel.mesh {'data': 4} covers 4 devices but cluster.num_hosts x cluster.devices_per_host = 2 x 4 = 8"),
+    (["cluster.num_hosts=2", "cluster.hang_timeout_s=0"], "cluster.hang_timeout_s must be positive"),
+    (["cluster.num_hosts=2", "cluster.adress=auto"], "did you mean 'cluster.address'"),
+])
+def test_cluster_keys_that_would_do_nothing_or_cannot_work_fail(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny/gpt.yaml", overrides)
+    assert message in str(info.value)
+
+
+def test_cluster_defaults_are_one_process_without_ray():
+    cluster = load_config("tiny/gpt.yaml").cluster
+    assert (cluster.num_hosts, cluster.address, cluster.devices_per_host, cluster.max_restarts) == (1, "", None, 3)
+
+
+def test_unreachable_address_fails_in_one_line_within_the_timeout(tmp_path):
+    port = _free_port()  # nothing listens there
+    start = time.monotonic()
+    result = subprocess.run(
+        [*TRAIN, f"workdir={tmp_path}", "cluster.num_hosts=2", f"cluster.address=127.0.0.1:{port}",
+         "cluster.startup_timeout_s=20"], capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: no Ray cluster answers at cluster.address='127.0.0.1:{port}'")
+    assert elapsed < 20 + 30  # the timeout plus Python's start-up on a loaded machine
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_more_workers_than_the_cluster_can_place_fail_naming_what_fits(tmp_path):
+    result = subprocess.run(
+        [*TRAIN, f"workdir={tmp_path}", "cluster.num_hosts=2", "cluster.gpus_per_host=1",
+         "cluster.startup_timeout_s=60"], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: cluster.num_hosts=2 but the cluster can place 0 worker(s) (each needs {CPU: 1, "
+        "GPU: 1}; 1 node(s) with CPU: 2, GPU: 0 in all); lower cluster.num_hosts or "
+        "cluster.gpus_per_host, or add nodes")
+
+
+def test_a_hung_worker_is_detected_and_the_run_fails_naming_it(tmp_path):
+    # time.sleep stands in for a collective waiting on a lost peer: no heartbeat comes.
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from parallel import cluster
+        spec = cluster.ClusterSpec(num_hosts=1, devices_per_host=1, max_restarts=0,
+                                   hang_timeout_s=3, startup_timeout_s=60)
+        try:
+            cluster.run(time.sleep, (600,), spec=spec, log_dir={str(tmp_path)!r})
+        except cluster.ClusterError as e:
+            print("ClusterError:", e)
+    """)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert time.monotonic() - start < 120
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("ClusterError: worker 0 (pid "), result.stdout + result.stderr
+    assert "made no progress for" in line and "(cluster.hang_timeout_s=3; last step None)" in line
+    assert line.endswith("gave up after 0 restart(s) (cluster.max_restarts=0)")
