@@ -163,10 +163,10 @@ class ParallelStep:
     def _make_plan(self, abstract_args: tuple) -> tuple[Plan, float]:
         """The method's plan, stamped with what reusing it requires (devices, program)."""
         start = time.perf_counter()
-        plan = self.method.make_plan(
+        plan = _made_by_process_0(lambda: self.method.make_plan(
             self.fn, abstract_args, batch_argnums=self.batch_argnums,
             donate_argnums=self.donate_argnums, devices=self.devices,
-            logical_axes=self.logical_axes)
+            logical_axes=self.logical_axes))
         solve_time = time.perf_counter() - start
         extras = {**plan.extras, "devices": device_summary(self.devices),
                   "program": program_fingerprint(self.fn, abstract_args)}
@@ -314,6 +314,23 @@ class FollowPlan(Method):
         return Plan(source.method, dict(source.mesh_shape), source.inputs, outputs,
                     batch_argnums=tuple(batch_argnums), donate_argnums=tuple(donate_argnums),
                     extras={"follows": repr(self.step)})
+
+
+def _made_by_process_0(make_plan: Callable[[], Plan]) -> Plan:
+    """``make_plan()`` run by process 0 alone and handed to every process.
+
+    With several processes (a cluster) every one must run the same program; a solver's
+    time limit could make their plans differ, so one plans and the others follow.
+    """
+    if jax.process_count() == 1:
+        return make_plan()
+    from jax.experimental import multihost_utils
+
+    text = make_plan().to_json().encode() if jax.process_index() == 0 else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(len(text))))
+    buffer = np.zeros(size, np.uint8)
+    buffer[:len(text)] = np.frombuffer(text, np.uint8)
+    return Plan.from_json(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
 
 
 def place(tree: Any, shardings: Any) -> Any:

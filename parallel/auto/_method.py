@@ -156,7 +156,9 @@ class ShardParallel(Method):
         measure = self.measure
         if measure is None:
             measure = devices[0].platform == "cpu" and profile.name == "cpu"
-        if (not measure or len(checks) < 2
+        # Several processes: process 0 plans alone (see parallelize), and a program over every
+        # process's devices cannot run in one of them.
+        if (not measure or len(checks) < 2 or jax.process_count() > 1
                 or max(c.memory_bytes for c in checks) * 4 > profile.memory_bytes):
             return None
         times = time_compiled([(c.compiled, c.in_shardings) for c in checks], abstract_args)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -48,10 +49,9 @@ def run(fn, args: tuple = (), *, spec: ClusterSpec, log_dir, fatal: tuple = (), 
     """
     out = out or sys.stderr
     log_dir = Path(log_dir).absolute()
-    connect(spec)  # before `import ray`: the local instance's settings are read at import
-    import ray
-
+    previous = _stop_on_sigterm()
     try:
+        connect(spec)  # before `import ray`: the local instance's settings are read at import
         check_resources(spec)
         restarts = 0
         while True:
@@ -68,7 +68,21 @@ def run(fn, args: tuple = (), *, spec: ClusterSpec, log_dir, fatal: tuple = (), 
             finally:
                 attempt.close()
     finally:
-        ray.shutdown()  # stops a local instance; disconnects from an existing cluster
+        if "ray" in sys.modules:  # stops a local instance; disconnects from an existing cluster
+            sys.modules["ray"].shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """Makes SIGTERM unwind like Ctrl-C, so the workers and a local Ray instance are stopped."""
+    def handler(signum, _frame):
+        raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: the caller owns signals
+        return None
 
 
 class _Attempt:
