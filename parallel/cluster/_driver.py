@@ -174,9 +174,12 @@ class _Attempt:
 
         refs = [actor.progress.remote() for actor in self.actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(60.0, self.spec.hang_timeout_s))
-        if len(ready) < len(refs):
+        try:
+            reports = ray.get(refs) if len(ready) == len(refs) else None
+        except ray.exceptions.RayError:
+            reports = None
+        if reports is None:
             return  # a dead worker shows up in ray.wait on its run next
-        reports = ray.get(refs)
         worst = max(range(len(reports)), key=lambda i: reports[i]["idle_s"])
         idle = reports[worst]["idle_s"]
         if idle > self.spec.hang_timeout_s:
