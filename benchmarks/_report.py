@@ -242,12 +242,14 @@ def plot(data: dict[str, Any], path: str) -> None:
                 ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
                 ax.yaxis.set_minor_formatter(ticker.NullFormatter())
             ax.margins(y=0.15)
-            ax.set_xticks(list(x), methods)
+            long_labels = sum(len(m) for m in methods) > 40
+            ax.set_xticks(list(x), methods, rotation=25 if long_labels else 0,
+                          ha="right" if long_labels else "center", fontsize=8)
             ax.set_ylabel(f"relative to {base}" + (" (log scale)" if wide_range else "")
                           + ", lower is better")
             ax.set_title(f"{name}, {data['devices']} devices")
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3,
-                      frameon=False)
+            ax.legend(fontsize=7, loc="upper center", ncol=3, frameon=False,
+                      bbox_to_anchor=(0.5, -0.3 if long_labels else -0.08))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
