@@ -18,8 +18,8 @@ import models
 import parallel
 from parallel import cluster
 from parallel.profiles import UnknownDeviceError, get_profile
-from trainer import _sample, _steps
-from trainer.config import DEFAULT_MODEL, Config, ConfigError, changed_keys, dump_config
+from trainer import _resume, _sample, _steps
+from trainer.config import DEFAULT_MODEL, Config, ConfigError, dump_config
 from trainer.data import (DataError, Prefetcher, ProcessShare, build_datasets, place_batch,
                           process_rows)
 from trainer.metrics import MetricsLogger, move_logs_aside
@@ -225,19 +225,9 @@ class Trainer:
     def _reuse_saved_plan(self) -> None:
         """Gives the step the resumed checkpoint's plan when it still applies (no solve)."""
         saved, self._saved_plan = self._saved_plan, None
-        if saved is None:
-            return
-        plan, saved_parallel = saved
-        now = self.config.to_dict()["parallel"]
-        changed = sorted(k for k in set(now) | set(saved_parallel) if now.get(k) != saved_parallel.get(k))
-        try:
-            if changed:
-                raise parallel.PlanError(f"parallel.{', parallel.'.join(changed)} changed")
-            self.step_fn.set_plan(plan, self.abstract_state, self.batch_spec)
-        except parallel.PlanError as e:
-            self._notes.append(f"planning anew ({e})")
-        else:
-            self._notes.append(f"reusing the saved plan ({plan.method} on mesh {plan.mesh_shape})")
+        if saved is not None:
+            self._notes.append(_resume.reuse_plan(self.step_fn, *saved, self.config,
+                                                  self.abstract_state, self.batch_spec))
 
     def _check_data(self, example: dict) -> None:
         """Traces the loss on the train and eval batches' shapes, so a mismatch fails here."""
@@ -279,7 +269,7 @@ class Trainer:
         if latest is not None:
             saved = self.checkpointer.extras(latest)
             if saved.get("config"):  # written by a Trainer: compare what it trained with
-                self._check_config(latest, saved["config"])
+                self._notes += _resume.check_config(saved["config"], cfg, latest, self.workdir)
             if saved.get("plan"):
                 self._saved_plan = (parallel.Plan.from_json(json.dumps(saved["plan"])),
                                     (saved.get("config") or {}).get("parallel") or {})
@@ -293,22 +283,6 @@ class Trainer:
             self.state = self.step_fn.init_state(self.fns.init, jax.random.key(cfg.train.seed), self.batch_spec)
             self.last_metrics = {}
         return self
-
-    def _check_config(self, step: int, saved: dict) -> None:
-        """Stops a resume whose config changes the math, unless ``train.allow_config_change``."""
-        keys, note = changed_keys(saved, self.config)
-        if note:
-            self._notes.append(note)
-        if not keys:
-            return
-        now = self.config.to_dict()
-        changes = ", ".join(f"{k} {_lookup(saved, k)!r} -> {_lookup(now, k)!r}" for k in keys)
-        if not self.config.train.allow_config_change:
-            raise ConfigError(
-                f"the checkpoint of step {step} in {self.workdir} was trained with other values "
-                f"of keys that change the math: {changes}; rerun with the checkpoint's values, "
-                "pass train.allow_config_change=true to continue anyway, or use another workdir")
-        self._notes.append(f"continuing with changed config (train.allow_config_change): {changes}")
 
     # ----- the loop -------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -522,9 +496,3 @@ def _batch_spec(example: dict, batch_size: int, name: str) -> dict:
         return jax.ShapeDtypeStruct((batch_size, *leaf.shape[1:]), leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(one, example)
-
-
-def _lookup(raw: dict, dotted: str):
-    """The value of ``section.key`` in a ``Config.to_dict()`` (None when absent)."""
-    section, _, key = dotted.partition(".")
-    return (raw.get(section) or {}).get(key)
