@@ -148,6 +148,11 @@ class StageRunner:
                     if v in self.per_micro_batch:
                         uses[v] = uses.get(v, 0) + 1
         self._uses = uses
+        # XLA's CPU client runs the collectives of simulated devices on a shared thread pool:
+        # many multi-device programs in flight at once can starve a rendezvous until XLA aborts
+        # the process. Simulated devices share the host's cores and cannot overlap anyway, so
+        # on CPUs each task finishes before the next is issued.
+        self.synchronous = meshes[0].devices.flat[0].platform == "cpu"
         # Set to a list to record, per stage, the most bytes per device of per-micro-batch values
         # (activations and their gradients) alive at once during a step.
         self.peak_live_bytes: list[int] | None = None
@@ -237,6 +242,8 @@ class StageRunner:
             task = self.tasks[key]
             args = [get(v, task.stage, i) for v in task.inputs]
             outs = self.jitted(key)(*args)
+            if self.synchronous:
+                jax.block_until_ready(outs)
             return task, outs
 
         for key in sorted(k for k in self.tasks if k[0] == "N"):
