@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import parallel
 from trainer import Trainer, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,3 +162,17 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_run_ends_as_if_uninterrupte
     time.sleep(1)
     assert not [p for p in pids if _alive(p)]
     assert not [p for p in _ray_processes() - before if _alive(p)]
+
+
+def test_a_solver_chosen_plan_on_two_workers_trains_like_one_process(tmp_path):
+    _train(tmp_path, "parallel.method=auto")
+    plan = parallel.Plan.from_json((tmp_path / "plan.json").read_text())
+    assert plan.method == "shard" and plan.num_devices == 8
+    # The reference runs the plan process 0 chose, in one process (a resume reuses a saved
+    # plan the same way), so both run one program.
+    reference = tmp_path / "reference"
+    trainer = Trainer(load_config(CONFIG, [*BASE, "parallel.method=auto", f"workdir={reference}"]))
+    trainer._saved_plan = (plan, trainer.config.to_dict()["parallel"])
+    trainer.fit()
+    assert trainer.plan.to_json() == plan.to_json()
+    _assert_same_losses(tmp_path, reference)

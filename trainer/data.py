@@ -155,63 +155,76 @@ def place_batch(local_rows, shardings, global_shapes):
     Returns:
       The batch as ``jax.Array`` leaves laid out as ``shardings`` says.
     """
-    return jax.tree.map(lambda rows, sharding, spec: jax.make_array_from_process_local_data(
-        sharding, rows, tuple(spec.shape)), local_rows, shardings, global_shapes)
+    def one(rows, sharding, spec):
+        if not sharding.addressable_devices:  # another process's devices hold this leaf
+            return jax.make_array_from_single_device_arrays(tuple(spec.shape), sharding, [],
+                                                            dtype=spec.dtype)
+        return jax.make_array_from_process_local_data(sharding, rows, tuple(spec.shape))
+
+    return jax.tree.map(one, local_rows, shardings, global_shapes)
 
 
 class ProcessShare:
     """One process's rows of every batch of ``dataset``, in a run of several processes.
 
     Each process feeds only the rows its own devices hold (``process_rows``), so no host
-    builds the whole global batch. A dataset with ``rows(index, batch_size, rows)`` builds just
-    those rows; any other is sliced after ``batch``. Batches of another size than
-    ``batch_size`` (a sampling prompt, a shape example) come whole.
+    builds the whole global batch; a leaf held on no device of this process gets no rows. A
+    dataset with ``rows(index, batch_size, rows)`` builds just the rows some leaf needs; any
+    other is sliced after ``batch``. Batches of another size than ``batch_size`` (a sampling
+    prompt, a shape example) come whole.
 
     Args:
       dataset: an object with ``batch(index, batch_size) -> pytree of numpy arrays``.
-      rows: this process's rows of a global batch of ``batch_size``.
+      rows: a pytree matching the batch: this process's ``slice`` of each leaf's rows.
       batch_size: the global batch size.
     """
 
-    def __init__(self, dataset, rows: slice, batch_size: int):
+    def __init__(self, dataset, rows, batch_size: int):
         self.dataset, self.rows, self.batch_size = dataset, rows, batch_size
+        spans = [r for r in jax.tree.leaves(rows) if r.stop > r.start]
+        self.span = (slice(min(r.start for r in spans), max(r.stop for r in spans)) if spans
+                     else slice(0, 0))
 
     def batch(self, index: int, batch_size: int):
         if batch_size != self.batch_size:
             return self.dataset.batch(index, batch_size)
         if hasattr(self.dataset, "rows"):
-            return self.dataset.rows(index, batch_size, self.rows)
-        return jax.tree.map(lambda leaf: leaf[self.rows], self.dataset.batch(index, batch_size))
+            block, offset = self.dataset.rows(index, batch_size, self.span), self.span.start
+        else:
+            block, offset = self.dataset.batch(index, batch_size), 0
+        return jax.tree.map(lambda leaf, r: leaf[r.start - offset:r.stop - offset] if r.stop > r.start
+                            else leaf[:0], block, self.rows)
 
 
-def process_rows(shardings, global_shapes) -> slice:
-    """The rows of a global batch that this process's devices hold under ``shardings``.
+def process_rows(shardings, global_shapes):
+    """The rows of each leaf of a global batch that this process's devices hold.
 
     Args:
       shardings: the batch pytree's ``jax.sharding.Sharding`` per leaf.
       global_shapes: a matching pytree of ``jax.ShapeDtypeStruct``: the global batch's shapes.
 
+    Returns:
+      A matching pytree of ``slice``: empty where no device of this process holds the leaf.
+
     Raises:
-      DataError: the leaves are split differently, or a process's rows are not one block.
+      DataError: a process's rows of a leaf are not one block.
     """
-    found = set()
-    leaves = jax.tree_util.tree_leaves_with_path(shardings)
-    for (path, sharding), spec in zip(leaves, jax.tree.leaves(global_shapes)):
-        key, shape = jax.tree_util.keystr(path), tuple(spec.shape)
+    def rows(path, sharding, spec):
+        shape = tuple(spec.shape)
         indices = sharding.addressable_devices_indices_map(shape)
         spans = sorted({index[0].indices(shape[0])[:2] for index in indices.values()})
+        if not spans:
+            return slice(0, 0)
         start, stop = spans[0]
         for begin, end in spans[1:]:
             if begin > stop:
                 raise DataError(
-                    f"batch leaf {key}: this process holds rows {spans} of the batch, not one "
-                    "block; use a mesh whose batch axis follows the processes")
+                    f"batch leaf {jax.tree_util.keystr(path)}: this process holds rows {spans} "
+                    "of the batch, not one block; use a mesh whose batch axis follows the processes")
             stop = max(stop, end)
-        found.add((start, stop))
-    if len(found) != 1:
-        raise DataError(f"the batch leaves' rows differ ({sorted(found)}); every leaf of a "
-                        "batch must be split the same way")
-    return slice(*found.pop())
+        return slice(start, stop)
+
+    return jax.tree_util.tree_map_with_path(rows, shardings, global_shapes)
 
 
 class Prefetcher:

@@ -210,7 +210,12 @@ class _Attempt:
                 return cause
         died = [(i, e) for i, e in reports if isinstance(e, ray.exceptions.RayActorError)]
         i, e = (died or reports)[0]
-        return WorkerFailure(f"worker {i} ({self.where[i]}) {_reason(e)}")
+        message = f"worker {i} ({self.where[i]}) {_reason(e)}"
+        if not died and not getattr(getattr(e, "cause", None), "shardax_progressed", True):
+            return ClusterError(
+                f"{message} before its first step, so it was not restarted (a fresh start would "
+                f"fail the same way); its traceback is in {self.log_dir / f'worker-{i}.log'}")
+        return WorkerFailure(message)
 
 
 def _reason(error: BaseException) -> str:

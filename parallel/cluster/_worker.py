@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +106,18 @@ class Worker:
         return {"devices": jax.device_count(), "local_devices": jax.local_device_count()}
 
     def run(self, fn, args: tuple):
-        """Calls ``fn(*args)``; its exceptions travel to the driver (output is flushed first)."""
+        """Calls ``fn(*args)``; its exceptions travel to the driver, their traceback to the log.
+
+        An exception carries ``shardax_progressed``: whether a step finished before it (one
+        raised before the first step would be raised again by a fresh start).
+        """
         heartbeat()
         try:
             return fn(*args)
+        except Exception as error:
+            traceback.print_exc()
+            error.shardax_progressed = _beat["step"] is not None
+            raise
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
