@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import numpy as np
+
 from parallel import cluster
 
 from trainer.config import ClusterConfig
@@ -36,3 +39,16 @@ def _fit_in_worker(trainer) -> dict:
         train = dataclasses.replace(trainer.config.train, resume=True, overwrite=False)
         trainer.config = dataclasses.replace(trainer.config, train=train)
     return trainer.fit()
+
+
+def read_everywhere(x: jax.Array) -> np.ndarray:
+    """A replicated array's value in every process, also where other processes hold it (a
+    pipeline stage's devices may all sit in one process)."""
+    holders = {d.process_index for d in x.sharding.device_set}
+    if len(holders) == jax.process_count():
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    source = jax.process_index() == min(holders)
+    value = np.asarray(x.addressable_shards[0].data) if source else np.zeros(x.shape, x.dtype)
+    return np.asarray(multihost_utils.broadcast_one_to_all(value, is_source=source))

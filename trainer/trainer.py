@@ -19,6 +19,7 @@ import parallel
 from parallel import cluster
 from parallel.profiles import UnknownDeviceError, get_profile
 from trainer import _resume, _sample, _steps
+from trainer._cluster import read_everywhere
 from trainer.config import DEFAULT_MODEL, Config, ConfigError, dump_config
 from trainer.data import (DataError, Prefetcher, ProcessShare, build_datasets, place_batch,
                           process_rows)
@@ -299,7 +300,7 @@ class Trainer:
         if primary:
             dump_config(cfg, self.workdir / "config.yaml")
             (self.workdir / "plan.json").write_text(self.plan.to_json())
-        start = int(_read_everywhere(self.state["step"]))
+        start = int(read_everywhere(self.state["step"]))
         logger = MetricsLogger(self.workdir, tc.steps, start, primary=primary)
         callbacks = self.callbacks()
         logger.print(f"shardax: {self.model_name} with {self.num_params():,} parameters, "
@@ -497,15 +498,3 @@ def _batch_spec(example: dict, batch_size: int, name: str) -> dict:
 
     return jax.tree_util.tree_map_with_path(one, example)
 
-
-def _read_everywhere(x: jax.Array) -> np.ndarray:
-    """A replicated array's value in every process, also where other processes hold it (a
-    pipeline stage's devices may all sit in one process)."""
-    holders = {d.process_index for d in x.sharding.device_set}
-    if len(holders) == jax.process_count():
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    source = jax.process_index() == min(holders)
-    value = np.asarray(x.addressable_shards[0].data) if source else np.zeros(x.shape, x.dtype)
-    return np.asarray(multihost_utils.broadcast_one_to_all(value, is_source=source))
