@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from parallel._constraints import with_constraints
 from parallel._errors import PlanError
+from parallel._transfer import transfer
 from parallel._methods import DataParallel, Method, plan_outputs
 from parallel._roles import check_leaves
 from parallel.plan import Plan, shardings_from_specs
@@ -342,7 +343,7 @@ def place(tree: Any, shardings: Any) -> Any:
             return leaf
         if not isinstance(leaf, jax.Array):
             leaf = jnp.asarray(leaf)
-        return jax.device_put(leaf, sharding)
+        return transfer(leaf, sharding)
 
     return jax.tree.map(one, tree, shardings)
 

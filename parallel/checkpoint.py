@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from parallel import _checkpoint_files as files
+from parallel._transfer import on_all_devices, on_all_devices_sharding, spans_every_process, transfer
 
 
 class CheckpointError(RuntimeError):
@@ -195,6 +196,9 @@ class Checkpointer:
             self._move_aside(existing, problem)
             self._sync(f"save-{step}")
             manager.reload()
+        if jax.process_count() > 1:  # orbax saves only arrays spread over every process
+            state = jax.tree.map(lambda x: x if not isinstance(x, jax.Array) or spans_every_process(x)
+                                 else on_all_devices(x), state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras),
                                   layout=ocp.args.JsonSave({"leaves": files.layout(state)}))
         try:
@@ -264,6 +268,10 @@ class Checkpointer:
         if problem is not None:
             raise CheckpointError(f"checkpoint {step_dir} is not valid: {problem}")
         abstract = _abstract_target(target)
+        wanted = abstract
+        if jax.process_count() > 1:  # read onto every device, then keep the target's copies
+            abstract = jax.tree.map(lambda x: x if spans_every_process(x) else jax.ShapeDtypeStruct(
+                x.shape, x.dtype, sharding=on_all_devices_sharding()), abstract)
         reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
         try:
             head = reader.restore(step_dir, args=ocp.args.Composite(
@@ -279,6 +287,9 @@ class Checkpointer:
             raise CheckpointError(f"cannot restore checkpoint {step_dir}: {type(e).__name__}: {e}") from e
         finally:
             reader.close()
+        if jax.process_count() > 1:
+            state = jax.tree.map(lambda x, w: x if x.sharding == w.sharding else transfer(x, w.sharding),
+                                 state, wanted)
         return state, dict(head["extras"])
 
     def extras(self, step: int) -> dict:

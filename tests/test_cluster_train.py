@@ -176,3 +176,15 @@ def test_a_solver_chosen_plan_on_two_workers_trains_like_one_process(tmp_path):
     trainer.fit()
     assert trainer.plan.to_json() == plan.to_json()
     _assert_same_losses(tmp_path, reference)
+
+
+def test_a_pipeline_whose_stages_sit_in_different_processes_trains_like_one_process(tmp_path):
+    pipeline = ["parallel.method=pipeshard", "parallel.num_micro_batches=4", "parallel.stages=2"]
+    _train(tmp_path, *pipeline)
+    stages = json.loads((tmp_path / "plan.json").read_text())["extras"]["stages"]
+    # Stage 0 on worker 0's four devices, stage 1 on worker 1's (JAX numbers process 1's CPU
+    # devices from 2048): activations and gradients cross processes with jax.device_put.
+    assert [s["devices"] for s in stages] == [[0, 1, 2, 3], [2048, 2049, 2050, 2051]]
+    reference = tmp_path / "reference"
+    Trainer(load_config(CONFIG, [*BASE, *pipeline, f"workdir={reference}"])).fit()
+    _assert_same_losses(tmp_path, reference)

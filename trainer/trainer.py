@@ -217,10 +217,10 @@ class Trainer:
         self._reuse_saved_plan()
         self.plan = self.step_fn.plan(self.abstract_state, self.batch_spec)
         if jax.process_count() > 1:  # each process builds only the rows its devices hold
-            shardings = self.step_fn.input_shardings(self.abstract_state, self.batch_spec)[1]
-            rows = process_rows(shardings, self.batch_spec)
-            self.train_set = ProcessShare(self.train_set, rows, cfg.train.batch_size)
-            self.eval_set = ProcessShare(self.eval_set, rows, cfg.train.batch_size)
+            for name, fn in (("train_set", self.step_fn), ("eval_set", self.eval_fn)):
+                shardings = fn.input_shardings(self.abstract_state, self.batch_spec)[1]
+                rows = process_rows(shardings, self.batch_spec)
+                setattr(self, name, ProcessShare(getattr(self, name), rows, cfg.train.batch_size))
         return self
 
     def _reuse_saved_plan(self) -> None:

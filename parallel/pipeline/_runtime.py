@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from parallel._transfer import transfer
 from parallel.pipeline._program import Program, Regions, evaluate
 from parallel.pipeline._schedule import issue_order
 from parallel.pipeline._stages import Placement
@@ -234,8 +235,7 @@ class StageRunner:
                 return self._const_cache[(v, stage)]
             copies = table[v]
             if stage not in copies:
-                copies[stage] = jax.device_put(next(iter(copies.values())),
-                                               self.sharding(v, stage))
+                copies[stage] = transfer(next(iter(copies.values())), self.sharding(v, stage))
             return copies[stage]
 
         def run(key: tuple, i: int | None):

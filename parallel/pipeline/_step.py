@@ -12,6 +12,7 @@ from parallel import mesh as mesh_lib
 from parallel import profiles
 from parallel._errors import PlanError
 from parallel._hlo import collective_bytes
+from parallel._transfer import transfer
 from parallel.pipeline._schedule import bubble_fraction, max_in_flight
 from parallel.plan import LeafPlan, Plan
 from parallel.report import Report, cost_figures, memory_bytes
@@ -53,6 +54,7 @@ class PipelinedStep:
             else:
                 flat_out.append(NamedSharding(runner.meshes[stage], PartitionSpec()))
         self.flat_in_shardings, self.flat_out_shardings = flat_in, flat_out
+        self._fresh_outputs = [pos not in mirrors for pos in range(len(flat_out))]  # metrics
         unflat = jax.tree.unflatten(self.in_treedef, flat_in)
         self.in_shardings = tuple(unflat)
         self.out_shardings = jax.tree.unflatten(self.out_treedef, flat_out)
@@ -116,15 +118,29 @@ class PipelinedStep:
             raise PlanError(f"arguments have structure {treedef}, the plan was made for "
                             f"{self.in_treedef}")
         results = self.runner(flat)
-        placed = [x if x.sharding == sh else jax.device_put(x, sh)
+        placed = [x if x.sharding == sh else transfer(x, sh)
                   for x, sh in zip(results, self.flat_out_shardings)]
+        if jax.process_count() > 1:  # a metric on one stage's devices: every process reads it
+            everywhere = NamedSharding(self.mesh, PartitionSpec())
+            placed = [transfer(x, everywhere) if fresh and x.sharding.is_fully_replicated else x
+                      for x, fresh in zip(placed, self._fresh_outputs)]
         return jax.tree.unflatten(self.out_treedef, placed)
 
     def init_state(self, init_fn, rng_key):
-        """Makes the state replicated over all devices, then keeps each leaf on its stage."""
-        everywhere = NamedSharding(self.mesh, PartitionSpec())
-        state = jax.jit(init_fn, out_shardings=everywhere)(rng_key)
-        return jax.tree.map(jax.device_put, state, self.in_shardings[0])
+        """Makes the state replicated on each stage's devices, then keeps each leaf on its stage.
+
+        One copy per stage, not one over all devices: with several processes
+        ``jax.device_put`` moves arrays only between device sets of equal size.
+        """
+        targets, treedef = jax.tree.flatten(self.in_shardings[0])
+        copies, leaves = {}, []
+        for i, sharding in enumerate(targets):
+            key = tuple(d.id for d in sharding.mesh.devices.flat)
+            if key not in copies:
+                everywhere = NamedSharding(sharding.mesh, PartitionSpec())
+                copies[key] = jax.tree.leaves(jax.jit(init_fn, out_shardings=everywhere)(rng_key))
+            leaves.append(jax.device_put(copies[key][i], sharding))
+        return jax.tree.unflatten(treedef, leaves)
 
     def lower(self, *args):
         raise PlanError("a pipelined step is one program per stage and task, not one lowered "
