@@ -22,6 +22,7 @@ median is reported. Ratios compare cases of one run only.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -76,9 +77,7 @@ PIPELINE_WORKLOADS = {
     "gpt": WorkloadSpec("gpt_8_layers", "gpt", {
         "vocab_size": 1024, "block_size": 64, "num_layers": 8, "num_heads": 8,
         "hidden_size": 256}, batch_size=32, seq_len=64),
-    "wide_resnet": WorkloadSpec("wide_resnet", "wide_resnet", {
-        "depth": 14, "base_channels": 16, "width_factor": 2, "num_classes": 10,
-        "image_size": 32}, batch_size=32, seq_len=32),
+    "wide_resnet": dataclasses.replace(MODEL_WORKLOADS["wide_resnet"], batch_size=32),
 }
 PIPELINE_MICRO_BATCHES = 8
 # (label, method, stages): stages None for the unpipelined methods.
