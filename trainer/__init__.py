@@ -8,4 +8,4 @@ from trainer.optim import build_optimizer as build_optimizer
 from trainer.optim import learning_rate_schedule as learning_rate_schedule
 from trainer.trainer import Callback as Callback
 from trainer.trainer import Trainer as Trainer
-from trainer.trainer import TrainingDiverged as TrainingDiverged
+from trainer._errors import TrainingDiverged as TrainingDiverged

@@ -8,6 +8,7 @@ import numpy as np
 
 from parallel import cluster
 
+from trainer._errors import USER_ERRORS
 from trainer.config import ClusterConfig
 
 
@@ -26,11 +27,9 @@ def fit_on_cluster(trainer) -> dict:
     The trainer (not yet set up) is pickled to every worker. Workers write their output to
     ``workdir/logs/worker-<i>.log``; worker 0's lines are printed here as they come.
     """
-    from trainer.cli import user_errors
-
     spec = cluster_spec(trainer.config.cluster)
     return cluster.run(_fit_in_worker, (trainer,), spec=spec, log_dir=trainer.workdir / "logs",
-                       fatal=user_errors())
+                       fatal=USER_ERRORS)
 
 
 def _fit_in_worker(trainer) -> dict:

@@ -5,25 +5,8 @@ import os
 import sys
 import traceback
 
-from trainer._steps import ModelError
-from trainer.config import ConfigError, load_config
-from trainer.data import DataError
-
-USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError, NotADirectoryError,
-               PermissionError)
-
-
-def user_errors() -> tuple:
-    """shardax's validation errors, including those of ``parallel`` (bad mesh, torn checkpoint...).
-
-    Any other exception, a bare ``ValueError`` included, is a bug and keeps its traceback.
-    """
-    import parallel
-    from parallel import cluster
-    from trainer.trainer import TrainingDiverged
-
-    return USER_ERRORS + (parallel.PlanError, parallel.CheckpointError, cluster.ClusterError,
-                          TrainingDiverged)
+from trainer._errors import USER_ERRORS
+from trainer.config import load_config
 
 
 def run(fn) -> int:
@@ -33,7 +16,7 @@ def run(fn) -> int:
     """
     try:
         fn()
-    except user_errors() as e:
+    except USER_ERRORS as e:
         if os.environ.get("SHARDAX_DEBUG"):
             traceback.print_exc()
         message = " ".join(str(e).split())

@@ -20,6 +20,7 @@ from parallel import cluster
 from parallel.profiles import UnknownDeviceError, get_profile
 from trainer import _resume, _sample, _steps
 from trainer._cluster import read_everywhere
+from trainer._errors import TrainingDiverged
 from trainer.config import DEFAULT_MODEL, Config, ConfigError, dump_config
 from trainer.data import (DataError, Prefetcher, ProcessShare, build_datasets, place_batch,
                           process_rows)
@@ -27,10 +28,6 @@ from trainer.metrics import MetricsLogger, move_logs_aside
 from trainer.optim import build_optimizer, learning_rate_schedule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the state of that step is never saved."""
 
 
 class Callback:
