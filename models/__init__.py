@@ -4,6 +4,7 @@ Models name logical axes on their params (``nnx.with_partitioning`` metadata, ke
 ``out_sharding``) and know nothing about meshes or ``parallel``.
 """
 from models import gpt as gpt
+from models import llama as llama
 from models import mlp as mlp
 from models import moe as moe
 from models import wide_resnet as wide_resnet
@@ -15,6 +16,8 @@ from models._registry import make_config as make_config
 from models._registry import register as register
 from models.gpt import GPT as GPT
 from models.gpt import GPTConfig as GPTConfig
+from models.llama import Llama as Llama
+from models.llama import LlamaConfig as LlamaConfig
 from models.mlp import MLP as MLP
 from models.mlp import MLPConfig as MLPConfig
 from models.moe import MoEConfig as MoEConfig
