@@ -1,18 +1,27 @@
-"""``mark_pipeline_boundary``: an identity that cuts pipeline stages where a forward pass calls it.
+"""``mark_pipeline_boundary``: cuts pipeline stages where a forward pass calls it.
 
-It is a primitive of its own so that it survives tracing and differentiation: its JVP marks the
-tangents and its transpose marks the cotangents, so the backward pass is cut at the same places.
-Compiled, it is the identity.
+Two forms, as Alpa's users and JaxPP's write them:
+
+* ``parallel.mark_pipeline_boundary()``: a cut in program order. It binds a primitive with no
+  operands and no results; an effect of its own keeps it through ``jit``, ``grad``, ``vmap``,
+  ``scan`` and ``jax.checkpoint`` (JAX drops effect-free operations whose results are unused).
+* ``x = parallel.mark_pipeline_boundary(x)``: an identity on the values that cross. Its JVP marks
+  the tangents and its transpose marks the cotangents, so the backward pass is cut at the same
+  places.
+
+Compiled, both are nothing.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import jax
+from jax._src import effects
 from jax.extend import core as jax_core
 from jax.interpreters import ad, batching, mlir
 
 MARKER_NAME = "pipeline_boundary"
+CUT_NAME = "pipeline_cut"
 
 boundary_p = jax_core.Primitive(MARKER_NAME)
 boundary_p.multiple_results = True
@@ -31,19 +40,48 @@ batching.primitive_batchers[boundary_p] = lambda args, dims: (boundary_p.bind(*a
 mlir.register_lowering(boundary_p, lambda ctx, *args: list(args))
 
 
-def mark_pipeline_boundary(tree: Any) -> Any:
-    """Marks the end of a pipeline stage: ``x = parallel.mark_pipeline_boundary(x)``.
+class _CutEffect(effects.Effect):
+    """Marks the position of a no-argument boundary so dead-code elimination keeps it."""
 
-    Everything the forward pass computes before the call (on the way to ``tree``) belongs to one
-    stage, what follows to the next. Outside ``PipeshardParallel`` it is the identity, so a
-    model keeps running unchanged under any other method.
+    def __str__(self) -> str:
+        return "PipelineCut"
+
+
+_cut_effect = _CutEffect()
+for _allowed in (effects.lowerable_effects, effects.control_flow_allowed_effects,
+                 effects.remat_allowed_effects, effects.custom_derivatives_allowed_effects,
+                 effects.partial_eval_kept_effects):
+    _allowed.add_type(_CutEffect)
+
+cut_p = jax_core.Primitive(CUT_NAME)
+cut_p.multiple_results = True
+cut_p.def_impl(lambda: [])
+cut_p.def_effectful_abstract_eval(lambda: ([], {_cut_effect}))
+ad.primitive_jvps[cut_p] = lambda primals, tangents: ([], [])
+batching.primitive_batchers[cut_p] = lambda args, dims: ([], [])
+mlir.register_lowering(cut_p, lambda ctx: [])
+
+_NOTHING = object()
+
+
+def mark_pipeline_boundary(tree: Any = _NOTHING) -> Any:
+    """Marks the end of a pipeline stage.
+
+    ``parallel.mark_pipeline_boundary()`` cuts the forward pass where it is called: what the
+    forward pass computes before the call (in program order) belongs to one stage, what follows
+    to the next. ``x = parallel.mark_pipeline_boundary(x)`` cuts by data flow instead: what
+    leads to ``x`` is one stage, what reads the returned ``x`` the next. Outside
+    ``PipeshardParallel`` both are the identity, so a model runs unchanged under any method.
 
     Args:
-      tree: the activations passed to the next stage: an array or a pytree of arrays.
+      tree: optional; the activations passed to the next stage: an array or a pytree of arrays.
 
     Returns:
-      ``tree`` unchanged.
+      ``tree`` unchanged, or ``None`` when called without arguments.
     """
+    if tree is _NOTHING:
+        cut_p.bind()
+        return None
     leaves, treedef = jax.tree.flatten(tree)
     if not leaves:
         return tree

@@ -21,7 +21,7 @@ import numpy as np
 from jax.extend import core as jax_core
 
 from parallel._errors import PlanError
-from parallel.pipeline._marker import MARKER_NAME
+from parallel.pipeline._marker import CUT_NAME, MARKER_NAME
 
 _INLINE_CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call"}
 _BODY_PRIMS = {"scan": "a scan body", "while": "a while loop body", "cond": "a cond branch",
@@ -64,6 +64,8 @@ class Program:
       inputs: value id of each flat input leaf of the step.
       outputs: value id (or ``Literal``) of each flat output leaf.
       consts: value id -> array, for closed-over constants.
+      cuts: positions of ``mark_pipeline_boundary()`` calls (no arguments): a cut at ``k`` falls
+        between ``ops[k - 1]`` and ``ops[k]``.
     """
 
     ops: list[Op]
@@ -71,6 +73,7 @@ class Program:
     inputs: list[int]
     outputs: list[Any]
     consts: dict[int, Any]
+    cuts: list[int] = dataclasses.field(default_factory=list)
 
     def nbytes(self, v: int) -> int:
         aval = self.avals[v]
@@ -83,7 +86,7 @@ class Program:
 
 def _has_marker(jaxpr) -> bool:
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == MARKER_NAME:
+        if eqn.primitive.name in (MARKER_NAME, CUT_NAME):
             return True
         for param in eqn.params.values():
             for sub in _jaxprs_of(param):
@@ -107,6 +110,7 @@ class _Flattener:
         self.ops: list[Op] = []
         self.avals: list[Any] = []
         self.consts: dict[int, Any] = {}
+        self.cuts: list[int] = []
 
     def new(self, aval) -> int:
         self.avals.append(aval)
@@ -131,6 +135,9 @@ class _Flattener:
             inputs = [read(a) for a in eqn.invars]
             is_backward = backward or "transpose" in str(eqn.source_info.name_stack)
             name = eqn.primitive.name
+            if name == CUT_NAME:
+                self.cuts.append(len(self.ops))
+                continue
             if name in _INLINE_CALLS:
                 body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
                 if isinstance(body, jax_core.ClosedJaxpr):
@@ -156,7 +163,7 @@ def flatten(closed_jaxpr) -> Program:
     builder = _Flattener()
     inputs = [builder.new(var.aval) for var in closed_jaxpr.jaxpr.invars]
     outputs = builder.closed(closed_jaxpr, inputs, False)
-    return Program(builder.ops, builder.avals, inputs, outputs, builder.consts)
+    return Program(builder.ops, builder.avals, inputs, outputs, builder.consts, builder.cuts)
 
 
 def evaluate(ops: list[Op], env: dict[int, Any]) -> None:

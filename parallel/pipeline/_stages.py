@@ -69,25 +69,40 @@ def backward_flags(program: Program, regions: Regions) -> list[bool]:
 
 def find_layers(program: Program, regions: Regions, backward: list[bool],
                 num_layers: int) -> Layers:
-    """Layers from the forward markers, or ``num_layers`` layers cut automatically."""
+    """Layers from the forward markers, or ``num_layers`` layers cut automatically.
+
+    A value marker starts a new layer for what reads its results (data flow); a no-argument
+    marker starts one for every forward operation after it (program order, as in Alpa). Work that
+    feeds no value marker (e.g. the labels' one-hot) moves to the first layer reading it; with
+    no-argument markers the program order is kept as written.
+    """
     forward = [i for i, r in enumerate(regions.region) if r == "M" and not backward[i]]
     if not forward:
         raise PlanError("the step's per-example computation has no forward pass to pipeline")
-    has_markers = any(program.ops[i].is_marker for i in forward)
+    value_markers = any(program.ops[i].is_marker for i in forward)
+    cuts = [k for k in program.cuts if forward[0] < k <= forward[-1]]
+    has_markers = value_markers or bool(cuts)
     chunk = {} if has_markers else _auto_cuts(program, forward, num_layers)
     layer_of_value: dict[int, int] = {}
     of_op = {}
+    passed = 0  # no-argument cuts before the current op, in program order
     for i in forward:
+        while passed < len(cuts) and cuts[passed] <= i:
+            passed += 1
         op = program.ops[i]
         s_in = max((layer_of_value[v] for v in op.value_inputs() if v in layer_of_value),
                    default=0)
-        layer = s_in + 1 if op.is_marker else max(s_in, chunk.get(i, 0))
+        layer = s_in + 1 if op.is_marker else max(s_in, chunk.get(i, 0), passed)
         of_op[i] = layer
         for v in op.outputs:
             layer_of_value[v] = layer
-    if has_markers:
+    if value_markers and not cuts:
         _delay_side_work(program, forward, of_op, layer_of_value)
-    count = max(of_op.values()) + 1
+    # Layers in use, numbered from 0 (a cut before any forward work leaves no empty layer).
+    rank = {layer: k for k, layer in enumerate(sorted(set(of_op.values())))}
+    of_op = {i: rank[layer] for i, layer in of_op.items()}
+    layer_of_value = {v: rank[layer] for v, layer in layer_of_value.items()}
+    count = len(rank)
     flops = [0.0] * count
     for i in forward:
         flops[of_op[i]] += op_flops(program, program.ops[i])
