@@ -1,10 +1,16 @@
 """Runs a placed program: one jitted program per task on its stage's sub-mesh, a static schedule
-issued from Python (asynchronous dispatch overlaps the stages), ``jax.device_put`` between
-sub-meshes, and gradient accumulation over micro-batches."""
+issued from Python (asynchronous dispatch overlaps the stages), device-to-device transfers
+between sub-meshes, and the values leaving the micro-batch region accumulated inside the
+programs that make them.
+
+A step issues, per stage, one program per micro-batch and kind of task (forward, backward)
+plus a few per step: the per-step work, one split of the batch, one creation of the
+accumulators and one finish of them, and the update. Nothing in a step reads an array back to
+the host.
+"""
 from __future__ import annotations
 
-import dataclasses
-import functools
+import time
 from typing import Any
 
 import jax
@@ -12,97 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from parallel._transfer import transfer
+from parallel._transfer import arrival_sharding, copy_to, transfer
 from parallel.pipeline._program import Program, Regions, evaluate
 from parallel.pipeline._schedule import issue_order
 from parallel.pipeline._stages import Placement
+from parallel.pipeline._tasks import (Accumulator, Task, accumulators, add_to, build_tasks,
+                                      combine_of, finalize, made_by, primary_kind)
 
 # Compiled task programs, shared by every pipelined step of the process: the same stage of the
 # same step with the same shardings (another schedule, another ParallelStep) compiles once.
 _PROGRAMS: dict[str, Any] = {}
-
-
-@dataclasses.dataclass
-class Task:
-    """Operations run together as one jitted program on one stage.
-
-    Attributes:
-      key: ``("N", stage)``, ``("F", stage)``, ``("B", stage)`` or ``("A", level, stage)``.
-      stage: the stage whose sub-mesh runs it.
-      ops: op indices in program order.
-      inputs: value ids read (made elsewhere).
-      outputs: value ids made here and read elsewhere.
-    """
-
-    key: tuple
-    stage: int
-    ops: list[int]
-    inputs: list[int]
-    outputs: list[int]
-
-
-def build_tasks(program: Program, regions: Regions, placement: Placement,
-                remat: bool = False) -> dict[tuple, Task]:
-    """Groups operations into tasks and finds what each one reads and hands on.
-
-    With ``remat``, a stage's backward task recomputes the forward operations whose results it
-    reads, so the forward task hands on only what the next stages and the update need.
-    """
-    groups: dict[tuple, list[int]] = {}
-    for i, phase in enumerate(placement.phase):
-        s = placement.stage[i]
-        key = ("A", placement.level[i], s) if phase == "A" else (phase, s)
-        groups.setdefault(key, []).append(i)
-    made_in = {}
-    for key, ops in groups.items():
-        for i in ops:
-            for v in program.ops[i].outputs:
-                made_in[v] = key
-    recomputed: dict[tuple, set[int]] = {}
-    if remat:
-        for key in [k for k in groups if k[0] == "B"]:
-            forward = ("F", key[1])
-            wanted = {v for i in groups[key] for v in program.ops[i].value_inputs()
-                      if made_in.get(v) == forward}
-            again = []
-            for i in reversed(groups.get(forward, [])):
-                if any(v in wanted for v in program.ops[i].outputs):
-                    again.append(i)
-                    wanted.update(program.ops[i].value_inputs())
-            groups[key] = sorted(again) + groups[key]
-            recomputed[key] = {v for i in again for v in program.ops[i].outputs}
-    read_elsewhere: set[int] = {v for v in program.outputs if isinstance(v, int)}
-    read_elsewhere.update(regions.crossing)
-    tasks = {}
-    for key, ops in groups.items():
-        inputs = []
-        own = {v for i in ops for v in program.ops[i].outputs}
-        for i in ops:
-            for v in program.ops[i].value_inputs():
-                if v not in own:
-                    inputs.append(v)
-                    read_elsewhere.add(v)
-        tasks[key] = Task(key, placement.stage[ops[0]], ops, list(dict.fromkeys(inputs)), [])
-    for key, task in tasks.items():
-        again = recomputed.get(key, set())
-        task.outputs = [v for i in task.ops for v in program.ops[i].outputs
-                        if v in read_elsewhere and v not in again]
-    return tasks
-
-
-def _canonical(program: Program, task: Task, in_shardings, out_shardings) -> str:
-    local = {v: k for k, v in enumerate(task.inputs)}
-    lines = [str([(program.avals[v].str_short(), s.spec, tuple(d.id for d in s.mesh.devices.flat))
-                  for v, s in zip(task.inputs, in_shardings)])]
-    for i in task.ops:
-        op = program.ops[i]
-        for v in op.outputs:
-            local.setdefault(v, len(local))
-        args = [local[a] if isinstance(a, int) else repr(a.val) for a in op.inputs]
-        params = sorted((k, str(p)) for k, p in op.params.items())
-        lines.append(f"{op.prim.name} {args} {[local[v] for v in op.outputs]} {params}")
-    lines.append(str([(local[v], s.spec) for v, s in zip(task.outputs, out_shardings)]))
-    return "\n".join(lines)
 
 
 class StageRunner:
@@ -112,43 +37,64 @@ class StageRunner:
       program: the step flattened (traced on one micro-batch).
       regions: its regions.
       placement: where each op runs.
-      meshes: one ``Mesh`` (axis ``"data"``) per stage.
+      meshes: one ``Mesh`` per stage (with virtual stages, several stages share a mesh).
       num_micro_batches: micro-batches per step.
-      schedule: ``"1f1b"`` or ``"gpipe"``.
+      schedule: ``"1f1b"``, ``"gpipe"``, ``"interleaved"`` or ``"forward"`` (no backward).
       output_stage: per flat output leaf, the stage it is returned on.
       remat: backward tasks recompute their stage's forward.
       specs: per stage, value id -> spec the stage's intra-op plan gives it (parameters).
       same_as: value id -> input value id it replaces (the new state takes the old's layout).
+      virtual_stages: stages per mesh (interleaved 1F1B); stage ``k`` runs on mesh
+        ``k % (len(meshes) / virtual_stages)``.
     """
 
     def __init__(self, program: Program, regions: Regions, placement: Placement,
                  meshes: list[Mesh], num_micro_batches: int, schedule: str,
                  output_stage: list[int], remat: bool = False,
                  specs: dict[int, dict[int, PartitionSpec]] | None = None,
-                 same_as: dict[int, int] | None = None):
+                 same_as: dict[int, int] | None = None, virtual_stages: int = 1):
         self.program, self.regions, self.placement = program, regions, placement
         self.meshes = meshes
-        self.num_micro_batches = num_micro_batches
+        self.num_micro_batches = m = num_micro_batches
         self.schedule = schedule
+        self.virtual_stages = virtual_stages
         self.output_stage = output_stage
         self.specs = specs or {}
         self.same_as = same_as or {}
+        self.donated: set[int] = set()
         self.tasks = build_tasks(program, regions, placement, remat)
-        self.order = issue_order(schedule, placement.num_stages, num_micro_batches)
+        for key, accs in accumulators(program, regions, m, made_by(program, self.tasks)).items():
+            self.tasks[key].accumulates = accs
+        self.order = issue_order(schedule, placement.num_stages // virtual_stages, m,
+                                 virtual_stages)
+        self.index_value = getattr(regions, "micro_batch_index", None)
         self.per_micro_batch = {v for i, p in enumerate(placement.phase) if p in "FB"
                                 for v in program.ops[i].outputs}
         self.batch_inputs = [v for v in program.inputs if v in regions.batch_dim]
         self.per_micro_batch.update(self.batch_inputs)
         self.crossing = set(regions.crossing)
-        self._const_cache: dict[tuple[int, int], Any] = {}
-        self._jitted: dict[tuple, Any] = {}
-        uses: dict[int, int] = {}
+        self._output_ids = {v for v in program.outputs if isinstance(v, int)}
+        self._uses: dict[int, int] = {}
         for key, task in self.tasks.items():
             if key[0] in "FB":
                 for v in task.inputs:
                     if v in self.per_micro_batch:
-                        uses[v] = uses.get(v, 0) + 1
-        self._uses = uses
+                        self._uses[v] = self._uses.get(v, 0) + 1
+        self._splits: dict[int, list[int]] = {}
+        for v in self.batch_inputs:
+            self._splits.setdefault(placement.home[v], []).append(v)
+        self._accs: dict[int, list[Accumulator]] = {}
+        for key in sorted(k for k in self.tasks if k[0] in "FB"):
+            self._accs.setdefault(key[1], []).extend(self.tasks[key].accumulates)
+        # Per stage, the crossing values its accumulators finish into (in the finish's order).
+        self._finished = {s: [a.value for a in accs if a.value in self.crossing
+                              and a.kind == primary_kind(combine_of(regions, a.value))]
+                          for s, accs in self._accs.items()}
+        self._per_step = sorted(k for k in self.tasks if k[0] == "N") + sorted(
+            (k for k in self.tasks if k[0] == "A"), key=lambda k: (k[1], k[2]))
+        self._const_cache: dict[tuple[int, int], Any] = {}
+        self._index_cache: dict[tuple[int, int], Any] = {}
+        self._jitted: dict[tuple, Any] = {}
         # XLA's CPU client runs the collectives of simulated devices on a shared thread pool:
         # many multi-device programs in flight at once can starve a rendezvous until XLA aborts
         # the process. Simulated devices share the host's cores and cannot overlap anyway, so
@@ -157,11 +103,25 @@ class StageRunner:
         # Set to a list to record, per stage, the most bytes per device of per-micro-batch values
         # (activations and their gradients) alive at once during a step.
         self.peak_live_bytes: list[int] | None = None
+        # Of the last step: programs and transfers issued, seconds issuing them (Python) and
+        # seconds waiting for programs to finish (CPU devices only).
+        self.last_step: dict[str, float] = {}
+
+    # ----- counts ---------------------------------------------------------------------------
+    def programs_per_step(self) -> dict[str, int]:
+        """Programs one step issues: ``per_micro_batch`` tasks run ``M`` times each, plus
+        ``per_step`` ones (per-step work, batch splits, accumulator creation and finish,
+        update); ``total = per_micro_batch * M + per_step``."""
+        micro = sum(1 for k in self.tasks if k[0] in "FB")
+        per_step = (len(self._per_step) + len(self._splits) + 2 * len(self._accs))
+        return {"per_micro_batch": micro, "per_step": per_step,
+                "total": micro * self.num_micro_batches + per_step}
 
     # ----- shardings ------------------------------------------------------------------------
     def spec(self, v: int, stage: int) -> PartitionSpec:
-        """The stage's intra-op spec for parameters; per-example values split their batch
-        dimension over the stage's ``data`` axis; everything else replicated."""
+        """The stage's intra-op spec for the values it plans (parameters, gradients);
+        per-example values split their batch dimension over the stage's ``data`` axis;
+        everything else replicated."""
         v = self.same_as.get(v, v)
         planned = self.specs.get(stage, {}).get(v)
         if planned is not None:
@@ -176,33 +136,312 @@ class StageRunner:
     def sharding(self, v: int, stage: int) -> NamedSharding:
         return NamedSharding(self.meshes[stage], self.spec(v, stage))
 
+    def input_sharding(self, v: int, stage: int) -> NamedSharding:
+        """How a task on ``stage`` takes ``v``: as the stage lays it out if it is made there;
+        else as it arrives from its stage (``arrival_sharding``), resharded inside the task's
+        program. Across processes it arrives laid out as the stage wants it."""
+        want = self.sharding(v, stage)
+        source = self.source_stage(v)
+        if (source is None or self.meshes[source] is self.meshes[stage]
+                or jax.process_count() > 1):
+            return want
+        return arrival_sharding(self.source_sharding(v, source), self.meshes[stage])
+
+    def source_stage(self, v: int) -> int | None:
+        """The stage holding the original of ``v`` (``None``: a constant or the index)."""
+        if v == self.index_value or v in self.program.consts:
+            return None
+        return self.placement.value_stage.get(v, self.placement.home.get(v))
+
+    def source_sharding(self, v: int, stage: int) -> NamedSharding:
+        if v in self.program.inputs and v in self.regions.batch_dim:
+            return self.sharding(v, stage)  # a micro-batch, as the split makes it
+        if v in self.crossing and combine_of(self.regions, v) == "concat":
+            return self._finished_sharding(v, stage)
+        return self.sharding(v, stage)
+
+    def _acc_sharding(self, acc: Accumulator, stage: int) -> NamedSharding:
+        if acc.kind == "concat":
+            return NamedSharding(self.meshes[stage], PartitionSpec())
+        return self.sharding(acc.value, stage)
+
+    def _aval(self, v: int):
+        aval = self.program.avals[v]
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype,
+                                    weak_type=getattr(aval, "weak_type", False))
+
+    # ----- programs -------------------------------------------------------------------------
+    def _signature(self, key: tuple) -> tuple[list, list, list[int]]:
+        """Abstract arguments (with shardings), output shardings and donated positions."""
+        if key[0] == "split":
+            stage = key[1]
+            args = [jax.ShapeDtypeStruct(_global(self._aval(v), self.num_micro_batches),
+                                         self.program.avals[v].dtype,
+                                         sharding=self.batch_sharding(v, stage))
+                    for v in self._splits[stage]]
+            outs = [self.sharding(v, stage) for v in self._splits[stage]] * self.num_micro_batches
+            return args, outs, []
+        if key[0] in ("zeros", "finish"):
+            stage, accs = key[1], self._accs[key[1]]
+            acc_args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._acc_sharding(a, stage))
+                        for a in accs]
+            if key[0] == "zeros":
+                return [], [a.sharding for a in acc_args], []
+            outs = [self._finished_sharding(v, stage) for v in self._finished[stage]]
+            return acc_args, outs, _aliasable(acc_args, [
+                (self._finished_shape(v), self.program.avals[v].dtype, s)
+                for v, s in zip(self._finished[stage], outs)])
+        task = self.tasks[key]
+        args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.input_sharding(v, task.stage),
+                                     weak_type=a.weak_type)
+                for v, a in ((v, self._aval(v)) for v in task.inputs)]
+        outs = [self.sharding(v, task.stage) for v in task.outputs]
+        donate: list[int] = []
+        if task.accumulates:
+            first = len(args)
+            args += [jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                          sharding=self._acc_sharding(a, task.stage))
+                     for a in task.accumulates]
+            outs += [a.sharding for a in args[first:]]
+            donate = list(range(first, len(args)))
+            if any(a.kind == "concat" for a in task.accumulates):
+                args.append(jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(
+                    self.meshes[task.stage], PartitionSpec())))
+        elif key[0] in "NA":
+            dead = [k for k, v in enumerate(task.inputs) if self._dies_in(v, key)]
+            candidates = [args[k] for k in dead]
+            alias = _aliasable(candidates, [(self.program.avals[v].shape,
+                                             self.program.avals[v].dtype, s)
+                                            for v, s in zip(task.outputs, outs)])
+            donate = [dead[k] for k in alias]
+        return args, outs, donate
+
+    def _finished_shape(self, v: int) -> tuple:
+        aval = self.program.avals[v]
+        if combine_of(self.regions, v) != "concat":
+            return tuple(aval.shape)
+        return _global(self._aval(v), self.num_micro_batches, self.regions.batch_dim.get(v, 0))
+
+    def _finished_sharding(self, v: int, stage: int) -> NamedSharding:
+        if combine_of(self.regions, v) == "concat":
+            return NamedSharding(self.meshes[stage], PartitionSpec())
+        return self.sharding(v, stage)
+
+    def batch_sharding(self, v: int, stage: int) -> NamedSharding:
+        """How a global batch leaf is laid out on its stage (split over ``data`` if it can)."""
+        size = self.meshes[stage].shape.get("data", 1)
+        batch = self.program.avals[v].shape[0] * self.num_micro_batches
+        spec = PartitionSpec("data") if size > 1 and batch % size == 0 else PartitionSpec()
+        return NamedSharding(self.meshes[stage], spec)
+
+    def _dies_in(self, v: int, key: tuple) -> bool:
+        """Whether per-step task ``key`` is the last reader of ``v``, on ``v``'s own stage, and
+        ``v`` may be overwritten (a donated argument or a value made during the step)."""
+        if v in self._output_ids or v in self.per_micro_batch:
+            return False
+        if v in self.program.inputs and v not in self.donated:
+            return False
+        if v not in self.program.inputs and v not in self.placement.value_stage:
+            return False  # a constant
+        readers = [k for k, t in self.tasks.items() if v in t.inputs]
+        rank = {k: _rank(k) for k in readers}
+        last = max(readers, key=rank.get)
+        return (last == key and sum(rank[k] == rank[key] for k in readers) == 1
+                and self.tasks[key].stage == self.placement.value_stage.get(v))
+
     def jitted(self, key: tuple):
-        """The jitted program of one task (built once, shared across identical tasks)."""
-        if key not in self._jitted:
-            task = self.tasks[key]
-            ops = [self.program.ops[i] for i in task.ops]
-            in_sh = [self.sharding(v, task.stage) for v in task.inputs]
-            out_sh = [self.sharding(v, task.stage) for v in task.outputs]
-            canon = _canonical(self.program, task, in_sh, out_sh)
-            if canon not in _PROGRAMS:
-                inputs, outputs = list(task.inputs), list(task.outputs)
-
-                def run(*args, ops=ops, inputs=inputs, outputs=outputs):
-                    env = dict(zip(inputs, args))
-                    evaluate(ops, env)
-                    return tuple(env[v] for v in outputs)
-
-                _PROGRAMS[canon] = jax.jit(run, in_shardings=tuple(in_sh),
-                                           out_shardings=tuple(out_sh))
-            self._jitted[key] = _PROGRAMS[canon]
+        """The jitted program of a task (or of a split, zeros or finish step), built once and
+        shared across identical ones."""
+        if key in self._jitted:
+            return self._jitted[key]
+        args, outs, donate = self._signature(key)
+        canon = self._canonical(key, args, outs, donate)
+        if canon not in _PROGRAMS:
+            _PROGRAMS[canon] = jax.jit(self._body(key), in_shardings=tuple(a.sharding for a in args),
+                                       out_shardings=tuple(outs), donate_argnums=tuple(donate))
+        self._jitted[key] = _PROGRAMS[canon]
         return self._jitted[key]
 
-    def abstract_inputs(self, key: tuple) -> list:
+    def _body(self, key: tuple):
+        m, regions = self.num_micro_batches, self.regions
+        if key[0] == "split":
+            def split(*leaves):
+                pieces = [jnp.split(x, m) for x in leaves]
+                return tuple(p[i] for i in range(m) for p in pieces)
+            return split
+        if key[0] in ("zeros", "finish"):
+            accs, finished = self._accs[key[1]], self._finished[key[1]]
+            if key[0] == "zeros":
+                return lambda: tuple(jnp.zeros(a.shape, a.dtype) for a in accs)
+
+            def finish(*totals):
+                raw = {(a.value, a.kind): t for a, t in zip(accs, totals)}
+                return tuple(finalize(regions, v, raw, m, self.program.avals[v].dtype)
+                             for v in finished)
+            return finish
         task = self.tasks[key]
-        return [jax.ShapeDtypeStruct(self.program.avals[v].shape, self.program.avals[v].dtype,
-                                     sharding=self.sharding(v, task.stage),
-                                     weak_type=getattr(self.program.avals[v], "weak_type", False))
-                for v in task.inputs]
+        ops = [self.program.ops[i] for i in task.ops]
+        inputs, outputs, accs = list(task.inputs), list(task.outputs), list(task.accumulates)
+        moved = {k: self.sharding(v, task.stage) for k, v in enumerate(inputs)
+                 if self.input_sharding(v, task.stage) != self.sharding(v, task.stage)}
+
+        def run(*args):
+            env = {v: jax.lax.with_sharding_constraint(x, moved[k]) if k in moved else x
+                   for k, (v, x) in enumerate(zip(inputs, args))}
+            evaluate(ops, env)
+            totals = args[len(inputs):len(inputs) + len(accs)]
+            index = args[-1] if len(args) > len(inputs) + len(accs) else None
+            return tuple(env[v] for v in outputs) + tuple(
+                add_to(a, t, env, index) for a, t in zip(accs, totals))
+        return run
+
+    def _canonical(self, key: tuple, args, outs, donate) -> str:
+        head = [key[0] if key[0] in ("split", "zeros", "finish") else "task",
+                [(a.shape, str(a.dtype), a.sharding.spec, _devices(a.sharding)) for a in args],
+                [(s.spec, _devices(s)) for s in outs], donate]
+        if key[0] in ("split", "zeros"):
+            return str(head + [self.num_micro_batches])
+        if key[0] == "finish":
+            return str(head + [[(a.kind, a.value, a.weight) for a in self._accs[key[1]]],
+                               [(v, combine_of(self.regions, v)) for v in self._finished[key[1]]],
+                               self.num_micro_batches, id(self.program)])
+        task = self.tasks[key]
+        local = {v: k for k, v in enumerate(task.inputs)}
+        lines = [str(head)]
+        for i in task.ops:
+            op = self.program.ops[i]
+            for v in op.outputs:
+                local.setdefault(v, len(local))
+            operands = [local[a] if isinstance(a, int) else repr(a.val) for a in op.inputs]
+            params = sorted((k, str(p)) for k, p in op.params.items())
+            lines.append(f"{op.prim.name} {operands} {[local[v] for v in op.outputs]} {params}")
+        lines.append(str([local[v] for v in task.outputs]))
+        lines.append(str([(local[a.value], a.kind, local.get(a.weight), a.axis)
+                          for a in task.accumulates]))
+        return "\n".join(lines)
+
+    def abstract_inputs(self, key: tuple) -> list:
+        """The abstract arguments of a task's program, with their shardings."""
+        return self._signature(key)[0]
+
+    # ----- one step -------------------------------------------------------------------------
+    def __call__(self, flat_args: list) -> list:
+        program, placement, m = self.program, self.placement, self.num_micro_batches
+        start, waited = time.perf_counter(), 0.0
+        counts = {"programs": 0, "transfers": 0}
+        step: dict[int, dict[int, Any]] = {}
+        micro: list[dict[int, dict[int, Any]]] = [{} for _ in range(m)]
+        uses = [dict(self._uses) for _ in range(m)]
+
+        def launch(key, args):
+            nonlocal waited
+            outs = self.jitted(key)(*args)
+            counts["programs"] += 1
+            if self.synchronous:
+                began = time.perf_counter()
+                jax.block_until_ready(outs)
+                waited += time.perf_counter() - began
+            return outs
+
+        def get(v: int, stage: int, i: int | None):
+            if v == self.index_value:
+                return self._index(stage, i)
+            table = micro[i] if i is not None and v in self.per_micro_batch else step
+            if v not in table:  # a closed-over constant
+                if (v, stage) not in self._const_cache:
+                    self._const_cache[(v, stage)] = jax.device_put(
+                        program.consts[v], self.sharding(v, stage))
+                return self._const_cache[(v, stage)]
+            copies = table[v]
+            if stage not in copies:
+                source = copies[self.source_stage(v)]
+                if jax.process_count() > 1:
+                    copies[stage] = transfer(source, self.sharding(v, stage))
+                else:
+                    copies[stage] = copy_to(source, self.meshes[stage])
+                counts["transfers"] += 1
+            return copies[stage]
+
+        for v, arg in zip(program.inputs, flat_args):
+            if v not in self.regions.batch_dim:
+                step[v] = {placement.home[v]: arg}
+        by_value = dict(zip(program.inputs, flat_args))
+        for stage, vs in self._splits.items():
+            pieces = launch(("split", stage), [by_value[v] for v in vs])
+            for i in range(m):
+                for k, v in enumerate(vs):
+                    micro[i][v] = {stage: pieces[i * len(vs) + k]}
+        del by_value
+        for key in self._per_step:
+            if key[0] == "N":
+                task = self.tasks[key]
+                outs = launch(key, [get(v, task.stage, None) for v in task.inputs])
+                for v, x in zip(task.outputs, outs):
+                    step[v] = {task.stage: x}
+        totals = {stage: list(launch(("zeros", stage), [])) for stage in self._accs}
+        for kind, stage, i in self.order:
+            key = (kind, stage)
+            task = self.tasks.get(key)
+            if task is None:
+                continue
+            args = [get(v, stage, i) for v in task.inputs]
+            own = self._own_accs(stage, task)
+            args += [totals[stage][k] for k in own]
+            if any(a.kind == "concat" for a in task.accumulates):
+                args.append(self._index(stage, i))
+            outs = launch(key, args)
+            n = len(task.outputs)
+            for v, x in zip(task.outputs, outs[:n]):
+                micro[i][v] = {stage: x}
+            for k, x in zip(own, outs[n:]):
+                totals[stage][k] = x
+            for v in task.inputs:
+                if v in uses[i]:
+                    uses[i][v] -= 1
+                    if uses[i][v] == 0:
+                        micro[i].pop(v, None)
+            if self.peak_live_bytes is not None:
+                self._record_live(micro)
+        for stage in self._accs:
+            finished = launch(("finish", stage), totals.pop(stage))
+            for v, x in zip(self._finished[stage], finished):
+                step[v] = {stage: x}
+        for key in self._per_step:
+            if key[0] == "A":
+                task = self.tasks[key]
+                outs = launch(key, [get(v, task.stage, None) for v in task.inputs])
+                for v, x in zip(task.outputs, outs):
+                    step[v] = {task.stage: x}
+        results = []
+        for v, stage in zip(program.outputs, self.output_stage):
+            if isinstance(v, int):  # the original: the caller lays it out as the plan says
+                source = self.source_stage(v)
+                results.append(get(v, stage if source is None else source, None))
+            else:
+                results.append(self._literal(v.val, stage))
+        self.last_step = {**counts, "wait_s": waited,
+                          "host_s": time.perf_counter() - start - waited}
+        return results
+
+    def _own_accs(self, stage: int, task: Task) -> list[int]:
+        """Positions in the stage's accumulator list of the task's accumulators."""
+        accs = self._accs[stage] if task.accumulates else []
+        return [accs.index(a) for a in task.accumulates]
+
+    def _index(self, stage: int, i: int):
+        """Micro-batch index ``i`` as an int32 scalar on the stage (made once)."""
+        key = (stage, i)
+        if key not in self._index_cache:
+            self._index_cache[key] = jax.device_put(
+                np.int32(i), NamedSharding(self.meshes[stage], PartitionSpec()))
+        return self._index_cache[key]
+
+    def _literal(self, value, stage: int):
+        key = ("literal", repr(value), stage)
+        if key not in self._const_cache:
+            self._const_cache[key] = jax.device_put(
+                jnp.asarray(value), NamedSharding(self.meshes[stage], PartitionSpec()))
+        return self._const_cache[key]
 
     def _record_live(self, micro) -> None:
         live = [0] * len(self.meshes)
@@ -212,118 +451,41 @@ class StageRunner:
                     live[stage] += _per_device_bytes(x)
         self.peak_live_bytes = [max(a, b) for a, b in zip(self.peak_live_bytes, live)]
 
-    # ----- one step -------------------------------------------------------------------------
-    def __call__(self, flat_args: list) -> list:
-        program, placement, m = self.program, self.placement, self.num_micro_batches
-        step: dict[int, dict[int, Any]] = {}
-        for v, arg in zip(program.inputs, flat_args):
-            if v not in self.regions.batch_dim:
-                step[v] = {placement.home[v]: arg}
-        micro: list[dict[int, dict[int, Any]]] = [{} for _ in range(m)]
-        for v, arg in zip(program.inputs, flat_args):
-            if v in self.regions.batch_dim:
-                for i, piece in enumerate(_split(arg, m, self.sharding(v, placement.home[v]))):
-                    micro[i][v] = {placement.home[v]: piece}
-        uses = [dict(self._uses) for _ in range(m)]
 
-        def get(v: int, stage: int, i: int | None):
-            table = micro[i] if i is not None and v in self.per_micro_batch else step
-            if v not in table:  # a closed-over constant
-                if (v, stage) not in self._const_cache:
-                    self._const_cache[(v, stage)] = jax.device_put(
-                        program.consts[v], self.sharding(v, stage))
-                return self._const_cache[(v, stage)]
-            copies = table[v]
-            if stage not in copies:
-                copies[stage] = transfer(next(iter(copies.values())), self.sharding(v, stage))
-            return copies[stage]
+def _rank(key: tuple) -> tuple:
+    """Execution order of tasks: per-step work, then every micro-batch task, then the update
+    level by level."""
+    if key[0] == "N":
+        return (0, key[1], 0)
+    if key[0] == "A":
+        return (2, key[1], key[2])
+    return (1, 0, 0)
 
-        def run(key: tuple, i: int | None):
-            task = self.tasks[key]
-            args = [get(v, task.stage, i) for v in task.inputs]
-            outs = self.jitted(key)(*args)
-            if self.synchronous:
-                jax.block_until_ready(outs)
-            return task, outs
 
-        for key in sorted(k for k in self.tasks if k[0] == "N"):
-            task, outs = run(key, None)
-            for v, x in zip(task.outputs, outs):
-                step[v] = {task.stage: x}
-        sums: dict[int, Any] = {}
-        for kind, stage, i in self.order:
-            if (kind, stage) not in self.tasks:
-                continue
-            task, outs = run((kind, stage), i)
-            for v, x in zip(task.outputs, outs):
-                if v in self.crossing:
-                    sums[v] = x.astype(_acc_dtype(x.dtype)) if v not in sums else _add(sums[v], x)
-                if v in self._uses or v not in self.crossing:
-                    micro[i][v] = {task.stage: x}
-            for v in task.inputs:
-                if v in uses[i]:
-                    uses[i][v] -= 1
-                    if uses[i][v] == 0:
-                        micro[i].pop(v, None)
-            if self.peak_live_bytes is not None:
-                self._record_live(micro)
-        for v, total in sums.items():
-            dtype = program.avals[v].dtype
-            step[v] = {placement.value_stage[v]: _mean(total, m, dtype)}
-        for key in sorted((k for k in self.tasks if k[0] == "A"), key=lambda k: (k[1], k[2])):
-            task, outs = run(key, None)
-            for v, x in zip(task.outputs, outs):
-                step[v] = {task.stage: x}
-        results = []
-        for v, stage in zip(program.outputs, self.output_stage):
-            if isinstance(v, int):
-                results.append(get(v, stage, None))
-            else:
-                results.append(jax.device_put(jnp.asarray(v.val),
-                                              NamedSharding(self.meshes[stage], PartitionSpec())))
-        return results
+def _aliasable(args: list, outputs: list[tuple]) -> list[int]:
+    """Positions in ``args`` whose buffer an output of the same shape, dtype and sharding can
+    take (each output at most once)."""
+    free = list(outputs)
+    chosen = []
+    for k, a in enumerate(args):
+        for j, (shape, dtype, sharding) in enumerate(free):
+            if tuple(a.shape) == tuple(shape) and a.dtype == dtype and a.sharding == sharding:
+                chosen.append(k)
+                del free[j]
+                break
+    return chosen
+
+
+def _global(aval, m: int, axis: int = 0) -> tuple:
+    shape = list(aval.shape)
+    shape[axis] *= m
+    return tuple(shape)
+
+
+def _devices(sharding) -> tuple:
+    return tuple(d.id for d in sharding.mesh.devices.flat)
 
 
 def _per_device_bytes(x) -> int:
     shard = x.addressable_shards[0].data
     return int(shard.size * shard.dtype.itemsize)
-
-
-def _acc_dtype(dtype):
-    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
-
-
-@jax.jit
-def _add(total, x):
-    return total + x.astype(total.dtype)
-
-
-def _mean(total, m: int, dtype):
-    return _scale(total, np.float32(1.0 / m), np.dtype(dtype).name)
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _scale(total, factor, dtype):
-    return (total * factor.astype(total.dtype)).astype(dtype)
-
-
-def _split(x, m: int, sharding: NamedSharding) -> list:
-    """The ``m`` micro-batches of a global batch leaf (leading dimension), on ``sharding``."""
-    x = x if isinstance(x, jax.Array) else jnp.asarray(x)
-    if x.shape[0] % m:
-        raise ValueError(f"batch leaf of shape {x.shape} does not split into {m} micro-batches")
-    return list(_splitter(m, sharding)(x))
-
-
-_SPLITTERS: dict = {}
-
-
-def _splitter(m: int, sharding: NamedSharding):
-    key = (m, sharding)
-    if key not in _SPLITTERS:
-        def split(x):
-            b = x.shape[0] // m
-            return tuple(jax.lax.slice_in_dim(x, i * b, (i + 1) * b) for i in range(m))
-
-        _SPLITTERS[key] = jax.jit(split, out_shardings=(sharding,) * m)
-    return _SPLITTERS[key]

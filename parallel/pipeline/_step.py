@@ -30,19 +30,18 @@ class PipelinedStep:
         self.fn, self.method, self.runner = fn, method, runner
         self.layers, self.choice = layers, choice
         self.compile_time_s = 0.0
+        self.measured_stage_times_s: list[float] | None = None  # set by time_stages()
         self._compiled: dict[tuple, Any] = {}
         program, placement = runner.program, runner.placement
         self.in_treedef = jax.tree.structure(tuple(abstract_args))
         flat_in = []
-        for v, leaf in zip(program.inputs, flat_args):
+        for v in program.inputs:
             stage = placement.home[v]
-            if v in runner.regions.batch_dim:
-                size = runner.meshes[stage].shape.get("data", 1)
-                spec = PartitionSpec("data") if size > 1 and leaf.shape[0] % size == 0 \
-                    else PartitionSpec()
-                flat_in.append(NamedSharding(runner.meshes[stage], spec))
-            else:
-                flat_in.append(runner.sharding(v, stage))
+            flat_in.append(runner.batch_sharding(v, stage) if v in runner.regions.batch_dim
+                           else runner.sharding(v, stage))
+        offsets = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in abstract_args])
+        runner.donated = {program.inputs[k] for i in donate_argnums
+                          for k in range(offsets[i], offsets[i + 1])}
         out = jax.eval_shape(fn, *abstract_args)
         self.out_treedef = jax.tree.structure(out)
         flat_out = []
@@ -127,19 +126,30 @@ class PipelinedStep:
         return jax.tree.unflatten(self.out_treedef, placed)
 
     def init_state(self, init_fn, rng_key):
-        """Makes the state replicated on each stage's devices, then keeps each leaf on its stage.
+        """Creates each state leaf on its stage's devices in the stage's layout.
 
-        One copy per stage, not one over all devices: with several processes
-        ``jax.device_put`` moves arrays only between device sets of equal size.
+        One program per stage computes only that stage's leaves (XLA drops the others' work),
+        each created sharded as the stage's plan lays it out: no leaf is ever whole on a device
+        unless the plan replicates it, and no stage holds another stage's leaves.
         """
         targets, treedef = jax.tree.flatten(self.in_shardings[0])
-        copies, leaves = {}, []
+        groups: dict[tuple, list[int]] = {}
         for i, sharding in enumerate(targets):
-            key = tuple(d.id for d in sharding.mesh.devices.flat)
-            if key not in copies:
-                everywhere = NamedSharding(sharding.mesh, PartitionSpec())
-                copies[key] = jax.tree.leaves(jax.jit(init_fn, out_shardings=everywhere)(rng_key))
-            leaves.append(jax.device_put(copies[key][i], sharding))
+            groups.setdefault(tuple(d.id for d in sharding.mesh.devices.flat), []).append(i)
+        leaves: list[Any] = [None] * len(targets)
+        for positions in groups.values():
+            mesh = targets[positions[0]].mesh
+            key = rng_key
+            if isinstance(key, jax.Array) and key.committed:
+                key = transfer(key, NamedSharding(mesh, PartitionSpec()))
+
+            def part(k, positions=positions):
+                flat = jax.tree.leaves(init_fn(k))
+                return tuple(flat[i] for i in positions)
+
+            made = jax.jit(part, out_shardings=tuple(targets[i] for i in positions))(key)
+            for i, x in zip(positions, made):
+                leaves[i] = x
         return jax.tree.unflatten(treedef, leaves)
 
     def lower(self, *args):
@@ -148,23 +158,27 @@ class PipelinedStep:
 
     def time_stages(self, repeats: int = 5) -> list[float]:
         """Seconds each stage's forward plus backward program takes for one micro-batch, run
-        alone on zero-filled inputs (the median of ``repeats`` runs)."""
+        alone on zero-filled inputs (the median of ``repeats`` runs). The report then shows
+        them as ``measured_time_per_micro_batch_s``."""
         seconds = []
-        for s in range(len(self.choice.sizes)):
+        for s in range(self.runner.placement.num_stages):
             total = 0.0
             for kind in ("F", "B"):
                 if (kind, s) not in self.runner.tasks:
                     continue
                 program = self.runner.jitted((kind, s))
-                args = [_zeros(a) for a in self.runner.abstract_inputs((kind, s))]
-                jax.block_until_ready(program(*args))
+                abstract = self.runner.abstract_inputs((kind, s))
+                donated = len(self.runner.tasks[(kind, s)].inputs)
+                args = [_zeros(a) for a in abstract]
                 runs = []
-                for _ in range(repeats):
+                for _ in range(repeats + 1):
+                    args[donated:] = [_zeros(a) for a in abstract[donated:]]  # accumulators
                     start = time.perf_counter()
                     jax.block_until_ready(program(*args))
                     runs.append(time.perf_counter() - start)
-                total += float(np.median(runs))
+                total += float(np.median(runs[1:]))
             seconds.append(total)
+        self.measured_stage_times_s = seconds
         return seconds
 
     # ----- report ---------------------------------------------------------------------------
@@ -211,7 +225,9 @@ class PipelinedStep:
             entry = dict(self.stage_info[s])
             entry.update(
                 flops_per_micro_batch=micro_flops,
-                measured_time_per_micro_batch_s=micro_time,
+                estimated_time_per_micro_batch_s=micro_time,
+                measured_time_per_micro_batch_s=(None if self.measured_stage_times_s is None
+                                                 else self.measured_stage_times_s[s]),
                 activation_bytes_per_micro_batch=activation,
                 max_micro_batches_in_flight=in_flight,
                 peak_activation_bytes=activation * in_flight,
@@ -221,7 +237,7 @@ class PipelinedStep:
             per_stage.append(entry)
             total_flops = max(total_flops, flops)
             total_bytes = max(total_bytes, accessed)
-        times = [e["measured_time_per_micro_batch_s"] for e in per_stage]  # compiled estimate
+        times = [e["estimated_time_per_micro_batch_s"] for e in per_stage]
         step_time = sum(times) + (m - 1) * max(times)
         stages = {"schedule": runner.schedule, "num_micro_batches": m,
                   "bubble_fraction": bubble_fraction(num_stages, m), "stages": per_stage,
@@ -245,9 +261,12 @@ def format_stages(extras: dict, report_stages: list[dict] | None = None) -> str:
              f"{100 * extras['bubble_fraction']:.1f}% (predicted step "
              f"{1e3 * extras['search']['cost_s']:.3f} ms)"]
     header = ["stage", "layers", "devices", "intra-op mesh", "predicted ms/micro-batch"]
+    measured = bool(report_stages) and all(
+        s.get("measured_time_per_micro_batch_s") is not None for s in report_stages)
     if report_stages:
-        header += ["compiled ms/micro-batch", "activations/micro-batch", "in flight",
-                   "peak memory/device"]
+        header += ["XLA-estimated ms/micro-batch"] + (["measured ms/micro-batch"] if measured
+                                                       else [])
+        header += ["activations/micro-batch", "in flight", "peak memory/device"]
     rows = [header]
     for s in stages:
         row = [str(s["stage"]), f"{s['layers'][0]}-{s['layers'][1]}",
@@ -255,8 +274,10 @@ def format_stages(extras: dict, report_stages: list[dict] | None = None) -> str:
                ",".join(f"{k}={v}" for k, v in s["intra_op_mesh"].items()),
                f"{1e3 * s['predicted_time_per_micro_batch_s']:.3f}"]
         if report_stages:
-            row += [f"{1e3 * s['measured_time_per_micro_batch_s']:.3f}",
-                    f"{s['activation_bytes_per_micro_batch']:,}",
+            row += [f"{1e3 * s['estimated_time_per_micro_batch_s']:.3f}"]
+            if measured:
+                row += [f"{1e3 * s['measured_time_per_micro_batch_s']:.3f}"]
+            row += [f"{s['activation_bytes_per_micro_batch']:,}",
                     str(s["max_micro_batches_in_flight"]), f"{s['memory_bytes']:,}"]
         rows.append(row)
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]

@@ -1,0 +1,229 @@
+"""Tasks of a placed program: the operations one jitted program runs on one stage, what it reads
+and hands on, and how the values leaving the micro-batch region accumulate inside it."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from parallel._errors import PlanError
+from parallel.pipeline._program import Program, Regions
+from parallel.pipeline._stages import Placement
+
+# How a value leaving the micro-batch region (``Regions.crossing``) combines over micro-batches
+# (``Regions.combine``; a value not named there is a mean).
+COMBINES = ("mean", "sum", "concat", "weighted")
+
+
+@dataclasses.dataclass
+class Task:
+    """Operations run together as one jitted program on one stage.
+
+    Attributes:
+      key: ``("N", stage)``, ``("F", stage)``, ``("B", stage)`` or ``("A", level, stage)``.
+      stage: the stage whose sub-mesh runs it.
+      ops: op indices in program order.
+      inputs: value ids read (made elsewhere).
+      outputs: value ids made here and read elsewhere (by another task, or the step's output).
+      accumulates: accumulators this task adds its micro-batch's contribution to (F and B).
+    """
+
+    key: tuple
+    stage: int
+    ops: list[int]
+    inputs: list[int]
+    outputs: list[int]
+    accumulates: list["Accumulator"] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Accumulator:
+    """A running total over micro-batches, an input and a donated output of the task adding to it.
+
+    Attributes:
+      value: the crossing value id added each micro-batch.
+      kind: ``"sum"`` (of the value), ``"wsum"`` (of the value times ``weight``) or
+        ``"concat"`` (the value written at its micro-batch's rows of a global-batch buffer).
+      weight: for ``"wsum"``, the value id of the weight.
+      axis: for ``"concat"``, the batch dimension.
+      shape, dtype: the accumulator's.
+    """
+
+    value: int
+    kind: str
+    weight: int | None
+    axis: int | None
+    shape: tuple
+    dtype: np.dtype
+
+
+def combine_of(regions: Regions, v: int):
+    """``"mean"``, ``"sum"``, ``"concat"`` or ``("weighted", w)`` for crossing value ``v``."""
+    return getattr(regions, "combine", {}).get(v, "mean")
+
+
+def primary_kind(how) -> str:
+    """The accumulator kind a combine finishes from."""
+    if isinstance(how, tuple):
+        return "wsum"
+    return "concat" if how == "concat" else "sum"
+
+
+def accumulator_dtype(dtype) -> np.dtype:
+    """Floats narrower than 32 bits add up in float32; booleans as int32; the rest as they are."""
+    dtype = np.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return np.dtype(np.float32) if jnp.finfo(dtype).bits < 32 else dtype
+    if dtype == np.bool_:
+        return np.dtype(np.int32)
+    return dtype
+
+
+def accumulators(program: Program, regions: Regions, num_micro_batches: int,
+                 made_by: dict[int, tuple]) -> dict[tuple, list[Accumulator]]:
+    """Per F/B task key, the accumulators it adds to, from each crossing value's combine.
+
+    Raises:
+      PlanError: an unknown combine, a non-float value averaged, a weight made by another task,
+        or a concatenated value read by the update.
+    """
+    out: dict[tuple, list[Accumulator]] = {}
+    have: set[tuple] = set()
+    read_outside = {v for i, r in enumerate(regions.region) if r != "M"
+                    for v in program.ops[i].value_inputs()}
+
+    def add(key, acc):
+        if (acc.value, acc.kind) not in have:
+            have.add((acc.value, acc.kind))
+            out.setdefault(key, []).append(acc)
+
+    for v in regions.crossing:
+        key = made_by[v]
+        aval = program.avals[v]
+        how = combine_of(regions, v)
+        mode = how[0] if isinstance(how, tuple) else how
+        if mode not in COMBINES:
+            raise PlanError(f"combine {how!r} for a value of shape {aval.shape}: use one of "
+                            f"{', '.join(COMBINES)}")
+        inexact = jnp.issubdtype(aval.dtype, jnp.inexact)
+        if mode in ("mean", "weighted") and not inexact:
+            raise PlanError(f"a value of dtype {aval.dtype} and shape {aval.shape} leaves the "
+                            f"per-micro-batch computation as a {mode}, which needs floating "
+                            f"point: compute it as a float, or combine it as a sum")
+        if mode == "concat":
+            if v in read_outside:
+                raise PlanError(f"a per-example value of shape {aval.shape} is concatenated over "
+                                f"micro-batches but also read by the update; only step outputs "
+                                f"can be concatenated")
+            axis = regions.batch_dim.get(v, 0)
+            shape = list(aval.shape)
+            shape[axis] *= num_micro_batches
+            add(key, Accumulator(v, "concat", None, axis, tuple(shape), np.dtype(aval.dtype)))
+            continue
+        dtype = accumulator_dtype(aval.dtype)
+        if mode == "weighted":
+            w = how[1]
+            if made_by.get(w) != key:
+                raise PlanError(f"a value of shape {aval.shape} is a mean weighted by a value "
+                                f"made in another pipeline task; compute the weight where the "
+                                f"value is computed")
+            add(key, Accumulator(v, "wsum", w, None, tuple(aval.shape), dtype))
+            add(key, Accumulator(w, "sum", None, None, tuple(program.avals[w].shape),
+                                 accumulator_dtype(program.avals[w].dtype)))
+        else:
+            add(key, Accumulator(v, "sum", None, None, tuple(aval.shape), dtype))
+    return out
+
+
+def finalize(regions: Regions, v: int, raw: dict[tuple, jax.Array], num_micro_batches: int,
+             dtype) -> jax.Array:
+    """The step's value of crossing value ``v`` from the raw accumulators (traced)."""
+    how = combine_of(regions, v)
+    if how == "concat":
+        return raw[(v, "concat")]
+    if isinstance(how, tuple):
+        total = raw[(v, "wsum")] / raw[(how[1], "sum")].astype(raw[(v, "wsum")].dtype)
+    elif how == "sum":
+        total = raw[(v, "sum")]
+    else:
+        total = raw[(v, "sum")] * np.asarray(1.0 / num_micro_batches, raw[(v, "sum")].dtype)
+    return total.astype(dtype)
+
+
+def add_to(acc: Accumulator, total, env: dict, index):
+    """``total`` plus this micro-batch's contribution (traced inside the task's program)."""
+    x = env[acc.value]
+    if acc.kind == "concat":
+        size = x.shape[acc.axis]
+        return jax.lax.dynamic_update_slice_in_dim(total, x.astype(total.dtype), index * size,
+                                                   acc.axis)
+    if acc.kind == "wsum":
+        x = x * env[acc.weight]
+    return total + x.astype(total.dtype)
+
+
+def build_tasks(program: Program, regions: Regions, placement: Placement,
+                remat: bool = False) -> dict[tuple, Task]:
+    """Groups operations into tasks and finds what each one reads and hands on.
+
+    With ``remat``, a stage's backward task recomputes the forward operations whose results it
+    reads, so the forward task hands on only what the next stages and the update need. A
+    crossing value is handed on only if another micro-batch task reads it; the rest of its
+    uses read its accumulator.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, phase in enumerate(placement.phase):
+        s = placement.stage[i]
+        key = ("A", placement.level[i], s) if phase == "A" else (phase, s)
+        groups.setdefault(key, []).append(i)
+    made_in = {}
+    for key, ops in groups.items():
+        for i in ops:
+            for v in program.ops[i].outputs:
+                made_in[v] = key
+    recomputed: dict[tuple, set[int]] = {}
+    if remat:
+        for key in [k for k in groups if k[0] == "B"]:
+            forward = ("F", key[1])
+            wanted = {v for i in groups[key] for v in program.ops[i].value_inputs()
+                      if made_in.get(v) == forward}
+            again = []
+            for i in reversed(groups.get(forward, [])):
+                if any(v in wanted for v in program.ops[i].outputs):
+                    again.append(i)
+                    wanted.update(program.ops[i].value_inputs())
+            groups[key] = sorted(again) + groups[key]
+            recomputed[key] = {v for i in again for v in program.ops[i].outputs}
+    crossing = set(regions.crossing)
+    read_by: dict[int, set[tuple]] = {}
+    tasks = {}
+    for key, ops in groups.items():
+        inputs = []
+        own = {v for i in ops for v in program.ops[i].outputs}
+        for i in ops:
+            for v in program.ops[i].value_inputs():
+                if v not in own:
+                    inputs.append(v)
+                    read_by.setdefault(v, set()).add(key)
+        tasks[key] = Task(key, placement.stage[ops[0]], ops, list(dict.fromkeys(inputs)), [])
+    outputs = {v for v in program.outputs if isinstance(v, int)}
+    for key, task in tasks.items():
+        again = recomputed.get(key, set())
+        handed = []
+        for i in task.ops:
+            for v in program.ops[i].outputs:
+                if v in again or v not in read_by and v not in outputs:
+                    continue
+                if v in crossing and not any(k[0] in "FB" for k in read_by.get(v, ())):
+                    continue  # only its accumulator leaves the task
+                handed.append(v)
+        task.outputs = handed
+    return tasks
+
+
+def made_by(program: Program, tasks: dict[tuple, Task]) -> dict[int, tuple]:
+    """Value id -> key of the F or B task making it."""
+    return {v: key for key, task in tasks.items() if key[0] in "FB"
+            for i in task.ops for v in program.ops[i].outputs}

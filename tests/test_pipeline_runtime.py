@@ -1,0 +1,122 @@
+"""The pipeline runtime: no host memory in a step, and a step's programs counted by XLA."""
+import threading
+
+import jax
+import numpy as np
+import pytest
+from jax._src import pjit
+from jax._src.array import ArrayImpl
+from jax._src.interpreters import pxla
+
+import parallel
+from tests import _pipeline_setups as setups
+
+STAGES, MICRO_BATCHES = 4, 4
+
+
+class Executions:
+    """Counts XLA executions. JAX's C++ dispatch skips Python once a program has run, so the
+    fast path is turned off before anything is compiled: every execution then passes through
+    ``ExecuteReplicated.__call__``."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        call = pxla.ExecuteReplicated.__call__
+
+        def counted(executable, *args):
+            self.count += 1
+            return call(executable, *args)
+
+        monkeypatch.setattr(pjit, "_get_fastpath_data", lambda *args, **kwargs: None)
+        monkeypatch.setattr(pxla.ExecuteReplicated, "__call__", counted)
+
+
+class HostReads:
+    """Records every read of an array's values into host memory on this thread.
+
+    ``jax.transfer_guard_device_to_host`` does not fire on CPU devices (their buffers are host
+    memory), so this wraps ``jax.Array._value``, through which JAX's own slow resharding path
+    (``shard_sharded_device_array_slow_path``), ``np.asarray`` and ``jax.device_get`` all go.
+    """
+
+    def __init__(self, monkeypatch):
+        self.active, self.reads = False, []
+        value = ArrayImpl._value
+
+        def guarded(array):
+            if self.active and threading.current_thread() is threading.main_thread():
+                self.reads.append(array.shape)
+            return value.fget(array)
+
+        monkeypatch.setattr(ArrayImpl, "_value", property(guarded))
+
+
+def test_a_step_moves_nothing_through_the_host_and_issues_2SM_programs(monkeypatch):
+    executions, host = Executions(monkeypatch), HostReads(monkeypatch)
+    method = parallel.PipeshardParallel(MICRO_BATCHES, stage_option=STAGES, profile=setups.PROFILE)
+    step = parallel.parallelize(setups.gpt_step(markers=True), method=method)
+    batches = setups.gpt_batches(2)
+    state = step.init_state(setups.gpt_state, jax.random.key(0), batches[0])
+    batches = [jax.device_put(b, step.input_shardings(state, b)[1]) for b in batches]
+    stages = step.plan(state, batches[0]).extras["stages"]
+    meshes = [tuple(s["intra_op_mesh"].items()) for s in stages]
+    # The solver lays adjacent stages out differently (data=2 next to model=2): activations and
+    # their gradients change layout as they cross.
+    assert any(a != b for a, b in zip(meshes, meshes[1:])), meshes
+    state, _ = step(state, batches[0])  # compiles
+    jax.block_until_ready(state)
+    runner = step.compile(state, batches[0]).runner
+    executions.count = 0
+    host.active = True
+    state, metrics = step(state, batches[1])
+    jax.block_until_ready((state, metrics))
+    host.active = False
+    assert host.reads == []
+    # Every stage runs a forward and a backward per micro-batch: 2 S M programs, plus per step
+    # the stages' per-step work, the batch splits, the accumulators' creation and finish and the
+    # update; none per parameter (the state has 67 leaves, summed inside the backward
+    # programs) and none per transfer (copies between sub-meshes run no program).
+    counts = runner.programs_per_step()
+    assert counts["per_micro_batch"] == 2 * STAGES
+    assert counts["per_step"] <= 6 * STAGES < len(jax.tree.leaves(state))
+    assert executions.count == 2 * STAGES * MICRO_BATCHES + counts["per_step"]
+    assert runner.last_step["programs"] == executions.count
+    # Each micro-batch crosses three cuts forward and three back.
+    assert runner.last_step["transfers"] >= 6 * MICRO_BATCHES
+    # ... and trains like the unpipelined step.
+    reference = jax.jit(setups.gpt_step(markers=False))
+    expected = setups.gpt_state(jax.random.key(0))
+    for batch in setups.gpt_batches(2):
+        expected, want = reference(expected, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), float(want["loss"]), rtol=1e-5)
+    for got, ref in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("source, target", [
+    ((("data", 2),), (("data", 1), ("model", 2))),
+    ((("data", 4),), (("data", 2),)),
+    ((("data", 1),), (("data", 2), ("model", 2))),
+])
+def test_transfers_between_sub_meshes_stay_on_devices(monkeypatch, source, target):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from parallel import mesh as mesh_lib
+    from parallel._transfer import transfer
+
+    host = HostReads(monkeypatch)
+    devices = jax.devices()
+    n = int(np.prod([size for _, size in source]))
+    src = mesh_lib.make_mesh(dict(source), devices[:n])
+    dst = mesh_lib.make_mesh(dict(target), devices[n:n + int(np.prod([s for _, s in target]))])
+    values = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+    x = jax.device_put(values, NamedSharding(src, P(src.axis_names[0])))
+    host.active = True
+    moved = [transfer(x, NamedSharding(dst, spec)) for spec in (P(), P(dst.axis_names[-1]),
+                                                               P(None, dst.axis_names[-1]))]
+    jax.block_until_ready(moved)
+    host.active = False
+    assert host.reads == []
+    for y in moved:
+        assert y.sharding.mesh == dst
+        np.testing.assert_array_equal(np.asarray(y), values)
