@@ -16,7 +16,8 @@ from parallel.pipeline._stages import Placement
 
 def stage_plan(program: Program, regions: Regions, placement: Placement, stage: int,
                num_devices: int, profile) -> tuple[dict[str, int], dict[int, PartitionSpec]]:
-    """The solver's sub-mesh shape for ``stage`` and the specs of the per-step values it reads.
+    """The solver's sub-mesh shape for ``stage``, the specs of the per-step values it reads and
+    of the values it hands out of the micro-batch region.
 
     Returns:
       ``(mesh_shape, {value id: spec})``.
@@ -52,4 +53,7 @@ def stage_plan(program: Program, regions: Regions, placement: Placement, stage: 
                      num_devices=num_devices, profile=profile, donate_argnums=(),
                      batch_argnums=(1,))
     specs = dict(zip(per_step, solution.best.input_specs[:len(per_step)]))
+    # The values the stage hands out of the micro-batch region (gradients): their accumulators
+    # take the layout the solver gives them, not a replicated one.
+    specs.update(zip(results, solution.best.output_specs))
     return solution.mesh_shape, specs
