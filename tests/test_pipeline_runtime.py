@@ -120,3 +120,54 @@ def test_transfers_between_sub_meshes_stay_on_devices(monkeypatch, source, targe
     for y in moved:
         assert y.sharding.mesh == dst
         np.testing.assert_array_equal(np.asarray(y), values)
+
+
+def test_values_leaving_the_micro_batches_combine_as_regions_say():
+    """The runtime side of ``Regions.combine``: per-example values concatenated in micro-batch
+    order, sums summed, weighted means weighted, the rest averaged."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from parallel.pipeline._runtime import StageRunner
+
+    def step(w, batch):
+        def loss(w):
+            h = parallel.mark_pipeline_boundary(jnp.tanh(batch["x"] @ w["a"]))
+            per_example = jnp.mean((h @ w["b"]) ** 2, axis=1)  # (B,)
+            weight = jnp.sum((batch["x"][:, 0] > 0).astype(jnp.float32))
+            return jnp.mean(per_example), (per_example, jnp.sum(per_example), weight)
+
+        (value, (per_example, total, weight)), grads = jax.value_and_grad(
+            loss, has_aux=True)(w)
+        new = jax.tree.map(lambda p, g: p - 0.1 * g, w, grads)
+        return new, {"loss": value, "per_example": per_example, "total": total,
+                     "weight": weight}
+
+    rng = np.random.default_rng(0)
+    w = {"a": rng.normal(size=(4, 8)).astype(np.float32),
+         "b": rng.normal(size=(8, 3)).astype(np.float32)}
+    batch = {"x": rng.normal(size=(8, 4)).astype(np.float32)}
+    method = parallel.PipeshardParallel(4, stage_option=2, intra_op="data")
+    pipelined = parallel.parallelize(step, method=method).compile(w, batch)
+    r = pipelined.runner
+    names = ["a", "b", "loss", "per_example", "total", "weight"]  # the flat outputs
+    out = dict(zip(names, r.program.outputs))
+    # The mean is a sum over the micro-batch (crossing) divided by its size in the update.
+    divide = next(op for op in r.program.ops if out["loss"] in op.outputs)
+    assert divide.prim.name == "div" and divide.inputs[0] in r.regions.crossing
+    combine = {out["per_example"]: "concat", out["total"]: "sum",
+               divide.inputs[0]: ("weighted", out["weight"]), out["weight"]: "sum"}
+    runner = StageRunner(r.program, dataclasses.replace(r.regions, combine=combine),
+                         r.placement, r.meshes, 4, "1f1b", r.output_stage, specs=r.specs,
+                         same_as=r.same_as)
+    flat = [jnp.asarray(x) for x in jax.tree.leaves((w, batch))]
+    got = dict(zip(names, runner(flat)))
+    per_example = np.mean((np.tanh(batch["x"] @ w["a"]) @ w["b"]) ** 2, axis=1)
+    np.testing.assert_allclose(np.asarray(got["per_example"]), per_example, rtol=1e-6)
+    np.testing.assert_allclose(float(got["total"]), per_example.sum(), rtol=1e-6)
+    micro_means = per_example.reshape(4, 2).mean(1)
+    weights = (batch["x"][:, 0] > 0).reshape(4, 2).sum(1)
+    assert float(got["weight"]) == weights.sum()
+    np.testing.assert_allclose(float(got["loss"]), (micro_means * weights).sum() / weights.sum(),
+                               rtol=1e-6)

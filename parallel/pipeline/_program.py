@@ -184,14 +184,20 @@ class Regions:
       region: per op index, ``"N"``, ``"M"`` or ``"A"``.
       batch_dim: value id -> the dimension that grows with the micro-batch (per-example values).
       batch_dependent: value ids that depend on the batch.
-      crossing: values made in ``M`` and read outside it (by ``A`` or as outputs): their
-        micro-batch means stand for the full-batch values.
+      crossing: values made in ``M`` and read outside it (by ``A`` or as outputs).
+      combine: crossing value id -> how the runtime combines its per-micro-batch values:
+        ``"mean"`` (the default for a value not named), ``"sum"``, ``"concat"`` (along its
+        batch dimension; step outputs only) or ``("weighted", w)`` (sum of x*w over sum of w).
+      micro_batch_index: a value id the runtime binds, in each micro-batch task, to the index of
+        the micro-batch (an int32 scalar); ``None`` if the program reads none.
     """
 
     region: list[str]
     batch_dim: dict[int, int]
     batch_dependent: set[int]
     crossing: list[int]
+    combine: dict[int, Any] = dataclasses.field(default_factory=dict)
+    micro_batch_index: int | None = None
 
 
 def split_regions(program: Program, doubled: Program, batch_inputs: list[int]) -> Regions:

@@ -23,7 +23,8 @@ from parallel.pipeline._program import Program, Regions, evaluate
 from parallel.pipeline._schedule import issue_order
 from parallel.pipeline._stages import Placement
 from parallel.pipeline._tasks import (Accumulator, Task, accumulators, add_to, build_tasks,
-                                      combine_of, finalize, made_by, primary_kind)
+                                      combine_of, finalize, made_by, primary_kind,
+                                      weights_read)
 
 # Compiled task programs, shared by every pipelined step of the process: the same stage of the
 # same step with the same shardings (another schedule, another ParallelStep) compiles once.
@@ -63,11 +64,16 @@ class StageRunner:
         self.same_as = same_as or {}
         self.donated: set[int] = set()
         self.tasks = build_tasks(program, regions, placement, remat)
-        for key, accs in accumulators(program, regions, m, made_by(program, self.tasks)).items():
+        made = made_by(program, self.tasks)
+        for key, accs in accumulators(program, regions, m, made).items():
             self.tasks[key].accumulates = accs
+        for key, w in weights_read(self.tasks, made):  # a weight from another stage's task
+            self.tasks[key].inputs.append(w)
+            if w not in self.tasks[made[w]].outputs:
+                self.tasks[made[w]].outputs.append(w)
         self.order = issue_order(schedule, placement.num_stages // virtual_stages, m,
                                  virtual_stages)
-        self.index_value = getattr(regions, "micro_batch_index", None)
+        self.index_value = regions.micro_batch_index
         self.per_micro_batch = {v for i, p in enumerate(placement.phase) if p in "FB"
                                 for v in program.ops[i].outputs}
         self.batch_inputs = [v for v in program.inputs if v in regions.batch_dim]

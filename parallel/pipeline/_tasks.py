@@ -44,8 +44,9 @@ class Accumulator:
 
     Attributes:
       value: the crossing value id added each micro-batch.
-      kind: ``"sum"`` (of the value), ``"wsum"`` (of the value times ``weight``) or
-        ``"concat"`` (the value written at its micro-batch's rows of a global-batch buffer).
+      kind: ``"sum"`` (of the value), ``"wsum"`` (of the value times ``weight``), ``"weight"``
+        (the sum of a weight, beside a ``"wsum"``) or ``"concat"`` (the value written at its
+        micro-batch's rows of a global-batch buffer).
       weight: for ``"wsum"``, the value id of the weight.
       axis: for ``"concat"``, the batch dimension.
       shape, dtype: the accumulator's.
@@ -61,7 +62,7 @@ class Accumulator:
 
 def combine_of(regions: Regions, v: int):
     """``"mean"``, ``"sum"``, ``"concat"`` or ``("weighted", w)`` for crossing value ``v``."""
-    return getattr(regions, "combine", {}).get(v, "mean")
+    return regions.combine.get(v, "mean")
 
 
 def primary_kind(how) -> str:
@@ -85,9 +86,12 @@ def accumulators(program: Program, regions: Regions, num_micro_batches: int,
                  made_by: dict[int, tuple]) -> dict[tuple, list[Accumulator]]:
     """Per F/B task key, the accumulators it adds to, from each crossing value's combine.
 
+    A weighted mean's task also sums the weights (``"weight"``); a weight made by another task
+    is handed to it each micro-batch (``weights_read``).
+
     Raises:
-      PlanError: an unknown combine, a non-float value averaged, a weight made by another task,
-        or a concatenated value read by the update.
+      PlanError: an unknown combine, a non-float value averaged, or a concatenated value read
+        by the update.
     """
     out: dict[tuple, list[Accumulator]] = {}
     have: set[tuple] = set()
@@ -95,8 +99,8 @@ def accumulators(program: Program, regions: Regions, num_micro_batches: int,
                     for v in program.ops[i].value_inputs()}
 
     def add(key, acc):
-        if (acc.value, acc.kind) not in have:
-            have.add((acc.value, acc.kind))
+        if (key, acc.value, acc.kind) not in have:
+            have.add((key, acc.value, acc.kind))
             out.setdefault(key, []).append(acc)
 
     for v in regions.crossing:
@@ -125,16 +129,22 @@ def accumulators(program: Program, regions: Regions, num_micro_batches: int,
         dtype = accumulator_dtype(aval.dtype)
         if mode == "weighted":
             w = how[1]
-            if made_by.get(w) != key:
-                raise PlanError(f"a value of shape {aval.shape} is a mean weighted by a value "
-                                f"made in another pipeline task; compute the weight where the "
-                                f"value is computed")
+            if program.avals[w].shape != ():
+                raise PlanError(f"a value of shape {aval.shape} is a mean weighted by a value of "
+                                f"shape {program.avals[w].shape}; the weight must be a scalar "
+                                f"per micro-batch")
             add(key, Accumulator(v, "wsum", w, None, tuple(aval.shape), dtype))
-            add(key, Accumulator(w, "sum", None, None, tuple(program.avals[w].shape),
+            add(key, Accumulator(w, "weight", None, None, (),
                                  accumulator_dtype(program.avals[w].dtype)))
         else:
             add(key, Accumulator(v, "sum", None, None, tuple(aval.shape), dtype))
     return out
+
+
+def weights_read(tasks: dict[tuple, "Task"], made_by: dict[int, tuple]) -> list[tuple]:
+    """``(task key, weight id)`` for weights a task sums but does not make."""
+    return [(key, a.value) for key, task in tasks.items() for a in task.accumulates
+            if a.kind == "weight" and made_by.get(a.value) != key]
 
 
 def finalize(regions: Regions, v: int, raw: dict[tuple, jax.Array], num_micro_batches: int,
@@ -144,7 +154,7 @@ def finalize(regions: Regions, v: int, raw: dict[tuple, jax.Array], num_micro_ba
     if how == "concat":
         return raw[(v, "concat")]
     if isinstance(how, tuple):
-        total = raw[(v, "wsum")] / raw[(how[1], "sum")].astype(raw[(v, "wsum")].dtype)
+        total = raw[(v, "wsum")] / raw[(how[1], "weight")].astype(raw[(v, "wsum")].dtype)
     elif how == "sum":
         total = raw[(v, "sum")]
     else:
