@@ -82,4 +82,4 @@ def test_remat_keeps_only_stage_inputs_and_trains_the_same():
     for s in range(3):
         assert kept[True][s] * 10 < kept[False][s]
     for got, want in zip(jax.tree.leaves(states[True]), jax.tree.leaves(states[False])):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
