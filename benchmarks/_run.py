@@ -23,7 +23,7 @@ from parallel._hlo import collective_bytes
 from parallel.plan import spec_to_json
 from parallel.report import cost_figures, memory_bytes
 
-METHODS = ("pmap", "data", "zero2", "zero3", "manual", "auto", "auto_untimed", "pipeshard",
+METHODS = ("pmap", "data", "zero2", "zero3", "manual", "auto", "auto_timed", "pipeshard",
            "pipeshard_gpipe")
 RESULT_MARKER = "BENCHMARK_RESULT "
 
@@ -43,8 +43,8 @@ def make_method(name: str, profile: str | None = None,
         return parallel.ManualParallel(parallel.MEGATRON_RULES)
     if name == "auto":
         return parallel.ShardParallel(profile=profile)
-    if name == "auto_untimed":  # the cost model and XLA's figures alone pick the plan
-        return parallel.ShardParallel(profile=profile, measure=False)
+    if name == "auto_timed":  # the compiled finalists are timed on the devices, fastest kept
+        return parallel.ShardParallel(profile=profile, measure=True)
     if name in ("data", "zero2", "zero3"):
         return parallel.make_method(name)
     if name in ("pipeshard", "pipeshard_gpipe"):

@@ -60,9 +60,21 @@ class Method:
 
     name = "method"
     batch_axis = mesh_lib.DATA_AXIS
+    # The cluster the plan is for: hosts and devices per host (``None``: as JAX sees them, one
+    # host per process). ``make_method`` sets them from the config's ``cluster`` section.
+    num_hosts: int | None = None
+    devices_per_host: int | None = None
 
     def __init__(self, mesh: Mapping[str, int] | None = None):
         self.mesh = dict(mesh) if mesh is not None else None
+
+    def hosts(self, devices: Sequence[jax.Device]) -> int:
+        """How many hosts ``devices`` are spread over (``parallel.mesh.count_hosts``).
+
+        Raises:
+          PlanError: the topology the method was given does not match the devices.
+        """
+        return mesh_lib.count_hosts(devices, self.num_hosts, self.devices_per_host)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mesh={self.mesh})"
@@ -286,6 +298,8 @@ def make_method(
     stages: int | str | None = None,
     schedule: str | None = None,
     remat: bool = False,
+    num_hosts: int | None = None,
+    devices_per_host: int | None = None,
 ) -> Method:
     """Builds a method from the config's ``parallel:`` section.
 
@@ -301,6 +315,8 @@ def make_method(
       stages, schedule, remat: pipeline options (``"auto"`` or a number of stages, ``"1f1b"``
         or ``"gpipe"``, recompute forwards in the backward); pipeline methods only, passed
         only when set.
+      num_hosts, devices_per_host: the cluster's topology (``cluster.num_hosts``...); ``None``:
+        one host per process, as JAX sees the devices.
 
     Raises:
       PlanError: unknown name, or an option the method does not take.
@@ -318,8 +334,10 @@ def make_method(
         raise PlanError(f"{given} only apply to pipeline methods ('pipeshard'); method {name!r} "
                         f"does not pipeline. Drop them or use method 'pipeshard'")
     extra.update(pipeline)
-    return _REGISTRY[name](mesh=mesh, rules=rules, memory_budget_bytes=memory_budget_bytes,
-                           num_micro_batches=num_micro_batches, **extra)
+    method = _REGISTRY[name](mesh=mesh, rules=rules, memory_budget_bytes=memory_budget_bytes,
+                             num_micro_batches=num_micro_batches, **extra)
+    method.num_hosts, method.devices_per_host = num_hosts, devices_per_host
+    return method
 
 
 def _placement_factory(cls: type[Method], name: str) -> Callable[..., Method]:

@@ -178,6 +178,7 @@ class ParallelStep:
                solve_time: float = 0.0) -> _Entry:
         if plan is None:
             self._check_arguments(abstract_args)
+            self.method.hosts(self.devices)  # a topology that does not match the devices
             build = getattr(self.method, "build_executable", None)
             if build is not None:  # methods running several programs (pipelines) build their own
                 start = time.perf_counter()
@@ -282,7 +283,8 @@ class ParallelStep:
         compiled = self._compiled(entry)
         specs = entry.plan.input_specs(entry.abstract_args)
         return build_report(compiled, entry.plan, specs, solve_time_s=entry.solve_time_s,
-                            compile_time_s=entry.compile_time_s, profile=profile)
+                            compile_time_s=entry.compile_time_s, profile=profile,
+                            num_hosts=self.method.hosts(self.devices))
 
 
 class FollowPlan(Method):

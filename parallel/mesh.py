@@ -106,3 +106,45 @@ def check_axes_known(mesh_shape: Mapping[str, int], known: Sequence[str], who: s
             f"{did_you_mean}; {who} places data only on axes {sorted(known)}. Rename the axis, "
             f"add a rule that maps a logical axis to it, or drop it from the mesh"
         )
+
+
+def count_hosts(devices: Sequence[jax.Device], num_hosts: int | None = None,
+                devices_per_host: int | None = None) -> int:
+    """The hosts ``devices`` are spread over: ``num_hosts`` when given (a simulated cluster, or
+    the config's ``cluster.num_hosts``), else the processes owning them.
+
+    Hosts hold consecutive devices (``jax.devices()`` lists each process's devices together).
+
+    Raises:
+      PlanError: the topology does not match the devices: ``num_hosts`` x
+        ``devices_per_host`` is not the device count, the devices do not split evenly over
+        the hosts, or a multi-process run has another number of processes, or its processes'
+        devices are not consecutive and equal in number.
+    """
+    devices = list(devices)
+    processes = list(dict.fromkeys(d.process_index for d in devices))
+    n = len(devices)
+    if num_hosts is None:
+        num_hosts = len(processes)
+    if isinstance(num_hosts, bool) or not isinstance(num_hosts, int) or num_hosts < 1:
+        raise PlanError(f"the host count must be a positive integer; got {num_hosts!r}")
+    if devices_per_host is not None and num_hosts * devices_per_host != n:
+        raise PlanError(
+            f"the topology {num_hosts} hosts x {devices_per_host} devices per host = "
+            f"{num_hosts * devices_per_host} devices does not match the {n} devices JAX sees; "
+            f"set cluster.num_hosts and cluster.devices_per_host so they multiply to {n}")
+    if n % num_hosts:
+        raise PlanError(
+            f"{n} devices do not split evenly over {num_hosts} hosts; set cluster.num_hosts to "
+            f"a divisor of {n}")
+    if len(processes) > 1:
+        per_host = n // num_hosts
+        owners = [d.process_index for d in devices]
+        blocks = [owners[i:i + per_host] for i in range(0, n, per_host)]
+        if len(processes) != num_hosts or any(len(set(b)) != 1 for b in blocks):
+            raise PlanError(
+                f"the topology {num_hosts} hosts x {per_host} devices does not match the devices "
+                f"JAX sees: {len(processes)} processes own "
+                f"{', '.join(str(owners.count(p)) for p in processes)} devices; each host must "
+                "be one process owning consecutive devices")
+    return num_hosts

@@ -5,7 +5,7 @@ import dataclasses
 from typing import Any
 
 from parallel import profiles
-from parallel._hlo import collective_bytes
+from parallel._hlo import Collective, collective_bytes, collective_list
 from parallel.plan import Plan
 
 
@@ -26,7 +26,8 @@ class Report:
       bytes_accessed: bytes one device reads and writes in memory per step (XLA cost analysis).
       estimated_step_time_s: the compute time of ``flops`` and ``bytes_accessed``
         (``DeviceProfile.compute_time``: their roofline maximum on accelerators, their sum on
-        the CPU) plus an alpha-beta time per collective, with the figures of ``profile``.
+        the CPU) plus an alpha-beta time per collective, with the figures of ``profile``
+        (collectives whose devices sit on several hosts use the inter-host link).
       profile: name of the device profile used for the estimate.
       solve_time_s: seconds the method took to make the plan.
       compile_time_s: seconds XLA took to compile the step.
@@ -88,18 +89,28 @@ def cost_figures(compiled: Any) -> tuple[float, float]:
 
 
 def estimate_step_time(flops: float, bytes_accessed: float,
-                       collectives: dict[str, dict[str, float]],
-                       profile: profiles.DeviceProfile) -> float:
-    """Compute time (``DeviceProfile.compute_time``) plus alpha-beta time of every collective,
-    in seconds."""
+                       collectives: list[tuple[Collective, float]],
+                       profile: profiles.DeviceProfile, first_device: int = 0) -> float:
+    """Compute time (``DeviceProfile.compute_time``) plus the alpha-beta time of every
+    collective (``DeviceProfile.collective_time``: on the inter-host link for the share that
+    crosses hosts), in seconds.
+
+    Args:
+      flops, bytes_accessed: one device's figures (XLA's cost analysis).
+      collectives: ``parallel._hlo.collective_list`` of the program.
+      profile: the device and the hosts the devices sit on.
+      first_device: the cluster index of the program's first device (a pipeline stage's).
+    """
     compute = profile.compute_time(flops, bytes_accessed)
-    comm = sum(c["count"] * profile.link_latency_s + c["sent_bytes"] / profile.link_bandwidth
-               for c in collectives.values())
+    comm = sum(times * profile.collective_time(
+        c.kind, c.full_bytes, c.group_size, c.hosts(profile.devices_per_host, first_device))
+        for c, times in collectives)
     return compute + comm
 
 
 def build_report(compiled: Any, plan: Plan, shardings: Any, *, solve_time_s: float,
-                 compile_time_s: float, profile: str | None = None) -> Report:
+                 compile_time_s: float, profile: str | profiles.DeviceProfile | None = None,
+                 num_hosts: int = 1) -> Report:
     """Measures a compiled SPMD step.
 
     Args:
@@ -108,10 +119,12 @@ def build_report(compiled: Any, plan: Plan, shardings: Any, *, solve_time_s: flo
       shardings: one pytree of ``PartitionSpec`` per argument.
       solve_time_s: planning time.
       compile_time_s: compile time.
-      profile: device profile name; ``None`` picks the running platform.
+      profile: device profile name or object; ``None`` picks the running platform.
+      num_hosts: hosts the plan's devices are spread over.
     """
-    device_profile = profiles.get_profile(profile, plan.num_devices)
-    collectives = collective_bytes(compiled.as_text(), plan.num_devices)
+    device_profile = profiles.resolve_profile(profile, plan.num_devices, num_hosts)
+    text = compiled.as_text()
+    collectives = collective_bytes(text, plan.num_devices)
     flops, accessed = cost_figures(compiled)
     return Report(
         method=plan.method,
@@ -121,7 +134,8 @@ def build_report(compiled: Any, plan: Plan, shardings: Any, *, solve_time_s: flo
         collectives=collectives,
         flops=flops,
         bytes_accessed=accessed,
-        estimated_step_time_s=estimate_step_time(flops, accessed, collectives, device_profile),
+        estimated_step_time_s=estimate_step_time(
+            flops, accessed, collective_list(text, plan.num_devices), device_profile),
         profile=device_profile.name,
         solve_time_s=solve_time_s,
         compile_time_s=compile_time_s,

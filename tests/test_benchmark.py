@@ -167,7 +167,7 @@ def test_models_and_solver_suites_cover_their_workloads():
     assert [(c["workload"]["name"], c["method"], c["measure"], c["profile"]) for c in cases] == [
         (w, m, measure, profile)
         for ws, measure, profile, ms in (
-            (("gpt", "moe", "wide_resnet"), True, None, methods + ("auto_untimed",)),
+            (("gpt", "moe", "wide_resnet"), True, None, methods + ("auto_timed",)),
             (("gpt-125m", "moe-380m", "wide_resnet-250m"), False, "h100", methods))
         for w in ws for m in ms]
     gpt_125m = next(c["workload"] for c in cases if c["workload"]["name"] == "gpt-125m")
@@ -185,7 +185,7 @@ def test_benchmarked_methods():
 
     auto = make_method("auto", "h100")
     assert isinstance(auto, parallel.ShardParallel) and auto.profile == "h100"
-    assert auto.measure is None and make_method("auto_untimed").measure is False
+    assert auto.measure is False and make_method("auto_timed").measure is True
     manual = make_method("manual")
     assert isinstance(manual, parallel.ManualParallel) and manual.rules == parallel.MEGATRON_RULES
     assert type(make_method("zero3")) is parallel.Zero3Parallel

@@ -156,10 +156,10 @@ def test_finalists_are_compared_compiled_or_timed(measure):
         assert meshes[0]["measured_step_time_s"] == min(timed)
         assert "measured:" in plan.extras["explanation"]
         assert "timed, " in plan.extras["explanation"]  # a runner-up's ratio
-    else:  # the lowest of analyze's estimates of the compiled programs wins
+    else:  # the lowest of analyze's estimates of the compiled programs wins, or ties with it
         assert not timed
-        assert meshes[0]["compiled_step_time_s"] == min(m["compiled_step_time_s"]
-                                                        for m in compiled)
+        lowest = min(m["compiled_step_time_s"] for m in compiled)
+        assert meshes[0]["compiled_step_time_s"] <= lowest * (1 + parallel.auto.TIE)
 
 
 def test_timing_fills_prng_keys_and_returns_one_time_per_program():
@@ -259,10 +259,10 @@ def test_plan_on_a_given_mesh_round_trips_through_json():
     assert [m["mesh_shape"] for m in solver["meshes"]] == [{"data": 2, "model": 4}]
     assert solver["num_classes"] <= solver["num_groups"] <= solver["num_equations"]
     assert again.extras["explanation"].startswith("ShardParallel: mesh {'data': 2, 'model': 4}")
-    # The plan tool's table carries the explanation: mesh, cost split, solve time.
+    # The plan tool's table carries the explanation: mesh, cost split, the solver's size.
     table = plan.format_table()
     assert "ShardParallel: mesh {'data': 2, 'model': 4}, estimated step" in table
-    assert "solved in " in table
+    assert "solver: " in table and " classes after tying repeated layers" in table
 
 
 def test_default_budget_is_the_device_memory_checked_on_the_compiled_step(monkeypatch):

@@ -199,7 +199,8 @@ class Trainer:
             cfg.parallel.method, mesh=cfg.parallel.mesh, rules=cfg.parallel.rules,
             memory_budget_bytes=cfg.parallel.memory_budget_bytes,
             num_micro_batches=cfg.parallel.num_micro_batches, profile=cfg.parallel.profile,
-            stages=cfg.parallel.stages, schedule=cfg.parallel.schedule, remat=cfg.parallel.remat)
+            stages=cfg.parallel.stages, schedule=cfg.parallel.schedule, remat=cfg.parallel.remat,
+            num_hosts=cfg.cluster.num_hosts, devices_per_host=cfg.cluster.devices_per_host)
         # Only rule-based methods read the models' logical axis names.
         axes = (self.fns.logical_axes, None) if cfg.parallel.method == "manual" else None
         self.step_fn = parallel.parallelize(

@@ -1,10 +1,13 @@
 """ShardParallel: automatic intra-op sharding by integer programming over the step's jaxpr."""
 from parallel.auto._method import ShardParallel as ShardParallel
+from parallel.auto._search import TIE as TIE
 from parallel.auto._search import MemoryBudgetError as MemoryBudgetError
 from parallel.auto._search import Solution as Solution
 from parallel.auto._search import mesh_candidates as mesh_candidates
+from parallel.auto._search import rank as rank
+from parallel.auto._search import simplicity as simplicity
 from parallel.auto._search import solve as solve
 from parallel.auto._solve import MeshResult as MeshResult
 
-__all__ = ["MemoryBudgetError", "MeshResult", "ShardParallel", "Solution", "mesh_candidates",
-           "solve"]
+__all__ = ["TIE", "MemoryBudgetError", "MeshResult", "ShardParallel", "Solution", "mesh_candidates",
+           "rank", "simplicity", "solve"]

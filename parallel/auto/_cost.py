@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
+
 from jax.sharding import PartitionSpec
 
 from parallel.profiles import DeviceProfile
@@ -32,27 +34,63 @@ class MeshModel:
     Args:
       axis_names: mesh axis names, e.g. ``("data", "model")``.
       axis_sizes: devices along each axis.
-      profile: the device whose compute and link figures price the work.
+      profile: the device whose compute and link figures price the work, and the hosts the
+        devices sit on (``DeviceProfile.on_hosts``).
+      first_device: index of the mesh's first device among the cluster's devices (a pipeline
+        stage's sub-mesh starts further on); the mesh holds the devices from there on in
+        row-major order, so a collective along an axis crosses hosts when its devices do.
+      data_axis_named: the user named axis 0 ``data``: it splits only batch dimensions and
+        stored state, even when it is the only axis.
     """
 
     def __init__(self, axis_names: tuple[str, ...], axis_sizes: tuple[int, ...],
-                 profile: DeviceProfile, merged_all_reduce: bool = False):
+                 profile: DeviceProfile, merged_all_reduce: bool = False,
+                 first_device: int = 0, data_axis_named: bool = False):
         self.merged_all_reduce = merged_all_reduce
+        self.data_axis_named = data_axis_named
         self.axis_names = tuple(axis_names)
         self.axis_sizes = tuple(int(s) for s in axis_sizes)
         self.profile = profile
+        self.first_device = first_device
         # Axes of size 1 cannot split anything; strategies use only the others.
         self.axes = tuple(i for i, s in enumerate(self.axis_sizes) if s > 1)
         self._reshard_cache: dict[tuple, float] = {}
+        self._hosts: dict[tuple[int, ...], int] = {}
 
     @functools.cached_property
     def combined(self) -> MeshModel:
         """The mesh for work whose all-reduces XLA merges with their peers' (the gradient syncs
         feeding the optimizer): those pay the link latency once per step, not once each."""
-        return MeshModel(self.axis_names, self.axis_sizes, self.profile, merged_all_reduce=True)
+        return MeshModel(self.axis_names, self.axis_sizes, self.profile, merged_all_reduce=True,
+                         first_device=self.first_device, data_axis_named=self.data_axis_named)
+
+    def renamed(self, axis_names: tuple[str, ...]) -> MeshModel:
+        """The same devices with other axis names."""
+        return MeshModel(axis_names, self.axis_sizes, self.profile, self.merged_all_reduce,
+                         self.first_device, self.data_axis_named)
 
     def group_size(self, axes) -> int:
         return math.prod(self.axis_sizes[a] for a in axes)
+
+    def hosts(self, axes: tuple[int, ...]) -> int:
+        """How many hosts the devices of one collective over ``axes`` span (the most of any
+        group)."""
+        if self.profile.devices_per_host is None or not axes:
+            return 1
+        if axes not in self._hosts:
+            self._hosts[axes] = self._count_hosts(axes)
+        return self._hosts[axes]
+
+    def _count_hosts(self, axes: tuple[int, ...]) -> int:
+        index = np.arange(math.prod(self.axis_sizes)).reshape(self.axis_sizes)
+        others = [a for a in range(len(self.axis_sizes)) if a not in axes]
+        groups = np.transpose(index, others + list(axes)).reshape(-1, self.group_size(axes))
+        host = (groups + self.first_device) // self.profile.devices_per_host
+        return int(max(len(np.unique(row)) for row in host))
+
+    def crosses_hosts(self, axis: int) -> bool:
+        """Whether a collective along mesh axis ``axis`` crosses hosts."""
+        return self.hosts((axis,)) > 1
 
     def shards(self, spec: Spec) -> int:
         """How many pieces ``spec`` cuts an array into."""
@@ -73,26 +111,24 @@ class MeshModel:
         return PartitionSpec(*entries)
 
     # Collectives: time in seconds of one collective over the devices of ``axes``.
+    def _collective(self, kind: str, nbytes: float, axes, latency: bool = True) -> float:
+        axes = tuple(sorted(axes))
+        return self.profile.collective_time(kind, nbytes, self.group_size(axes),
+                                            self.hosts(axes), latency)
+
     def all_reduce(self, local_bytes: float, axes) -> float:
-        n = self.group_size(axes)
-        if n == 1:
-            return 0.0
-        latency = 0.0 if self.merged_all_reduce else self.profile.link_latency_s
-        return latency + 2 * (n - 1) / n * local_bytes / self.profile.link_bandwidth
+        return self._collective("all-reduce", local_bytes, axes, not self.merged_all_reduce)
 
     def all_gather(self, gathered_bytes: float, axes) -> float:
         """``gathered_bytes``: the per-device size after the gather."""
-        n = self.group_size(axes)
-        return self.profile.comm_time((n - 1) / n * gathered_bytes) if n > 1 else 0.0
+        return self._collective("all-gather", gathered_bytes, axes)
 
     def reduce_scatter(self, local_bytes: float, axes) -> float:
         """``local_bytes``: the per-device size before the scatter."""
-        n = self.group_size(axes)
-        return self.profile.comm_time((n - 1) / n * local_bytes) if n > 1 else 0.0
+        return self._collective("reduce-scatter", local_bytes, axes)
 
     def all_to_all(self, local_bytes: float, axes) -> float:
-        n = self.group_size(axes)
-        return self.profile.comm_time((n - 1) / n * local_bytes) if n > 1 else 0.0
+        return self._collective("all-to-all", local_bytes, axes)
 
     def compute_time(self, flops: float, shards: int) -> float:
         return flops / shards / self.profile.peak_flops

@@ -21,6 +21,7 @@ from parallel.auto._cost import MeshModel, Spec
 from parallel.auto._graph import Graph
 from parallel.auto._memory import kept_values
 
+_CONTRACTIONS = frozenset({"dot_general", "conv_general_dilated"})
 _LEADER_RULES = {
     "dot_general": "dot", "conv_general_dilated": "conv", "gather": "gather",
     "scatter-add": "scatter", "scatter": "scatter",
@@ -227,10 +228,31 @@ class Structure:
                tuple(g.follow_operand), reqs, labels, self.combinable[gid])
         return hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest()
 
+    def _layer_parity(self) -> list[int]:
+        """Per group, the parity of the most contractions (dots, convolutions) on a path from
+        the program's inputs to any of its values.
+
+        Repeated layers share a class, but a layer and the next repetition of it must be free
+        to differ: Megatron's column/row alternation over a stack of identical dense layers is
+        such a plan. Consecutive layers of a stack differ in this parity when a layer holds an
+        odd number of contractions, so classes never tie a layer to its neighbour; blocks with
+        an even number (a transformer block) keep sharing one class.
+        """
+        graph = self.graph
+        depth = np.zeros(len(graph.values), np.int64)
+        for eqn in graph.eqns:
+            level = max((depth[v] for v in eqn.inputs if v is not None), default=0)
+            level += eqn.prim in _CONTRACTIONS
+            for v in eqn.outputs:
+                depth[v] = level
+        return [int(max(depth[v] for v in g.values)) % 2 if g.values else 0
+                for g in self.groups]
+
     def _classify(self, rounds: int = 3):
-        """Weisfeiler-Lehman refinement: groups alike up to ``rounds`` hops share a class."""
-        sig = [self._signature(gid) for gid in range(len(self.groups))]
-        self.structural = list(sig)
+        """Weisfeiler-Lehman refinement: groups alike up to ``rounds`` hops, whose layers have
+        the same parity (``_layer_parity``), share a class."""
+        self.structural = [self._signature(gid) for gid in range(len(self.groups))]
+        sig = [f"{s}{p}" for s, p in zip(self.structural, self._layer_parity())]
         edges: list[list[tuple]] = [[] for _ in self.groups]
         # out_weight[gid][local]: how often per call the value is read by other groups.
         self.out_weight: list[dict[int, float]] = [defaultdict(float) for _ in self.groups]

@@ -8,13 +8,14 @@ import jax
 
 from parallel._constraints import with_constraints
 from parallel._errors import PlanError
-from parallel._hlo import collective_bytes
+from parallel._hlo import collective_list
 from parallel._methods import Method, register_method
-from parallel.auto._search import AXIS_NAMES, MemoryBudgetError, Solution, solve
+from parallel.auto._search import (AXIS_NAMES, MemoryBudgetError, Solution, rank, simplicity,
+                                   solve)
 from parallel.auto._solve import MeshResult
 from parallel.auto._timing import time_compiled
 from parallel.plan import Constraint, Plan, make_leaf_plans, shardings_from_specs
-from parallel.profiles import DeviceProfile, allocatable_bytes, get_profile
+from parallel.profiles import DeviceProfile, allocatable_bytes, resolve_profile
 from parallel.report import cost_figures, estimate_step_time, memory_bytes
 
 # Re-plans with a tighter target when XLA's memory analysis finds the plan over the budget.
@@ -57,14 +58,19 @@ class ShardParallel(Method):
         estimate, then the best with no intermediate pinned; the one XLA's cost analysis prices
         lowest (``analyze``'s estimate) is kept, or the fastest when they are timed.
       measure: time the compiled candidates on ``devices`` (a few steps each on zero-filled
-        inputs) and keep the fastest. ``None``: when the devices are CPUs and the plan is for
-        them, where XLA's figures cannot separate close plans and a step is cheap. Only plans
-        that need at most a quarter of the device memory are run.
+        inputs) and keep the fastest. Off by default: a stopwatch on a shared machine can
+        swap close candidates from one run to the next. Only plans that need at most a quarter
+        of the device memory are run.
 
     The solver's cost model prices each operation on its own; XLA then fuses, merges
     collectives and reorders. Validation settles close calls with the compiled program, which
     must also fit the budget (``memory_budget_bytes``, or the device's memory) by XLA's memory
     analysis; if none does, the solver runs again with its target lowered by the observed ratio.
+
+    The same program, devices and profile give the same plan: nothing is timed unless
+    ``measure=True``, and estimates within 0.5% of each other are settled by a stated rule
+    (``parallel.auto.rank``: the simpler plan wins, the one with less model parallelism and
+    fewer sharded leaves).
     """
 
     name = "shard"
@@ -72,7 +78,7 @@ class ShardParallel(Method):
     def __init__(self, memory_budget_bytes: float | None = None,
                  mesh: Mapping[str, int] | None = None,
                  profile: str | DeviceProfile | None = None, time_limit_s: float = 30.0,
-                 validate: int = 4, measure: bool | None = None):
+                 validate: int = 4, measure: bool = False):
         super().__init__(mesh)
         self.memory_budget_bytes = memory_budget_bytes
         self.profile = profile
@@ -105,9 +111,10 @@ class ShardParallel(Method):
         def fits(check: _Check) -> bool:
             return check.memory_bytes <= budget
 
+        profile = self.device_profile(devices)
         for _ in range(_BUDGET_CHECKS):
             solution = solve(fn, abstract_args, num_devices=len(devices), mesh_shape=mesh_shape,
-                             profile=self.profile, memory_budget_bytes=target,
+                             profile=profile, memory_budget_bytes=target,
                              donate_argnums=donate_argnums, batch_argnums=batch_argnums,
                              time_limit_s=self.time_limit_s)
             plan_args = (abstract_args, batch_argnums, donate_argnums)
@@ -115,13 +122,14 @@ class ShardParallel(Method):
                 return self._plan(solution, *plan_args)
             finalists = [r for r in solution.tried if r.status != "over_budget"
                          and r.step_time_s <= _FINALIST_RATIO * solution.best.step_time_s]
-            checked = [self._check(fn, solution, r, pin, plan_args, devices)
+            checked = [self._check(fn, solution, r, pin, plan_args, devices, profile)
                        for r, pin in _checks(finalists, max(self.validate, 1))]
             fitting = [c for c in checked if fits(c)]
             if fitting:
-                times = self._time(fitting, abstract_args, devices)
-                if times is None:
-                    best = min(fitting, key=lambda c: c.step_time_s)
+                times = self._time(fitting, abstract_args, devices, profile)
+                if times is None:  # the stated rule (``rank``): time, then the simpler plan
+                    best = rank(fitting, lambda c: c.step_time_s,
+                                lambda c: (simplicity(c.result), c.pin != "all"))[0]
                 else:
                     best = fitting[times.index(min(times))]
                     best.result.measured_step_time_s = min(times)
@@ -131,18 +139,19 @@ class ShardParallel(Method):
             smallest = min(c.memory_bytes for c in checked)
             target = target * budget / smallest
         what = ("memory_budget_bytes" if self.memory_budget_bytes is not None
-                else f"the {self._profile(len(devices)).name} device memory")
+                else f"the {profile.name} device memory")
         raise MemoryBudgetError(
             f"ShardParallel's plans do not fit {what}={budget:.0f} once compiled: "
             f"XLA needs at least {smallest} bytes per device (solver target {target:.0f}). "
             "Raise memory_budget_bytes, use more devices, or shrink the model or batch.")
 
     def _check(self, fn: Callable, solution: Solution, result: MeshResult, pin: str,
-               plan_args: tuple, devices: Sequence[jax.Device]) -> _Check:
+               plan_args: tuple, devices: Sequence[jax.Device],
+               profile: DeviceProfile) -> _Check:
         """XLA's figures for ``result``'s plan pinning ``pin`` intermediates."""
         plan = self._plan(solution.with_best(result), *plan_args, pin)
         compiled, in_shardings = _compile(fn, plan, plan_args[0], devices)
-        check = _Check(self._estimate(compiled, plan), memory_bytes(compiled), result, pin,
+        check = _Check(_estimate(compiled, plan, profile), memory_bytes(compiled), result, pin,
                        compiled, in_shardings)
         if result.compiled_step_time_s is None:  # shown for the runner-ups in the explanation
             result.compiled_step_time_s = check.step_time_s
@@ -150,15 +159,11 @@ class ShardParallel(Method):
         return check
 
     def _time(self, checks: list[_Check], abstract_args: Sequence[Any],
-              devices: Sequence[jax.Device]) -> list[float] | None:
+              devices: Sequence[jax.Device], profile: DeviceProfile) -> list[float] | None:
         """Measured seconds per step of each check's program, or ``None`` when not timed."""
-        profile = self._profile(len(devices))
-        measure = self.measure
-        if measure is None:
-            measure = devices[0].platform == "cpu" and profile.name == "cpu"
         # Several processes: process 0 plans alone (see parallelize), and a program over every
         # process's devices cannot run in one of them.
-        if (not measure or len(checks) < 2 or jax.process_count() > 1
+        if (not self.measure or len(checks) < 2 or jax.process_count() > 1
                 or max(c.memory_bytes for c in checks) * 4 > profile.memory_bytes):
             return None
         times = time_compiled([(c.compiled, c.in_shardings) for c in checks], abstract_args)
@@ -169,21 +174,18 @@ class ShardParallel(Method):
 
     def _default_budget(self, devices: Sequence[jax.Device]) -> int:
         """What the running devices can allocate (``memory_stats``), else the profile's memory."""
-        profile = self._profile(len(devices))
+        profile = self.device_profile(devices)
         if self.profile is None:  # planning for the devices at hand
             return allocatable_bytes(devices[0]) or profile.memory_bytes
         return profile.memory_bytes
 
-    def _profile(self, num_devices: int) -> DeviceProfile:
-        profile = self.profile
-        return profile if isinstance(profile, DeviceProfile) else get_profile(profile, num_devices)
+    def device_profile(self, devices: Sequence[jax.Device]) -> DeviceProfile:
+        """The profile plans are priced with, for ``devices`` on the method's hosts.
 
-    def _estimate(self, compiled: Any, plan: Plan) -> float:
-        """``analyze``'s estimated step time of a compiled plan."""
-        profile = self._profile(plan.num_devices)
-        flops, accessed = cost_figures(compiled)
-        return estimate_step_time(flops, accessed,
-                                  collective_bytes(compiled.as_text(), plan.num_devices), profile)
+        Raises:
+          PlanError: the topology does not match the devices.
+        """
+        return resolve_profile(self.profile, len(devices), self.hosts(devices))
 
     def _plan(self, solution: Solution, abstract_args: Sequence[Any],
               batch_argnums: Sequence[int], donate_argnums: Sequence[int],
@@ -206,6 +208,13 @@ class ShardParallel(Method):
         return Plan(self.name, dict(best.mesh_shape), inputs, outputs, constraints,
                     batch_argnums=tuple(batch_argnums), donate_argnums=tuple(donate_argnums),
                     extras=extras)
+
+
+def _estimate(compiled: Any, plan: Plan, profile: DeviceProfile) -> float:
+    """``analyze``'s estimated step time of a compiled plan."""
+    flops, accessed = cost_figures(compiled)
+    return estimate_step_time(flops, accessed, collective_list(compiled.as_text(), plan.num_devices),
+                              profile)
 
 
 def _checks(finalists: list[MeshResult], count: int) -> list[tuple[MeshResult, str]]:

@@ -84,12 +84,14 @@ class Strategy:
 def _assignments(num_slots: int, mm: MeshModel, data_ok=None):
     """Every way to put each mesh axis on one slot or none; axes sharing a slot go major-first.
 
-    ``data_ok[slot]``: whether the slot carries the batch. On a 2-D mesh the data axis (0) only
-    goes to such slots (see ``_batch``); a 1-D mesh's single axis goes anywhere.
+    ``data_ok[slot]``: whether the slot carries the batch. On a 2-D mesh, or a 1-D mesh the user
+    named ``data``, the data axis (0) only goes to such slots (see ``_batch``); the single axis
+    of a 1-D mesh the solver chose goes anywhere (it is named by what it splits).
     """
     axes = mm.axes
     choices = [range(-1, num_slots)] * len(axes)
-    if data_ok is not None and len(axes) == 2 and axes[0] == 0:
+    if (data_ok is not None and axes and axes[0] == 0
+            and (len(axes) == 2 or mm.data_axis_named)):
         choices[0] = [-1] + [i for i in range(num_slots) if data_ok[i]]
     for choice in itertools.product(*choices):
         slots: list[tuple[int, ...]] = [()] * num_slots

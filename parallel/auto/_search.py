@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 AXIS_NAMES = ("data", "model")
 # Re-solves that add the memory constraint at a newly found peak before giving up.
 _MEMORY_ROUNDS = 6
+# Estimated step times closer than this (relative) are a tie (see ``rank``).
+TIE = 0.005
+# The data-parallel flavours of a 1-D mesh, simplest first.
+_FLAVOURS = ("", "batch split", "update sharded", "state sharded")
 # Stored state at least this big is split in the "state sharded" candidate, smaller leaves are
 # replicated (a collective on them costs more latency than it saves).
 _SHARDED_STATE_BYTES = 4096
@@ -102,7 +106,7 @@ class Solution:
             f"(compute {_ms(b.compute_s)}, communication {_ms(b.comm_s)}), "
             f"memory {_mb(b.memory_bytes)} per device (budget {_mb(self.memory_budget_bytes)})"
             + _compiled(b),
-            f"solved in {self.solve_time_s:.2f} s: {self.num_equations} equations -> "
+            f"solver: {self.num_equations} equations -> "
             f"{self.num_groups} groups -> {self.num_classes} classes after tying repeated layers",
             "operator strategies (most used first):",
         ]
@@ -153,6 +157,34 @@ def _ms(seconds: float) -> str:
 
 def _mb(nbytes: float) -> str:
     return f"{nbytes / 2**20:.2f} MiB"
+
+
+def rank(candidates: Sequence[Any], time_of: Callable[[Any], float],
+         simplicity_of: Callable[[Any], Any]) -> list[Any]:
+    """``candidates`` best first, by the planner's stated rule.
+
+    The lower estimated step time wins. Times within ``TIE`` (relative) of each other are a
+    tie: the estimates cannot tell such plans apart, and the simpler plan wins, the one with
+    the lower ``simplicity_of`` (``simplicity``: the larger data axis, then batch split before
+    update sharded before state sharded, then the solver's plan as solved before the one left to
+    XLA's propagation), then the one listed first. A fixed rule keeps the choice the same from
+    run to run.
+    """
+    left = list(candidates)
+    out = []
+    while left:
+        fastest = min(time_of(c) for c in left)
+        tied = [c for c in left if time_of(c) <= fastest * (1 + TIE) + 1e-15]
+        best = min(tied, key=simplicity_of)  # min keeps the first of equals
+        out.append(best)
+        left = [c for c in left if c is not best]
+    return out
+
+
+def simplicity(result: MeshResult) -> tuple:
+    """``rank``'s order of tied plans: less model parallelism, then fewer sharded leaves."""
+    flavour = _FLAVOURS.index(result.variant) if result.variant in _FLAVOURS else 0
+    return (-result.mesh_shape.get("data", 1), flavour)
 
 
 def mesh_candidates(num_devices: int) -> list[tuple[int, int]]:
@@ -221,7 +253,8 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
     fed = set(graph.inputs) - donated
 
     def problem(sizes, split_leading=frozenset(), split_any=frozenset(), whole=frozenset()):
-        return MeshProblem(structure, MeshModel(AXIS_NAMES, sizes, profile), liveness, paired, fed,
+        mm = MeshModel(AXIS_NAMES, sizes, profile, data_axis_named=mesh_shape is not None)
+        return MeshProblem(structure, mm, liveness, paired, fed,
                            split_leading, split_any, whole)
 
     results = [_solve_mesh(problem(sizes), budget, time_limit_s, batch_leaves)
@@ -244,8 +277,8 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
             result = _solve_mesh(problem(meshes[0], *sets), budget, time_limit_s, batch_leaves)
             result.variant = name
             results.append(result)
-    fitting = sorted((r for r in results if r.status != "over_budget"),
-                     key=lambda r: r.step_time_s)
+    fitting = rank([r for r in results if r.status != "over_budget"],
+                   lambda r: r.step_time_s, simplicity)
     if not fitting:
         smallest = min((_min_memory(problem(sizes), time_limit_s) for sizes in meshes),
                        key=lambda found: found[0])
@@ -316,10 +349,10 @@ def _solve_mesh(problem: MeshProblem, budget: float, time_limit_s: float,
                       f"{shape}; using the best plan found by then (raise time_limit_s for a "
                       "better one)", stacklevel=3)
     graph = problem.s.graph
-    if mm.axis_sizes[1] == 1 and not any(specs[graph.inputs[j]][:1] != ((),)
+    if mm.axis_sizes[1] == 1 and not mm.data_axis_named and not any(specs[graph.inputs[j]][:1] != ((),)
                                          for j in batch_leaves if specs[graph.inputs[j]]):
         # A 1-D mesh that does not split the batch (leading) dimension is a model axis.
-        problem.mm = mm = MeshModel(AXIS_NAMES[::-1], mm.axis_sizes, mm.profile)
+        problem.mm = mm = mm.renamed(AXIS_NAMES[::-1])
         shape = {"data": 1, "model": mm.axis_sizes[0]}
     compute, comm = problem.evaluate(choice, specs)
     ins, outs = problem.io_specs(specs)
