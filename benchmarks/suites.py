@@ -7,8 +7,8 @@ Suites (``scripts/benchmark.py --suite NAME``):
   ``pmap``, ``data``, ``zero2``, ``zero3`` and ``auto``.
 * ``models``: GPT, MoE and Wide-ResNet with ``data``, ``zero2``, ``zero3``, ``manual``
   (Megatron-style rules), ``auto`` and ``auto_timed`` (``measure=True``: the compiled finalists
-  are timed and the fastest kept): CPU step time measured, H100 step time estimated by the cost model from the same
-  compiled step.
+  are timed and the fastest kept): CPU step time measured, H100 step time estimated by the
+  cost model from the same compiled step.
 * ``pipeline``: an 8-layer GPT and a Wide-ResNet, the best unpipelined plan (data, ZeRO-2,
   ZeRO-3, auto) against ``pipeshard`` with automatic stages and with 4 stages x 2 devices
   (1F1B and GPipe), 8 micro-batches: step time, the schedule's bubble and the measured one.
