@@ -1,13 +1,15 @@
 """shardax models (Flax NNX) and the registry that maps ``model.name`` to them.
 
 Models name logical axes on their params (``nnx.with_partitioning`` metadata, key
-``out_sharding``) and know nothing about meshes or ``parallel``.
+``out_sharding``) and know nothing about meshes or ``parallel``. ``models.hf`` reads and writes
+Hugging Face model directories.
 """
 from models import gpt as gpt
 from models import llama as llama
 from models import mlp as mlp
 from models import moe as moe
 from models import wide_resnet as wide_resnet
+from models import hf as hf  # after the models it reads are registered
 from models._registry import ModelSpec as ModelSpec
 from models._registry import available_models as available_models
 from models._registry import create_model as create_model

@@ -247,25 +247,6 @@ def flops_per_example(config: GPTConfig, seq_len: Optional[int] = None) -> float
     return 6.0 * t * matmul_params + attention_flops(config, t)
 
 
-def from_hf_gpt2(state_dict, hf_config) -> GPT:
-    """A shardax GPT with the weights of a Hugging Face ``GPT2LMHeadModel``.
-
-    Args:
-      state_dict: ``model.state_dict()`` of a ``transformers.GPT2LMHeadModel`` (torch tensors
-        or numpy arrays; a ``transformer.`` prefix is optional).
-      hf_config: its ``transformers.GPT2Config`` (or any object with the same attributes).
-
-    Returns:
-      A ``GPT`` whose ``config`` is the equivalent ``GPTConfig``; ``model(tokens)`` maps
-      ``int[B, T]`` to logits ``[B, T, vocab]`` equal to the Hugging Face model's.
-      ``dataclasses.asdict(model.config)`` is the YAML ``model:`` section (with ``name: gpt``)
-      of the same architecture, and ``nnx.state(model, nnx.Param)`` its parameters.
-    """
-    from models import _hf_gpt2
-
-    return _hf_gpt2.convert(state_dict, hf_config)
-
-
 SPEC = register(ModelSpec(name="gpt", config_cls=GPTConfig, task="lm",
                           build=lambda config, rngs: GPT(config, rngs),
                           num_params=num_params, flops_per_example=flops_per_example))

@@ -292,6 +292,57 @@ class Checkpointer:
                                  state, wanted)
         return state, dict(head["extras"])
 
+    def restore_part(self, step: int, target: Any) -> Any:
+        """Reads only the leaves of ``target``, a part of the saved state (e.g. ``{"params": ...}``).
+
+        Args:
+          step: a step this directory holds.
+          target: a pytree with the saved state's structure minus any subtrees left out, with
+            ``jax.ShapeDtypeStruct`` leaves carrying a ``.sharding``. Leaves may be restored a
+            few at a time (an exporter reading one parameter after another).
+
+        Returns:
+          ``target``'s leaves read from the checkpoint, placed per their shardings.
+
+        Raises:
+          CheckpointError: the step is missing or corrupt, or a leaf of ``target`` is not in it
+            with that shape (named).
+        """
+        self.wait()
+        step_dir = self.directory / str(int(step))
+        entry = files.StepDir(int(step), step_dir, True)
+        if not step_dir.is_dir():
+            held = [e.step for e in files.scan(self.directory) if e.committed]
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; it holds steps {held}")
+        if int(step) not in self._verified:
+            problem = files.verify(entry, contents=True)
+            if problem is not None:
+                raise CheckpointError(f"checkpoint {step_dir} is not valid: {problem}")
+            self._verified.add(int(step))
+        abstract = _abstract_target(target)
+        reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+        try:
+            saved = reader.restore(step_dir, args=ocp.args.Composite(
+                layout=ocp.args.JsonRestore()))["layout"]["leaves"]
+        finally:
+            reader.close()
+        shapes = {path: tuple(shape) for path, shape, _ in saved}
+        for path, shape, _ in files.layout(abstract):
+            if shapes.get(path) != tuple(shape):
+                got = "none" if path not in shapes else f"shape {shapes[path]}"
+                raise CheckpointError(f"checkpoint {step_dir} has {got} for {path}, wanted shape "
+                                      f"{tuple(shape)}")
+        reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        try:
+            return reader.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+                abstract, restore_args=jax.tree.map(
+                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract),
+                partial_restore=True))
+        except Exception as e:  # orbax and tensorstore raise many types for unreadable data
+            raise CheckpointError(f"cannot restore checkpoint {step_dir}: {type(e).__name__}: {e}") from e
+        finally:
+            reader.close()
+
     def extras(self, step: int) -> dict:
         """The JSON dict saved with ``step`` (data position, config, plan, metrics), no arrays read."""
         step_dir = self.directory / str(int(step))

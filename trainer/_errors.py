@@ -6,6 +6,7 @@ cluster driver ends a run on them instead of restarting it. Any other exception,
 """
 from __future__ import annotations
 
+import models
 import parallel
 from parallel import cluster
 
@@ -20,4 +21,4 @@ class TrainingDiverged(RuntimeError):
 
 USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError, NotADirectoryError,
                PermissionError, parallel.PlanError, parallel.CheckpointError,
-               cluster.ClusterError, TrainingDiverged)
+               cluster.ClusterError, TrainingDiverged, models.hf.HFError)

@@ -37,12 +37,16 @@ class ModelConfig:
 
     ``name`` may be None: a ``Trainer`` subclass that builds its own model needs none, and
     the base ``Trainer`` then trains ``DEFAULT_MODEL`` with its default options.
+
+    ``from_pretrained`` is a Hugging Face model directory: ``name`` and ``options`` come from its
+    ``config.json`` (keys given as well must agree with it) and training starts from its weights.
     """
 
     name: Optional[str] = None
     options: types.MappingProxyType = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({})
     )
+    from_pretrained: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,9 @@ class DataConfig:
     image_size: int = 32
     num_classes: int = 10
     max_bytes: int = 32 * 2**20
+    # text: a directory with tokenizer.json (or the file itself), "bytes" for bytes; None: the
+    # tokenizer of model.from_pretrained's directory when it has one, else bytes
+    tokenizer: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +142,9 @@ class Config:
             value = getattr(self, section)
             if section == "model":
                 name = {"name": value.name} if value.name is not None else {}
-                out["model"] = {**name, **dict(value.options)}
+                pretrained = ({"from_pretrained": value.from_pretrained}
+                              if value.from_pretrained is not None else {})
+                out["model"] = {**name, **pretrained, **dict(value.options)}
             else:
                 out[section] = dataclasses.asdict(value)
         return out
@@ -160,7 +169,7 @@ _CHOICES = {
 }
 _POSITIVE = {
     ("data", "seq_len"), ("data", "image_size"), ("data", "num_classes"), ("data", "max_bytes"),
-    ("optimizer", "learning_rate"), ("train", "steps"), ("train", "batch_size"),
+    ("train", "steps"), ("train", "batch_size"),
     ("train", "log_every"), ("train", "eval_batches"), ("train", "keep_checkpoints"),
     ("train", "grad_accum_steps"), ("parallel", "num_micro_batches"), ("cluster", "num_hosts"),
     ("train", "keep_every"), ("optimizer", "decay_steps"),
@@ -168,6 +177,7 @@ _POSITIVE = {
     ("cluster", "hang_timeout_s"),
 }
 _NON_NEGATIVE = {
+    ("optimizer", "learning_rate"),  # 0: the params stay as they are (an evaluation run)
     ("optimizer", "warmup_steps"), ("optimizer", "weight_decay"), ("optimizer", "min_lr_ratio"),
     ("train", "eval_every"), ("train", "checkpoint_every"), ("train", "sample_tokens"),
     ("data", "eval_fraction"), ("cluster", "gpus_per_host"), ("cluster", "max_restarts"),
@@ -254,7 +264,7 @@ def config_from_dict(raw: dict) -> Config:
         raise ConfigError(f"workdir must be a non-empty path string, got {workdir!r}")
     config = Config(workdir=workdir, **sections)
     _check_relations(config)
-    return config
+    return _resolve_tokenizer(config)
 
 
 def _section(section: str, cls: type, values: dict):
@@ -280,6 +290,11 @@ def _model_section(values: dict) -> ModelConfig:
 
     values = dict(values)
     name = values.pop("name", None)
+    pretrained = values.pop("from_pretrained", None)
+    if pretrained is not None:
+        from trainer._pretrained import model_section
+
+        name, values = model_section(pretrained, name, values)
     known = models.available_models()
     if name is None:
         if values:
@@ -293,13 +308,15 @@ def _model_section(values: dict) -> ModelConfig:
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise ConfigError(f"model.name {name!r} is not a known model ({', '.join(known)}){hint}")
     cls = models.get_spec(name).config_cls
-    _check_keys(values, [f.name for f in dataclasses.fields(cls)], "model.", extra=("name",))
+    _check_keys(values, [f.name for f in dataclasses.fields(cls)], "model.",
+                extra=("name", "from_pretrained"))
     try:
         config = models.make_config(name, values)  # the model's own types and value checks
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model ({name}): {e}") from None
     values = {k: getattr(config, k) for k in values}  # ints widened where floats are wanted
-    return ModelConfig(name=name, options=types.MappingProxyType(values))
+    return ModelConfig(name=name, options=types.MappingProxyType(values),
+                       from_pretrained=pretrained)
 
 
 def _check_keys(values: dict, valid, prefix: str, extra=()) -> None:
@@ -362,6 +379,16 @@ def _check_relations(config: Config) -> None:
     if config.data.source in ("text", "tokens") and not config.data.path:
         raise ConfigError(f"data.source={config.data.source} needs data.path (a file or folder)")
     _check_cluster(config)
+
+
+def _resolve_tokenizer(config: Config) -> Config:
+    """``data.tokenizer`` checked, and set to the pretrained model's directory when unset."""
+    from trainer._pretrained import resolve_tokenizer
+
+    tokenizer = resolve_tokenizer(config.data, config.model.from_pretrained)
+    if tokenizer == config.data.tokenizer:
+        return config
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=tokenizer))
 
 
 def _check_cluster(config: Config) -> None:
@@ -427,6 +454,7 @@ _HARMLESS = {
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.keep_checkpoints", "train.keep_every", "train.resume",
     "train.overwrite", "train.allow_config_change", "train.sample_tokens",
+    "model.from_pretrained",  # where the first weights came from; a resumed run has its own
 }
 
 

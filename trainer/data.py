@@ -313,6 +313,10 @@ def build_datasets(data, task: str, seed: int, model_options) -> tuple:
                 f"data.path {data.path!r} holds token id {top}, but model.vocab_size is {vocab}; "
                 f"raise model.vocab_size to at least {top + 1}"
             )
+    elif data.source == "text" and data.tokenizer not in (None, "bytes"):
+        from trainer._tokenizer import tokenize
+
+        tokens = tokenize(data.path, data.tokenizer, data.max_bytes, vocab)
     else:
         tokens = stdlib_corpus(data.max_bytes) if data.source == "stdlib" else text_corpus(data.path, data.max_bytes)
         if vocab < 256:

@@ -18,7 +18,7 @@ import models
 import parallel
 from parallel import cluster
 from parallel.profiles import UnknownDeviceError, get_profile
-from trainer import _resume, _sample, _steps
+from trainer import _pretrained, _resume, _sample, _steps, _tokenizer
 from trainer._cluster import read_everywhere
 from trainer._errors import TrainingDiverged
 from trainer.config import DEFAULT_MODEL, Config, ConfigError, dump_config
@@ -64,6 +64,8 @@ class Trainer:
         self.workdir = Path(config.workdir)
         own_model = type(self).build_model is not Trainer.build_model
         self.spec = None if own_model else models.get_spec(config.model.name or DEFAULT_MODEL)
+        if own_model and config.model.from_pretrained is not None:
+            raise _pretrained.own_model_error(self)
         self.state = None
         self.step_fn = None
         self._stop_signal = None
@@ -278,6 +280,8 @@ class Trainer:
             target = self.step_fn.abstract_inputs(abstract_state, self.batch_spec)[0]
             self.state, extras = self.checkpointer.restore(latest, target)
             self.last_metrics = extras.get("metrics", {})
+        elif cfg.model.from_pretrained is not None:  # fine-tuning: the directory's weights
+            self.state, self.last_metrics = _pretrained.pretrained_state(self), {}
         else:
             self.state = self.step_fn.init_state(self.fns.init, jax.random.key(cfg.train.seed), self.batch_spec)
             self.last_metrics = {}
@@ -409,11 +413,11 @@ class Trainer:
         self.checkpointer.save(step, self.state, extras)
 
     def sample(self, num_tokens: int, temperature: float = 0.8) -> str:
-        """Text generated from a prompt taken from the eval split (byte-level models)."""
+        """Text generated from a prompt taken from the eval split, decoded as the data was encoded."""
         prompt = self.eval_set.batch(0, 1)["inputs"][0, : self.config.data.seq_len // 2]
         tokens = _sample.generate(self.fns.graphdef, self.state, prompt, num_tokens,
                                   self.config.data.seq_len, temperature, self.config.train.seed)
-        return bytes(np.clip(tokens, 0, 255).astype(np.uint8)).decode("utf-8", errors="replace")
+        return _tokenizer.decode(self.config.data.tokenizer, tokens)
 
     def num_params(self) -> int:
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.abstract_state["params"])))

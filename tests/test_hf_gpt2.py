@@ -1,4 +1,4 @@
-"""GPT-2 parity: a random Hugging Face GPT2LMHeadModel and the shardax GPT built from its weights."""
+"""GPT-2 from an in-memory Hugging Face model: ``models.hf.from_state_dict`` (directories: test_hf_models.py)."""
 import jax
 import numpy as np
 import pytest
@@ -29,7 +29,7 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": False, "activation_function": "gelu"}])
 def test_logits_match_hugging_face(overrides):
     model, config = hf_model(**overrides)
-    gpt = models.gpt.from_hf_gpt2(model.state_dict(), config)
+    gpt = models.hf.from_state_dict(model.state_dict(), config)
     tokens = np.random.default_rng(0).integers(0, 97, size=(3, 24)).astype(np.int32)
     expected = hf_logits(model, tokens)
     logits = np.asarray(nnx.jit(lambda gpt, x: gpt(x))(gpt, tokens))
@@ -40,7 +40,7 @@ def test_logits_match_hugging_face(overrides):
 
 def test_converted_config_and_count():
     model, config = hf_model(tie_word_embeddings=False)
-    gpt = models.gpt.from_hf_gpt2(model.state_dict(), config)
+    gpt = models.hf.from_state_dict(model.state_dict(), config)
     assert gpt.config == models.GPTConfig(vocab_size=97, block_size=24, num_layers=2, num_heads=4,
                                           hidden_size=32, mlp_ratio=4, tie_embeddings=False)
     hf_count = sum(p.numel() for p in model.parameters())
@@ -52,10 +52,10 @@ def test_converted_config_and_count():
 def test_rejects_what_it_cannot_convert():
     model, config = hf_model()
     config.scale_attn_by_inverse_layer_idx = True
-    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx=True is not supported"):
-        models.gpt.from_hf_gpt2(model.state_dict(), config)
+    with pytest.raises(models.hf.HFError, match="scale_attn_by_inverse_layer_idx=True is not supported"):
+        models.hf.from_state_dict(model.state_dict(), config)
     model, config = hf_model()
     state = model.state_dict()
     state["transformer.h.1.mlp.c_fc.weight"] = state["transformer.h.1.mlp.c_fc.weight"][:, :64]
-    with pytest.raises(ValueError, match=r"\['h.1.mlp.c_fc.weight'\] has shape \(32, 64\).*\(32, 128\)"):
-        models.gpt.from_hf_gpt2(state, config)
+    with pytest.raises(models.hf.HFError, match=r"'transformer.h.1.mlp.c_fc.weight' has shape \(32, 64\).*gives \(32, 128\)"):
+        models.hf.from_state_dict(state, config)
