@@ -83,37 +83,44 @@ def resolve_tokenizer(data, pretrained) -> str | None:
 
 
 def pretrained_state(trainer):
-    """The first train state of a run with ``model.from_pretrained``: the plan's state, with the
-    directory's weights in place of the initial params (each read into its own sharding).
+    """The first train state of a run with ``model.from_pretrained``: the directory's weights,
+    each read straight into the plan's sharding of its parameter, and the rest of the state
+    (optimizer state, step, RNG) made for them.
 
-    The optimizer state is made again from the loaded params when it depends on their values
-    (adam's zero moments do not).
+    No initializer runs for the params: the state function is compiled with the loaded params as
+    its input, so XLA drops the random initializers (compiling them costs more than the run of a
+    small model). A pipeline's params live on several sub-meshes: its state is made as usual and
+    the params replaced leaf by leaf.
     """
     cfg = trainer.config
     key = jax.random.key(cfg.train.seed)
-    state = trainer.step_fn.init_state(trainer.fns.init, key, trainer.batch_spec)
-    shardings = jax.tree.map(lambda x: x.sharding, state["params"])
+    shardings = trainer.step_fn.input_shardings(trainer.abstract_state, trainer.batch_spec)[0]
     name, config = trainer.spec.name, trainer.spec.config_cls(**cfg.model.options)
+    optimizer = trainer.build_optimizer()
+    if len({getattr(s, "mesh", None) for s in jax.tree.leaves(shardings)}) > 1:
+        state = trainer.step_fn.init_state(trainer.fns.init, key, trainer.batch_spec)
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        if _depends_on_values(optimizer, state["params"]):
+            raise ConfigError("this optimizer's state depends on the params' values, which a "
+                              "pipelined fine-tuning cannot make again on its stages; use "
+                              "another parallel.method or an optimizer whose state starts at zero")
+    params = _load(cfg.model.from_pretrained, name, config, shardings["params"])
+    if len({getattr(s, "mesh", None) for s in jax.tree.leaves(shardings)}) > 1:
+        jax.tree.map(lambda x: x.delete(), state["params"])
+        return {**state, "params": params}
+
+    def init_with(key, params):
+        state = trainer.fns.init(key)
+        return {**state, "params": params, "opt_state": optimizer.init(params)}
+
+    return jax.jit(init_with, out_shardings=shardings, donate_argnums=1)(key, params)
+
+
+def _load(directory, name, config, shardings):
     try:
-        params = models.hf.load_params(cfg.model.from_pretrained, name, config, shardings)
+        return models.hf.load_params(directory, name, config, shardings)
     except models.hf.HFError as e:
         raise hf_error(e, "model.from_pretrained") from None
-    old = state["params"]
-    state["params"] = params
-    jax.tree.map(lambda x: x.delete(), old)
-    optimizer = trainer.build_optimizer()
-    if not _depends_on_values(optimizer, params):  # zeros (adam's moments...): kept as made
-        return state
-    meshes = {getattr(x.sharding, "mesh", None) for x in jax.tree.leaves(params)}
-    if len(meshes) > 1:  # a pipeline: params on several sub-meshes
-        raise ConfigError("this optimizer's state depends on the params' values, which a "
-                          "pipelined fine-tuning cannot make again on its stages; use "
-                          "another parallel.method or an optimizer whose state starts at zero")
-    opt_shardings = jax.tree.map(lambda x: x.sharding, state["opt_state"])
-    old = state["opt_state"]
-    state["opt_state"] = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    jax.tree.map(lambda x: x.delete(), old)
-    return state
 
 
 def _depends_on_values(optimizer, params) -> bool:

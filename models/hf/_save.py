@@ -30,13 +30,29 @@ def check_exportable(name: str, config) -> dict:
     hf = _config.from_options(name, config)
     back_name, back = _config.to_options(hf)
     back_config = _registry.make_config(back_name, back)
-    lost = [f"{f.name}={getattr(config, f.name)!r} (written as {getattr(back_config, f.name)!r})"
-            for f in dataclasses.fields(config) if f.name not in _NOT_IN_HF
-            and getattr(config, f.name) != getattr(back_config, f.name)]
+    mine, theirs = _canonical(config), _canonical(back_config)
+    lost = [f"{k}={mine[k]!r} (written as {theirs.get(k)!r})" for k in mine if mine[k] != theirs.get(k)]
     if back_name != name or lost:
         raise HFError(f"the {name} model cannot be written as a Hugging Face "
                       f"{hf['model_type']} model without changing it: {', '.join(lost)}")
     return hf
+
+
+def _canonical(config) -> dict:
+    """The options that decide what a model computes, with defaults spelled out."""
+    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+           if f.name not in _NOT_IN_HF}
+    if hasattr(config, "heads_dim"):  # llama: derived sizes, and settings that act only with others
+        out.update(head_dim=config.heads_dim, num_kv_heads=config.kv_heads)
+        unused = {"default": ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                              "rope_original_max_position"),
+                  "linear": ("rope_low_freq_factor", "rope_high_freq_factor",
+                             "rope_original_max_position")}.get(config.rope_type, ())
+        for key in unused + (("sliding_window_start",) if config.sliding_window is None else ()):
+            out.pop(key)
+        if "rope_original_max_position" in out:
+            out["rope_original_max_position"] = out["rope_original_max_position"] or config.block_size
+    return out
 
 
 def save_pretrained(out, name: str, config, get_param: Callable[[tuple], np.ndarray],
