@@ -168,7 +168,7 @@ def test_bad_directories_are_refused_naming_the_problem(saved, tmp_path):
         models.hf.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text((directory / "config.json").read_text())
     (tmp_path / "pytorch_model.bin").write_bytes(b"not opened")
-    with pytest.raises(models.hf.HFError, match="holds no .safetensors weights; it holds "
+    with pytest.raises(models.hf.HFError, match=r"holds no \*\.safetensors weights; it holds "
                        "pytorch_model.bin, pickled weights, which shardax never opens"):
         models.hf.from_pretrained(tmp_path)
     shutil.copyfile(directory / "model.safetensors", tmp_path / "model.safetensors")
