@@ -26,9 +26,9 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(tokens).long()).logits.numpy()
 
 
-@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": False, "activation_function": "gelu"}])
-def test_logits_match_hugging_face(overrides):
-    model, config = hf_model(**overrides)
+def test_logits_match_hugging_face():
+    # GPT-2 as released is in tests/test_hf_models.py; here its untied, exact-GELU variant
+    model, config = hf_model(tie_word_embeddings=False, activation_function="gelu")
     gpt = models.hf.from_state_dict(model.state_dict(), config)
     tokens = np.random.default_rng(0).integers(0, 97, size=(3, 24)).astype(np.int32)
     expected = hf_logits(model, tokens)
