@@ -1,5 +1,5 @@
 """shardax trainer: configs, the ``Trainer`` base class, data, optimizers and logging."""
-from trainer._steps import ModelError as ModelError
+from trainer._errors import ModelError as ModelError
 from trainer.config import Config as Config
 from trainer.config import ConfigError as ConfigError
 from trainer.config import load_config as load_config

@@ -2,17 +2,25 @@
 
 The command line (``trainer.cli``) turns exactly these into one line and exit code 2; the
 cluster driver ends a run on them instead of restarting it. Any other exception, a bare
-``ValueError`` included, is a bug and keeps its traceback.
+``ValueError`` included, is a bug and keeps its traceback. This module imports nothing else of
+``trainer``, so every module can raise these without an import circle.
 """
 from __future__ import annotations
 
-import models
 import parallel
 from parallel import cluster
 
-from trainer._steps import ModelError
-from trainer.config import ConfigError
-from trainer.data import DataError
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or an override; the message says what to change."""
+
+
+class DataError(ValueError):
+    """The data the config points at is missing, empty or too short; the message says which."""
+
+
+class ModelError(TypeError):
+    """A hook returned something the Trainer cannot train; the message names it and the fix."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -21,4 +29,4 @@ class TrainingDiverged(RuntimeError):
 
 USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError, NotADirectoryError,
                PermissionError, parallel.PlanError, parallel.CheckpointError,
-               cluster.ClusterError, TrainingDiverged, models.hf.HFError)
+               cluster.ClusterError, TrainingDiverged)

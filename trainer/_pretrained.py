@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 
 import models
-from trainer.config import ConfigError
+from trainer._errors import ConfigError
 
 
 def hf_error(error: Exception, what: str) -> ConfigError:

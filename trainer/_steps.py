@@ -15,12 +15,7 @@ import optax
 from flax import nnx
 import flax.linen as nn
 
-from trainer.config import ConfigError
-from trainer.data import DataError
-
-
-class ModelError(TypeError):
-    """A hook returned something the Trainer cannot train; the message names it and the fix."""
+from trainer._errors import ConfigError, DataError, ModelError
 
 
 def as_nnx(model: Any, example_inputs) -> nnx.Module:

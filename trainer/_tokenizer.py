@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.config import ConfigError
-from trainer.data import TEXT_SUFFIXES, DataError
+from trainer._errors import ConfigError, DataError
+from trainer._text import TEXT_SUFFIXES, text_files
 
 
 def tokenizer_file(tokenizer: str) -> Path:
@@ -62,10 +62,7 @@ def decode(tokenizer: str | None, ids) -> str:
 def _documents(path: str, max_bytes: int) -> list[tuple[Path, bytes]]:
     """The text files of ``data.path`` (a file, or a folder's text files sorted), up to
     ``max_bytes`` in all: the same bytes the byte-level ``text`` source reads."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"data.path {path!r} does not exist; point it at a text file or folder")
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES)
+    files = text_files(path)
     docs, total = [], 0
     for f in files:
         if total >= max_bytes:
@@ -86,7 +83,7 @@ def cache_path(path: str, tokenizer: str, max_bytes: int) -> Path:
     """Where the tokens of ``data.path`` are cached: beside it, named by a key of the tokenizer
     file's bytes, the data files' names, sizes and times, and ``max_bytes``."""
     p = Path(path).resolve()
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES)
+    files = text_files(p)
     key = hashlib.sha256(tokenizer_file(tokenizer).read_bytes())
     key.update(str(max_bytes).encode())
     for f in files:

@@ -20,11 +20,9 @@ import yaml
 
 from parallel.profiles import PUBLISHED
 
+from trainer._errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or an override; the message says what to change."""
 
 
 # The registry model the base ``Trainer`` trains when a config names none.

@@ -14,11 +14,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".yaml", ".yml", ".csv", ".html", ".c", ".h")
-
-
-class DataError(ValueError):
-    """The data the config points at is missing, empty or too short; the message says which."""
+from trainer._errors import DataError
+from trainer._text import TEXT_SUFFIXES, text_files
 
 
 def _read_text_files(files, max_bytes: int) -> np.ndarray:
@@ -47,11 +44,7 @@ def stdlib_corpus(max_bytes: int) -> np.ndarray:
 
 def text_corpus(path: str, max_bytes: int) -> np.ndarray:
     """A text file, or every text file under a folder (sorted), as bytes."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"data.path {path!r} does not exist; point it at a text file or folder")
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES)
-    data = _read_text_files(files, max_bytes)
+    data = _read_text_files(text_files(path), max_bytes)
     if data.size == 0:
         raise DataError(
             f"data.path {path!r} holds no text (looked for {', '.join(TEXT_SUFFIXES)} files)"
