@@ -27,3 +27,4 @@ from parallel.profiles import DeviceProfile as DeviceProfile
 from parallel.profiles import UnknownDeviceError as UnknownDeviceError
 from parallel.profiles import get_profile as get_profile
 from parallel.report import Report as Report
+from parallel._weighted import weighted_mean as weighted_mean

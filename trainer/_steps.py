@@ -124,7 +124,8 @@ def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedu
         model = nnx.merge(graphdef, cast_floating(params, compute_dtype), model_state)
         loss, metrics = loss_fn(model, batch, rng)
         new_model_state = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
-        return loss.astype(jnp.float32), (metrics, new_model_state)
+        loss, count = split_loss(loss)  # a (sum, count) loss: differentiate the sum
+        return loss.astype(jnp.float32), (metrics, new_model_state, count)
 
     grad_fn = jax.value_and_grad(loss_and_state, has_aux=True)
 
@@ -132,25 +133,32 @@ def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedu
         rng, step_rng = jax.random.split(state["rng"])
         params, model_state = state["params"], state["model_state"]
         if grad_accum_steps == 1:
-            (loss, (metrics, model_state)), grads = grad_fn(params, model_state, batch, step_rng)
+            (loss, (metrics, model_state, count)), grads = grad_fn(params, model_state, batch,
+                                                                   step_rng)
         else:
             micro = jax.tree.map(  # (B, ...) -> (A, B/A, ...)
                 lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
 
             def accumulate(carry, inputs):
-                grads_sum, loss_sum, model_state = carry
+                grads_sum, loss_sum, count_sum, model_state = carry
                 micro_batch, key = inputs
-                (loss, (metrics, model_state)), grads = grad_fn(params, model_state, micro_batch, key)
+                (loss, (metrics, model_state, count)), grads = grad_fn(
+                    params, model_state, micro_batch, key)
                 grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-                return (grads_sum, loss_sum + loss, model_state), metrics
+                count_sum = count_sum + (1.0 if count is None else count)
+                return (grads_sum, loss_sum + loss, count_sum, model_state), metrics
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            keys = jax.random.split(step_rng, grad_accum_steps)
-            (grads, loss, model_state), metrics = jax.lax.scan(
-                accumulate, (zeros, jnp.zeros((), jnp.float32), model_state), (micro, keys))
-            grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
-            loss = loss / grad_accum_steps
+            # Micro-batch i's key is fold_in(step key, i), as a pipeline's micro-batch i gets.
+            keys = jax.vmap(lambda i: jax.random.fold_in(step_rng, i))(
+                jnp.arange(grad_accum_steps))
+            (grads, loss, count, model_state), metrics = jax.lax.scan(
+                accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                             model_state), (micro, keys))
             metrics = jax.tree.map(lambda m: m.mean(), metrics)
+        if count is not None:  # loss and gradients: sums over examples, divided once
+            loss = loss / count
+            grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = {
             "step": state["step"] + 1,
@@ -166,13 +174,14 @@ def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedu
 
     def eval_step(state, batch):
         model = nnx.merge(graphdef, cast_floating(state["params"], compute_dtype), state["model_state"])
-        metrics = eval_metrics_fn(model, batch)
+        metrics = eval_metrics_fn(model, batch)  # a (sum, count) pair is a mean
+        metrics = {k: v[0] / v[1] if isinstance(v, tuple) else v for k, v in metrics.items()}
         return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
     def loss(state, batch):
-        loss, (metrics, _) = loss_and_state(state["params"], state["model_state"], batch,
-                                            state["rng"])
-        return loss, metrics
+        loss, (metrics, _, count) = loss_and_state(state["params"], state["model_state"], batch,
+                                                   state["rng"])
+        return (loss if count is None else loss / count), metrics
 
     def apply(state, inputs):
         model = nnx.merge(graphdef, cast_floating(state["params"], compute_dtype),
@@ -252,6 +261,24 @@ def xla_flops(fn: Callable, *abstract_args) -> float | None:
         costs = costs[0] if costs else None
     flops = (costs or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
+
+
+def split_loss(loss):
+    """``(loss, None)`` for a scalar loss; ``(total, count)`` for a loss given as a sum over
+    examples and their count (gradients of the sum are divided by the global count once, so
+    ``train.grad_accum_steps`` and pipelines accumulate it exactly).
+
+    Raises:
+      ModelError: a tuple that is not a pair.
+    """
+    if not isinstance(loss, (tuple, list)):
+        return loss, None
+    if len(loss) != 2:
+        raise ModelError(f"loss_fn returned a loss of {len(loss)} parts; return a scalar loss or "
+                         f"a pair (sum over examples, count), e.g. (jnp.sum(ce * mask), "
+                         f"jnp.sum(mask))")
+    total, count = loss
+    return jnp.asarray(total), jnp.asarray(count, jnp.float32)
 
 
 def forward(model, inputs, train: bool):

@@ -80,7 +80,8 @@ class Trainer:
         return models.create_model(self.spec.name, dict(self.config.model.options), rngs=rngs)
 
     def loss_fn(self, model, batch, rng):
-        """Returns ``(scalar loss, dict of metrics)``; ``rng`` is None during evaluation.
+        """Returns ``(loss, dict of metrics)``; ``rng`` is None during evaluation. The loss may be a
+        pair ``(sum, count)`` (a masked mean), divided once: exact under accumulation and pipelines.
 
         The default is the loss of the data's task (next-token cross entropy, classification
         or regression); a subclass training on data of its own must override it.

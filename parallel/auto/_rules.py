@@ -448,7 +448,7 @@ def _reshape_spec(src_shape, dst_shape, spec: Spec, mm: MeshModel) -> tuple[Spec
         split = [(d, spec[d]) for d in range(i0, min(i, len(src_shape))) if spec[d]]
         if not split:
             continue
-        if (len(split) == 1 and split[0][0] == src_dims[0] and dst_dims
+        if (len(split) == 1 and src_dims and split[0][0] == src_dims[0] and dst_dims
                 and dst_shape[dst_dims[0]] % mm.group_size(split[0][1]) == 0):
             out[dst_dims[0]] = split[0][1]
         else:

@@ -13,11 +13,12 @@ from parallel._errors import PlanError
 from parallel._methods import Method, register_method, warn_once
 from parallel.pipeline import _dp
 from parallel.pipeline._intra import stage_plan
-from parallel.pipeline._program import flatten, split_regions
+from parallel.pipeline._regions import split_regions
 from parallel.pipeline._runtime import StageRunner
 from parallel.pipeline._schedule import SCHEDULES
 from parallel.pipeline._stages import backward_flags, balanced_stages, find_layers, place
 from parallel.pipeline._step import PipelinedStep
+from parallel.pipeline._trace import trace_step
 from parallel.profiles import DeviceProfile, get_profile
 
 # Layers cut automatically when stage_option="auto" and the step has no markers.
@@ -28,10 +29,14 @@ class PipeshardParallel(Method):
     """Pipeline parallelism: the step's layers split into stages, each on its own sub-mesh.
 
     The step is the user's, unchanged (plain ``jax.value_and_grad`` and an optax update over any
-    state pytree). It is traced on one micro-batch and split: per-step work, the per-micro-batch
-    forward and backward (cut into stages), and the update, which sees the mean over
-    micro-batches of the gradients (and of every other batch reduction). That equals the
-    unpipelined step for losses that are means over the batch.
+    state pytree). It is traced on the global batch and split: per-step work, the per-micro-batch
+    forward and backward (cut into stages, run on the same operations at the micro-batch's
+    size), and the update, which sees the micro-batches' values combined: sums added, means
+    averaged, per-example values concatenated. Constants depending on the batch size keep their
+    global value. The result equals the unpipelined step, except for what is per micro-batch by
+    nature (random keys, ``fold_in(key, i)`` as ``train.grad_accum_steps``; statistics of the
+    model's activations over the batch, warned about); what cannot be combined exactly is
+    refused with a ``PlanError`` naming it (see ``docs/pipeline.md``).
 
     Args:
       num_micro_batches: micro-batches per step; the global batch must divide by it.
@@ -98,12 +103,12 @@ class PipeshardParallel(Method):
         """Traces, splits and places ``fn``; returns the step that runs it (compiled lazily)."""
         m = self.num_micro_batches
         num_devices = len(devices)
-        micro, doubled, global_batch = _micro_batch_args(abstract_args, batch_argnums, m)
-        program = flatten(jax.make_jaxpr(fn)(*micro))
-        twice = flatten(jax.make_jaxpr(fn)(*doubled))
+        traced = trace_step(fn, abstract_args, batch_argnums, m)
+        global_batch = traced.global_batch
+        out_paths, _ = jax.tree_util.tree_flatten_with_path(jax.eval_shape(fn, *abstract_args))
+        names = [f"output{jax.tree_util.keystr(path)}" for path, _ in out_paths]
+        program, regions = split_regions(traced, m, names)
         flat_args = jax.tree.leaves(tuple(abstract_args))
-        batch_inputs = _batch_input_ids(abstract_args, batch_argnums, program.inputs)
-        regions = split_regions(program, twice, batch_inputs)
         backward = backward_flags(program, regions)
         if not any(backward):
             raise PlanError("the step computes no gradient from the batch (no backward pass): "
@@ -167,44 +172,12 @@ class PipeshardParallel(Method):
         search = {"cost_s": choice.cost_s, "stage_times_s": list(choice.stage_times_s)}
         if equal is not None:
             search.update(equal_layers_starts=list(equal.starts), equal_layers_cost_s=equal.cost_s)
-        return PipelinedStep(fn, self, runner, abstract_args, flat_args, global_batch,
+        step = PipelinedStep(fn, self, runner, abstract_args, flat_args, global_batch,
                              layers, choice, search, mirrors, batch_argnums, donate_argnums)
-
-
-def _micro_batch_args(abstract_args, batch_argnums, m):
-    """The arguments with batch leaves cut to one micro-batch, and to two."""
-    sizes = set()
-    for i in batch_argnums:
-        for leaf in jax.tree.leaves(abstract_args[i]):
-            if not leaf.shape:
-                raise PlanError(f"batch argument {i} has a scalar leaf; every batch leaf needs a "
-                                f"leading batch dimension to split into micro-batches")
-            sizes.add(leaf.shape[0])
-    if len(sizes) != 1:
-        raise PlanError(f"batch leaves have different leading dimensions {sorted(sizes)}; they "
-                        f"must share the global batch size")
-    batch = sizes.pop()
-    if batch % m:
-        raise PlanError(f"global batch size {batch} is not divisible by num_micro_batches={m}; "
-                        f"use a batch size that is a multiple of {m}")
-
-    def cut(k):
-        return tuple(
-            jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch // m * k, *x.shape[1:]), x.dtype),
-                         arg) if i in batch_argnums else arg
-            for i, arg in enumerate(abstract_args))
-
-    return cut(1), cut(2), batch
-
-
-def _batch_input_ids(abstract_args, batch_argnums, input_ids) -> list[int]:
-    ids, k = [], 0
-    for i, arg in enumerate(abstract_args):
-        n = len(jax.tree.leaves(arg))
-        if i in batch_argnums:
-            ids.extend(input_ids[k:k + n])
-        k += n
-    return ids
+        step.plan.extras["per_micro_batch"] = list(regions.notes)
+        if regions.notes:
+            step.plan.extras["explanation"] += "".join(f"\n{note}" for note in regions.notes)
+        return step
 
 
 def _weight_bytes(program, regions, layers) -> list[float]:

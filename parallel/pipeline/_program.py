@@ -9,7 +9,8 @@ loops, branches and remat bodies stay single operations. Regions:
   per-example input (forward, backward, the batch reductions that end in weight gradients);
   run once per micro-batch, split into stages.
 * ``A``: the apply region: the remaining batch-dependent operations (optimizer update,
-  gradient norm, metrics); run once per step on the micro-batch means of what ``M`` produced.
+  gradient norm, metrics); run once per step on what ``M`` produced, combined over the
+  micro-batches (``parallel.pipeline._regions`` decides how, and what is exact).
 """
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ class _Flattener:
     def closed(self, closed_jaxpr, args, backward):
         consts = []
         for c in closed_jaxpr.consts:
-            v = self.new(jax.core.get_aval(c))
+            v = self.new(jax.typeof(c))
             self.consts[v] = c
             consts.append(v)
         return self.run(closed_jaxpr.jaxpr, consts, args, backward)
@@ -176,20 +177,48 @@ def evaluate(ops: list[Op], env: dict[int, Any]) -> None:
         env.update(zip(op.outputs, out))
 
 
+def substitute(op: Op, mapping: dict[int, int]) -> Op:
+    """``op`` reading ``mapping[v]`` for each value ``v`` it reads that ``mapping`` names."""
+    if not any(isinstance(a, int) and a in mapping for a in op.inputs):
+        return op
+    return dataclasses.replace(op, inputs=[mapping.get(a, a) if isinstance(a, int) else a
+                                           for a in op.inputs])
+
+
+def emit(fn, inputs: list[int], avals: list, consts: dict[int, Any]) -> tuple[list[Op], list]:
+    """The operations of ``fn`` traced on the values ``inputs``, with fresh value ids.
+
+    ``avals`` and ``consts`` are the program's (extended in place with the new values).
+    """
+    builder = _Flattener()
+    builder.avals, builder.consts = avals, consts
+    closed = jax.make_jaxpr(fn)(*[jax.ShapeDtypeStruct(avals[v].shape, avals[v].dtype)
+                                  for v in inputs])
+    outputs = builder.closed(closed, list(inputs), False)
+    return builder.ops, outputs
+
+
 @dataclasses.dataclass
 class Regions:
     """The regions of a program and what the pipeline needs to know of its values.
 
+    The per-step (``N``) and apply (``A``) regions run operations traced on the global batch,
+    the micro-batch region (``M``) operations traced on one micro-batch.
+
     Attributes:
       region: per op index, ``"N"``, ``"M"`` or ``"A"``.
-      batch_dim: value id -> the dimension that grows with the micro-batch (per-example values).
+      batch_dim: value id -> the dimension that grows with the batch (per-example values).
       batch_dependent: value ids that depend on the batch.
       crossing: values made in ``M`` and read outside it (by ``A`` or as outputs).
-      combine: crossing value id -> how the runtime combines its per-micro-batch values:
-        ``"mean"`` (the default for a value not named), ``"sum"``, ``"concat"`` (along its
-        batch dimension; step outputs only) or ``("weighted", w)`` (sum of x*w over sum of w).
-      micro_batch_index: a value id the runtime binds, in each micro-batch task, to the index of
-        the micro-batch (an int32 scalar); ``None`` if the program reads none.
+      combine: crossing value id -> how its per-micro-batch values make the step's value:
+        ``"sum"``, ``"mean"``, ``"concat"`` (along ``batch_dim``) or ``("weighted", w)``.
+      micro_batch_index: value id of the micro-batch's index (an int32 scalar the runtime binds
+        in every micro-batch task), or ``None`` when nothing reads it.
+      global_avals: value id -> its aval over the global batch, for values whose
+        ``program.avals`` entry is a micro-batch's (batch inputs read by ``N``, concatenated
+        crossing values read by ``A``).
+      notes: what is computed per micro-batch rather than over the global batch (batch
+        statistics, ratios), one line each, for the plan's report.
     """
 
     region: list[str]
@@ -198,71 +227,5 @@ class Regions:
     crossing: list[int]
     combine: dict[int, Any] = dataclasses.field(default_factory=dict)
     micro_batch_index: int | None = None
-
-
-def split_regions(program: Program, doubled: Program, batch_inputs: list[int]) -> Regions:
-    """Finds the ``N``/``M``/``A`` regions.
-
-    Args:
-      program: the step traced on one micro-batch.
-      doubled: the same step traced on two micro-batches' worth of examples; values whose shape
-        differs between the two are per-example.
-      batch_inputs: value ids of the batch leaves.
-
-    Raises:
-      PlanError: the two traces differ in structure, or the step has no per-example work.
-    """
-    if len(program.ops) != len(doubled.ops) or any(
-            a.prim is not b.prim for a, b in zip(program.ops, doubled.ops)):
-        raise PlanError(
-            f"the step traces to different programs for micro-batch sizes "
-            f"{_batch_size(program, batch_inputs)} and {_batch_size(doubled, batch_inputs)} "
-            f"({len(program.ops)} vs {len(doubled.ops)} operations); PipeshardParallel needs a "
-            f"step whose operations do not depend on the batch size")
-    batch_dim = {}
-    for v, (a, b) in enumerate(zip(program.avals, doubled.avals)):
-        sa, sb = tuple(getattr(a, "shape", ())), tuple(getattr(b, "shape", ()))
-        if sa != sb:
-            dims = [d for d, (x, y) in enumerate(zip(sa, sb)) if x != y]
-            batch_dim[v] = dims[0] if dims else 0
-    dependent = set(batch_inputs)
-    for op in program.ops:
-        if any(v in dependent for v in op.value_inputs()):
-            dependent.update(op.outputs)
-    consumers: dict[int, list[int]] = {}
-    for i, op in enumerate(program.ops):
-        for v in op.value_inputs():
-            consumers.setdefault(v, []).append(i)
-    region = ["N"] * len(program.ops)
-    for i in range(len(program.ops) - 1, -1, -1):
-        op = program.ops[i]
-        if not any(v in dependent for v in op.value_inputs()):
-            continue
-        per_example = any(v in batch_dim for v in op.value_inputs())
-        feeds_m = any(region[c] == "M" for v in op.outputs for c in consumers.get(v, ()))
-        region[i] = "M" if per_example or feeds_m else "A"
-    if "M" not in region:
-        raise PlanError("the step does no per-example computation on the batch arguments "
-                        "(batch_argnums); nothing to pipeline")
-    produced_in_m = {v for op, r in zip(program.ops, region) if r == "M" for v in op.outputs}
-    crossing = []
-    for i, op in enumerate(program.ops):
-        if region[i] == "M":
-            continue
-        crossing.extend(v for v in op.value_inputs() if v in produced_in_m)
-    crossing.extend(v for v in program.outputs if isinstance(v, int) and v in produced_in_m)
-    crossing = list(dict.fromkeys(crossing))
-    for v in crossing:
-        dtype = program.avals[v].dtype
-        if not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
-            raise PlanError(
-                f"a value of dtype {dtype} and shape {program.avals[v].shape} leaves the "
-                f"per-micro-batch computation; PipeshardParallel averages such values over "
-                f"micro-batches, which needs floating point: compute integer metrics as float "
-                f"means inside the loss")
-    return Regions(region, batch_dim, dependent, crossing)
-
-
-def _batch_size(program: Program, batch_inputs: list[int]) -> Any:
-    shapes = [program.avals[v].shape for v in batch_inputs if program.avals[v].shape]
-    return shapes[0][0] if shapes else None
+    global_avals: dict[int, Any] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)

@@ -142,12 +142,17 @@ class StageRunner:
     def sharding(self, v: int, stage: int) -> NamedSharding:
         return NamedSharding(self.meshes[stage], self.spec(v, stage))
 
-    def input_sharding(self, v: int, stage: int) -> NamedSharding:
+    def input_sharding(self, v: int, stage: int, per_step: bool = False) -> NamedSharding:
         """How a task on ``stage`` takes ``v``: as the stage lays it out if it is made there;
         else as it arrives from its stage (``arrival_sharding``), resharded inside the task's
-        program. Across processes it arrives laid out as the stage wants it."""
+        program. Across processes it arrives laid out as the stage wants it. A per-step task
+        (``per_step``) reads a batch leaf whole, as the step received it."""
         want = self.sharding(v, stage)
         source = self.source_stage(v)
+        if per_step and v in self.batch_inputs and jax.process_count() == 1:
+            have = self.batch_sharding(v, source)
+            return have if self.meshes[source] is self.meshes[stage] else arrival_sharding(
+                have, self.meshes[stage])
         if (source is None or self.meshes[source] is self.meshes[stage]
                 or jax.process_count() > 1):
             return want
@@ -171,8 +176,11 @@ class StageRunner:
             return NamedSharding(self.meshes[stage], PartitionSpec())
         return self.sharding(acc.value, stage)
 
-    def _aval(self, v: int):
-        aval = self.program.avals[v]
+    def _aval(self, v: int, per_step: bool = False):
+        """``v``'s aval; for per-step tasks over the global batch (a batch leaf, a concatenated
+        per-example value)."""
+        aval = self.regions.global_avals.get(v, self.program.avals[v]) if per_step \
+            else self.program.avals[v]
         return jax.ShapeDtypeStruct(aval.shape, aval.dtype,
                                     weak_type=getattr(aval, "weak_type", False))
 
@@ -198,9 +206,10 @@ class StageRunner:
                 (self._finished_shape(v), self.program.avals[v].dtype, s)
                 for v, s in zip(self._finished[stage], outs)])
         task = self.tasks[key]
-        args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.input_sharding(v, task.stage),
-                                     weak_type=a.weak_type)
-                for v, a in ((v, self._aval(v)) for v in task.inputs)]
+        per_step = key[0] in "NA"
+        args = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type,
+                                     sharding=self.input_sharding(v, task.stage, per_step))
+                for v, a in ((v, self._aval(v, per_step)) for v in task.inputs)]
         outs = [self.sharding(v, task.stage) for v in task.outputs]
         donate: list[int] = []
         if task.accumulates:
@@ -288,8 +297,9 @@ class StageRunner:
         task = self.tasks[key]
         ops = [self.program.ops[i] for i in task.ops]
         inputs, outputs, accs = list(task.inputs), list(task.outputs), list(task.accumulates)
+        per_step = key[0] in "NA"
         moved = {k: self.sharding(v, task.stage) for k, v in enumerate(inputs)
-                 if self.input_sharding(v, task.stage) != self.sharding(v, task.stage)}
+                 if self.input_sharding(v, task.stage, per_step) != self.sharding(v, task.stage)}
 
         def run(*args):
             env = {v: jax.lax.with_sharding_constraint(x, moved[k]) if k in moved else x
@@ -305,8 +315,10 @@ class StageRunner:
         head = [key[0] if key[0] in ("split", "zeros", "finish") else "task",
                 [(a.shape, str(a.dtype), a.sharding.spec, _devices(a.sharding)) for a in args],
                 [(s.spec, _devices(s)) for s in outs], donate]
-        if key[0] in ("split", "zeros"):
+        if key[0] == "split":
             return str(head + [self.num_micro_batches])
+        if key[0] == "zeros":  # the shapes are in no argument: name them
+            return str(head + [[(a.shape, str(a.dtype)) for a in self._accs[key[1]]]])
         if key[0] == "finish":
             return str(head + [[(a.kind, a.value, a.weight) for a in self._accs[key[1]]],
                                [(v, combine_of(self.regions, v)) for v in self._finished[key[1]]],
@@ -368,9 +380,8 @@ class StageRunner:
                 counts["transfers"] += 1
             return copies[stage]
 
-        for v, arg in zip(program.inputs, flat_args):
-            if v not in self.regions.batch_dim:
-                step[v] = {placement.home[v]: arg}
+        for v, arg in zip(program.inputs, flat_args):  # batch leaves whole: per-step tasks
+            step[v] = {placement.home[v]: arg}
         by_value = dict(zip(program.inputs, flat_args))
         for stage, vs in self._splits.items():
             pieces = launch(("split", stage), [by_value[v] for v in vs])

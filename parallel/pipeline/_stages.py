@@ -98,6 +98,7 @@ def find_layers(program: Program, regions: Regions, backward: list[bool],
             layer_of_value[v] = layer
     if value_markers and not cuts:
         _delay_side_work(program, forward, of_op, layer_of_value)
+    _delay_free_work(program, regions, forward, of_op, layer_of_value)
     # Layers in use, numbered from 0 (a cut before any forward work leaves no empty layer).
     rank = {layer: k for k, layer in enumerate(sorted(set(of_op.values())))}
     of_op = {i: rank[layer] for i, layer in of_op.items()}
@@ -138,6 +139,30 @@ def _delay_side_work(program: Program, forward: list[int], of_op: dict[int, int]
             continue
         later = [of_op[r] for v in program.ops[i].outputs for r in readers.get(v, ())]
         if later and min(later) > of_op[i]:
+            of_op[i] = min(later)
+            for v in program.ops[i].outputs:
+                layer_of_value[v] = of_op[i]
+
+
+def _delay_free_work(program: Program, regions: Regions, forward: list[int],
+                     of_op: dict[int, int], layer_of_value: dict[int, int]) -> None:
+    """Moves forward ops that read no example (a mask's broadcast, random bits, a slice of
+    positions) to the first layer reading their results, so they do not cross cuts."""
+    from_batch = {v for v in program.inputs if v in regions.batch_dim}
+    free = []
+    for i in forward:
+        op = program.ops[i]
+        if any(v in from_batch for v in op.value_inputs()):
+            from_batch.update(op.outputs)
+        else:
+            free.append(i)
+    readers: dict[int, list[int]] = {}
+    for i in forward:
+        for v in program.ops[i].value_inputs():
+            readers.setdefault(v, []).append(i)
+    for i in reversed(free):
+        later = [of_op[r] for v in program.ops[i].outputs for r in readers.get(v, ())]
+        if later:
             of_op[i] = min(later)
             for v in program.ops[i].outputs:
                 layer_of_value[v] = of_op[i]
@@ -206,6 +231,24 @@ def balanced_stages(weights: list[float], num_stages: int) -> list[int]:
         return result
 
     return solve(0, num_stages)[1]
+
+
+def virtual_stage_starts(layers: Layers, num_stages: int, virtual_stages: int) -> list[int]:
+    """First layer of each of ``num_stages * virtual_stages`` virtual stages (interleaved
+    1F1B): equal numbers of consecutive layers; virtual stage ``k`` runs on group ``k % S``.
+
+    Raises:
+      PlanError: the layers do not split into that many equal parts.
+    """
+    total = num_stages * virtual_stages
+    if layers.count % total:
+        fix = ("add or remove mark_pipeline_boundary calls" if layers.from_markers
+               else f"set layers= to a multiple of {total}")
+        raise PlanError(f"{layers.count} layers do not split into {num_stages} stages x "
+                        f"{virtual_stages} virtual stages ({total} equal parts); {fix}, or "
+                        f"change virtual_stages")
+    per = layers.count // total
+    return [k * per for k in range(total)]
 
 
 @dataclasses.dataclass

@@ -90,13 +90,10 @@ def accumulators(program: Program, regions: Regions, num_micro_batches: int,
     is handed to it each micro-batch (``weights_read``).
 
     Raises:
-      PlanError: an unknown combine, a non-float value averaged, or a concatenated value read
-        by the update.
+      PlanError: an unknown combine, or a non-float value averaged.
     """
     out: dict[tuple, list[Accumulator]] = {}
     have: set[tuple] = set()
-    read_outside = {v for i, r in enumerate(regions.region) if r != "M"
-                    for v in program.ops[i].value_inputs()}
 
     def add(key, acc):
         if (key, acc.value, acc.kind) not in have:
@@ -117,10 +114,6 @@ def accumulators(program: Program, regions: Regions, num_micro_batches: int,
                             f"per-micro-batch computation as a {mode}, which needs floating "
                             f"point: compute it as a float, or combine it as a sum")
         if mode == "concat":
-            if v in read_outside:
-                raise PlanError(f"a per-example value of shape {aval.shape} is concatenated over "
-                                f"micro-batches but also read by the update; only step outputs "
-                                f"can be concatenated")
             axis = regions.batch_dim.get(v, 0)
             shape = list(aval.shape)
             shape[axis] *= num_micro_batches
