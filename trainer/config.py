@@ -118,9 +118,15 @@ class ClusterConfig:
     devices_per_host: Optional[int] = None  # CPU devices each worker simulates
     gpus_per_host: int = 0
     cpus_per_host: int = 1
-    max_restarts: int = 3
+    max_restarts: int = 3  # within restart_window_s
+    restart_window_s: float = 3600.0
     startup_timeout_s: float = 120.0
-    hang_timeout_s: float = 1800.0
+    hang_timeout_s: float = 600.0  # the step phase's limit
+    phase_timeout_s: Optional[dict] = None  # planning/compile/restore/eval/checkpoint: seconds
+    answer_timeout_s: float = 300.0
+    capacity_timeout_s: float = 600.0
+    env: Optional[dict] = None  # environment variables for every worker
+    compilation_cache: bool = True  # JAX's persistent compilation cache in workdir/compile-cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +178,8 @@ _POSITIVE = {
     ("train", "grad_accum_steps"), ("parallel", "num_micro_batches"), ("cluster", "num_hosts"),
     ("train", "keep_every"), ("optimizer", "decay_steps"),
     ("cluster", "devices_per_host"), ("cluster", "cpus_per_host"), ("cluster", "startup_timeout_s"),
-    ("cluster", "hang_timeout_s"),
+    ("cluster", "hang_timeout_s"), ("cluster", "restart_window_s"), ("cluster", "answer_timeout_s"),
+    ("cluster", "capacity_timeout_s"),
 }
 _NON_NEGATIVE = {
     ("optimizer", "learning_rate"),  # 0: the params stay as they are (an evaluation run)
@@ -406,6 +413,7 @@ def _check_cluster(config: Config) -> None:
             f"cluster.devices_per_host={cluster.devices_per_host} simulates CPU devices, but "
             f"cluster.gpus_per_host={cluster.gpus_per_host} asks for GPUs; drop devices_per_host "
             "(each worker uses the GPUs Ray gives it)")
+    _check_cluster_maps(cluster)
     if config.train.batch_size % hosts:
         raise ConfigError(
             f"train.batch_size ({config.train.batch_size}) must divide by cluster.num_hosts "
@@ -418,6 +426,23 @@ def _check_cluster(config: Config) -> None:
                 f"parallel.mesh {dict(mesh)} covers {size} devices but cluster.num_hosts x "
                 f"cluster.devices_per_host = {hosts} x {cluster.devices_per_host} = {devices}; "
                 "make them equal")
+
+
+def _check_cluster_maps(cluster: ClusterConfig) -> None:
+    from parallel.cluster._spec import LONG_PHASES
+
+    for phase, limit in (cluster.phase_timeout_s or {}).items():
+        if phase not in LONG_PHASES:
+            where = {"step": "cluster.hang_timeout_s", "start-up": "cluster.startup_timeout_s"}
+            hint = (f"its limit is {where[phase]}" if phase in where else
+                    f"phases with a limit of their own: {', '.join(LONG_PHASES)}")
+            raise ConfigError(f"unknown key 'cluster.phase_timeout_s.{phase}'; {hint}")
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
+            raise ConfigError(f"cluster.phase_timeout_s.{phase} must be a positive number of "
+                              f"seconds, got {limit!r}")
+    for key, value in (cluster.env or {}).items():
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"cluster.env.{key} must be a string (quote it), got {value!r}")
 
 
 def _check_pipeline(config: Config) -> None:

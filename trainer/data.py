@@ -3,6 +3,10 @@
 Every dataset answers ``batch(index, batch_size) -> dict of numpy arrays`` as a pure function
 of the seed and the index: the data position saved in a checkpoint is just the next index.
 The default corpus is the source code of the running interpreter's standard library (bytes).
+
+A dataset may also answer ``batch_rows(index, batch_size, rows)``: rows ``rows`` (a ``slice``)
+of ``batch(index, batch_size)``, built without the others. With several processes each asks
+only for the rows its devices hold; datasets without it are sliced after ``batch``.
 """
 from __future__ import annotations
 
@@ -80,9 +84,9 @@ class TokenDataset:
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
 
     def batch(self, index: int, batch_size: int) -> dict:
-        return self.rows(index, batch_size, slice(None))
+        return self.batch_rows(index, batch_size, slice(None))
 
-    def rows(self, index: int, batch_size: int, rows: slice) -> dict:
+    def batch_rows(self, index: int, batch_size: int, rows: slice) -> dict:
         """Rows ``rows`` of ``batch(index, batch_size)``; only those windows are read."""
         rng = np.random.default_rng([self.seed, index])
         starts = rng.integers(0, self.tokens.size - self.seq_len - 1, size=batch_size)[rows]
@@ -94,6 +98,7 @@ class SyntheticImages:
     """Noisy copies of one random prototype image per class, so a model can learn the labels.
 
     Train and eval share the prototypes (``seed``) and differ in their ``stream`` of samples.
+    Each row has its own random stream, so a process builds just its rows (``batch_rows``).
     """
 
     def __init__(self, image_size: int, num_classes: int, seed: int, stream: int = 0, channels: int = 3):
@@ -110,15 +115,23 @@ class SyntheticImages:
         return self._prototypes
 
     def batch(self, index: int, batch_size: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.stream, index])
-        labels = rng.integers(0, self.num_classes, size=batch_size)
-        noise = rng.standard_normal((batch_size, *self.shape), np.float32)
-        images = (self.prototypes[labels] + noise).astype(np.float32)  # (B, H, W, C)
-        return {"inputs": images, "targets": labels.astype(np.int32)}
+        return self.batch_rows(index, batch_size, slice(None))
+
+    def batch_rows(self, index: int, batch_size: int, rows: slice) -> dict:
+        rngs = [np.random.default_rng([self.seed, self.stream, index, row])
+                for row in range(*rows.indices(batch_size))]
+        labels = np.array([rng.integers(0, self.num_classes) for rng in rngs], np.int32)
+        noise = np.stack([rng.standard_normal(self.shape, np.float32) for rng in rngs]) if rngs \
+            else np.zeros((0, *self.shape), np.float32)
+        images = (self.prototypes[labels] + noise).astype(np.float32)  # (rows, H, W, C)
+        return {"inputs": images, "targets": labels}
 
 
 class SyntheticRegression:
-    """Inputs ``x`` and targets ``tanh(x @ W)`` for a fixed random teacher ``W`` (from ``seed``)."""
+    """Inputs ``x`` and targets ``tanh(x @ W)`` for a fixed random teacher ``W`` (from ``seed``).
+
+    Each row has its own random stream, so a process builds just its rows (``batch_rows``).
+    """
 
     def __init__(self, in_dim: int, out_dim: int, seed: int, stream: int = 0):
         self.in_dim = in_dim
@@ -126,7 +139,11 @@ class SyntheticRegression:
         self.seed, self.stream = seed, stream
 
     def batch(self, index: int, batch_size: int) -> dict:
-        x = np.random.default_rng([self.seed, self.stream, index]).normal(size=(batch_size, self.in_dim))
+        return self.batch_rows(index, batch_size, slice(None))
+
+    def batch_rows(self, index: int, batch_size: int, rows: slice) -> dict:
+        x = np.array([np.random.default_rng([self.seed, self.stream, index, row]).normal(size=self.in_dim)
+                      for row in range(*rows.indices(batch_size))]).reshape(-1, self.in_dim)
         return {"inputs": x.astype(np.float32), "targets": np.tanh(x @ self.teacher).astype(np.float32)}
 
 
@@ -162,31 +179,54 @@ class ProcessShare:
 
     Each process feeds only the rows its own devices hold (``process_rows``), so no host
     builds the whole global batch; a leaf held on no device of this process gets no rows. A
-    dataset with ``rows(index, batch_size, rows)`` builds just the rows some leaf needs; any
-    other is sliced after ``batch``. Batches of another size than ``batch_size`` (a sampling
-    prompt, a shape example) come whole.
+    dataset with ``batch_rows(index, batch_size, rows)`` is asked for just the rows some leaf
+    needs; any other is sliced after ``batch`` (``note`` says so once). Batches of another
+    size than ``batch_size`` (a sampling prompt, a shape example) come whole.
 
     Args:
       dataset: an object with ``batch(index, batch_size) -> pytree of numpy arrays``.
       rows: a pytree matching the batch: this process's ``slice`` of each leaf's rows.
       batch_size: the global batch size.
+      name: how messages name the dataset (e.g. ``"train_data()"``).
     """
 
-    def __init__(self, dataset, rows, batch_size: int):
-        self.dataset, self.rows, self.batch_size = dataset, rows, batch_size
+    def __init__(self, dataset, rows, batch_size: int, name: str = "the dataset"):
+        self.dataset, self.rows, self.batch_size, self.name = dataset, rows, batch_size, name
         spans = [r for r in jax.tree.leaves(rows) if r.stop > r.start]
         self.span = (slice(min(r.start for r in spans), max(r.stop for r in spans)) if spans
                      else slice(0, 0))
+        self.ranged = callable(getattr(dataset, "batch_rows", None))
+
+    @property
+    def note(self) -> str | None:
+        """A line for the log when this process builds whole batches to keep part of them."""
+        if self.ranged or self.span.stop - self.span.start == self.batch_size:
+            return None
+        return (f"{self.name} ({type(self.dataset).__name__}) has no batch_rows(index, "
+                f"batch_size, rows), so each process builds whole batches of {self.batch_size} "
+                f"rows and keeps its own (process 0: rows {self.span.start}-{self.span.stop - 1}); "
+                "define batch_rows to build only those")
 
     def batch(self, index: int, batch_size: int):
         if batch_size != self.batch_size:
             return self.dataset.batch(index, batch_size)
-        if hasattr(self.dataset, "rows"):
-            block, offset = self.dataset.rows(index, batch_size, self.span), self.span.start
+        if self.ranged:
+            block, offset = self.dataset.batch_rows(index, batch_size, self.span), self.span.start
+            self._check_rows(block, index)
         else:
             block, offset = self.dataset.batch(index, batch_size), 0
         return jax.tree.map(lambda leaf, r: leaf[r.start - offset:r.stop - offset] if r.stop > r.start
                             else leaf[:0], block, self.rows)
+
+    def _check_rows(self, block, index: int) -> None:
+        want = self.span.stop - self.span.start
+        for path, leaf in jax.tree_util.tree_leaves_with_path(block):
+            if np.shape(leaf)[:1] != (want,):
+                raise DataError(
+                    f"{self.name}.batch_rows({index}, {self.batch_size}, slice({self.span.start}, "
+                    f"{self.span.stop})) returned {np.shape(leaf)[:1] or 'no'} rows in leaf "
+                    f"{jax.tree_util.keystr(path)}, expected {want}: batch_rows must return those "
+                    "rows of batch(index, batch_size), in order")
 
 
 def process_rows(shardings, global_shapes):

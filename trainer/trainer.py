@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import parallel
 from parallel import cluster
 from parallel.profiles import UnknownDeviceError, get_profile
 from trainer import _pretrained, _resume, _sample, _steps, _tokenizer
-from trainer._cluster import read_everywhere
+from trainer._cluster import StopSignals, read_everywhere
 from trainer._errors import TrainingDiverged
 from trainer.config import DEFAULT_MODEL, Config, ConfigError, dump_config
 from trainer.data import (DataError, Prefetcher, ProcessShare, build_datasets, place_batch,
@@ -68,7 +67,6 @@ class Trainer:
             raise _pretrained.own_model_error(self)
         self.state = None
         self.step_fn = None
-        self._stop_signal = None
         self._flops = None
         self._saved_plan = None  # the plan of the checkpoint being resumed, reused if it applies
         self._notes: list[str] = []  # one-line notes of setup, printed when training starts
@@ -218,10 +216,13 @@ class Trainer:
         self._reuse_saved_plan()
         self.plan = self.step_fn.plan(self.abstract_state, self.batch_spec)
         if jax.process_count() > 1:  # each process builds only the rows its devices hold
-            for name, fn in (("train_set", self.step_fn), ("eval_set", self.eval_fn)):
+            for name, fn, label in (("train_set", self.step_fn, "train_data()"),
+                                    ("eval_set", self.eval_fn, "eval_data()")):
                 shardings = fn.input_shardings(self.abstract_state, self.batch_spec)[1]
                 rows = process_rows(shardings, self.batch_spec)
-                setattr(self, name, ProcessShare(getattr(self, name), rows, cfg.train.batch_size))
+                share = ProcessShare(getattr(self, name), rows, cfg.train.batch_size, label)
+                setattr(self, name, share)
+                self._notes += [share.note] if share.note else []
         return self
 
     def _reuse_saved_plan(self) -> None:
@@ -275,7 +276,8 @@ class Trainer:
             if saved.get("plan"):
                 self._saved_plan = (parallel.Plan.from_json(json.dumps(saved["plan"])),
                                     (saved.get("config") or {}).get("parallel") or {})
-        self.build()
+        with cluster.phase("planning"):
+            self.build()
         abstract_state = self.abstract_state
         if latest is not None:
             target = self.step_fn.abstract_inputs(abstract_state, self.batch_spec)[0]
@@ -284,7 +286,9 @@ class Trainer:
         elif cfg.model.from_pretrained is not None:  # fine-tuning: the directory's weights
             self.state, self.last_metrics = _pretrained.pretrained_state(self), {}
         else:
-            self.state = self.step_fn.init_state(self.fns.init, jax.random.key(cfg.train.seed), self.batch_spec)
+            with cluster.phase("compile"):
+                self.state = self.step_fn.init_state(self.fns.init, jax.random.key(cfg.train.seed),
+                                                     self.batch_spec)
             self.last_metrics = {}
         return self
 
@@ -297,7 +301,8 @@ class Trainer:
 
             return fit_on_cluster(self)
         if self.step_fn is None:
-            self.setup()
+            with cluster.phase("restore"):  # and planning, compiling the initial state
+                self.setup()
         primary = jax.process_index() == 0  # one process writes the run's files and logs
         self.workdir.mkdir(parents=True, exist_ok=True)
         if primary:
@@ -312,7 +317,7 @@ class Trainer:
         for note in self._notes:
             logger.print(note)
         self._notes.clear()
-        previous = self._install_signal_handlers()
+        signals = StopSignals()
         shardings = self.step_fn.input_shardings(self.abstract_state, self.batch_spec)[1]
         place = functools.partial(place_batch, shardings=shardings, global_shapes=self.batch_spec)
         prefetch = Prefetcher(self.train_set, tc.batch_size, start, tc.steps, place=place)
@@ -320,11 +325,13 @@ class Trainer:
         # Throughput windows open once a step has compiled and close at a log step; evals
         # close them too. The loop reads the device only at log, eval, checkpoint and end steps.
         window_start, window_steps = None, 0
+        cluster.phase("step")  # a step finishing is a heartbeat; the first one compiles
         try:
             for index, batch in prefetch:
-                self.state, step_metrics = self.step_fn(self.state, batch)
+                with cluster.phase("compile" if index == start else "step"):
+                    self.state, step_metrics = self.step_fn(self.state, batch)
                 step = index + 1
-                cluster.heartbeat(step)
+                cluster.heartbeat(step, ready=step_metrics["loss"])
                 self._pending.append((step, step_metrics["loss"]))
                 if window_start is None:
                     window_start = time.perf_counter()
@@ -344,8 +351,8 @@ class Trainer:
                     window_start, window_steps = time.perf_counter(), 0
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                     self._save_logged(logger, step, metrics)
-                if self._stop_signal is not None:
-                    logger.print(f"received {self._stop_signal}: saving step {step} and stopping")
+                if signals.stop(step) is not None:
+                    logger.print(f"received {signals.name}: saving step {step} and stopping")
                     self._save_logged(logger, step, metrics)
                     break
             else:
@@ -353,16 +360,18 @@ class Trainer:
                     metrics.update(self._evaluate_and_log(logger, step, callbacks))
                     self._save_logged(logger, step, metrics)
                 if (self.spec is not None and self.spec.task == "lm" and tc.sample_tokens
-                        and self._stop_signal is None):
-                    logger.print("sample:\n" + self.sample(tc.sample_tokens))
+                        and signals.name is None):
+                    with cluster.phase("eval"):
+                        logger.print("sample:\n" + self.sample(tc.sample_tokens))
             for cb in callbacks:
                 cb.on_fit_end(self, step)
         finally:
             self._pending.clear()
             prefetch.close()
-            self.checkpointer.wait()
+            with cluster.phase("checkpoint"):
+                self.checkpointer.wait()
             logger.close()
-            self._restore_signal_handlers(previous)
+            signals.restore()
         return metrics
 
     def _save_logged(self, logger, step: int, metrics: dict) -> None:
@@ -393,11 +402,13 @@ class Trainer:
             self.setup()
         tc = self.config.train
         shardings = self.eval_fn.input_shardings(self.abstract_state, self.batch_spec)[1]
-        results = [self.eval_fn(self.state, place_batch(self.eval_set.batch(i, tc.batch_size),
-                                                        shardings, self.batch_spec))
-                   for i in range(tc.eval_batches)]
+        with cluster.phase("eval"):
+            results = jax.device_get([  # one read back, after every batch ran
+                self.eval_fn(self.state, place_batch(self.eval_set.batch(i, tc.batch_size),
+                                                     shardings, self.batch_spec))
+                for i in range(tc.eval_batches)])
         totals = {}
-        for result in jax.device_get(results):  # one read back, after every batch ran
+        for result in results:
             for k, v in result.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         return {k: v / tc.eval_batches for k, v in totals.items()}
@@ -408,10 +419,11 @@ class Trainer:
         Raises:
           TrainingDiverged: a loss since the last check is not finite (nothing is saved).
         """
-        self._check_losses()
-        extras = {"data_index": step, "config": self.config.to_dict(),
-                  "plan": json.loads(self.plan.to_json()), "metrics": metrics}
-        self.checkpointer.save(step, self.state, extras)
+        with cluster.phase("checkpoint"):
+            self._check_losses()
+            extras = {"data_index": step, "config": self.config.to_dict(),
+                      "plan": json.loads(self.plan.to_json()), "metrics": metrics}
+            self.checkpointer.save(step, self.state, extras)
 
     def sample(self, num_tokens: int, temperature: float = 0.8) -> str:
         """Text generated from a prompt taken from the eval split, decoded as the data was encoded."""
@@ -457,22 +469,6 @@ class Trainer:
                     return None
             self._peak = get_profile(name, jax.device_count()).peak_flops_for(dtype)
         return self._peak
-
-    def _install_signal_handlers(self):
-        def handler(signum, _frame):
-            self._stop_signal = signal.Signals(signum).name
-
-        previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return previous
-
-    def _restore_signal_handlers(self, previous):
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def _first_leaf(tree):

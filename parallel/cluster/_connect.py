@@ -12,8 +12,8 @@ from parallel.cluster._spec import ClusterError, ClusterSpec
 def connect(spec: ClusterSpec) -> None:
     """Starts a local Ray instance (``spec.address`` empty) or connects to an existing one.
 
-    A local instance listens on 127.0.0.1 only, has no dashboard and as many CPUs as there
-    are workers (each bundle asks for one). ``ray.shutdown()`` stops it again.
+    A local instance listens on 127.0.0.1 only, has no dashboard, as many CPUs as the workers
+    ask for and the GPUs Ray finds on this machine. ``ray.shutdown()`` stops it again.
 
     Raises:
       ClusterError: nothing answers at ``spec.address`` within ``spec.startup_timeout_s``.
@@ -31,9 +31,8 @@ def connect(spec: ClusterSpec) -> None:
         _probe(spec.address, spec.startup_timeout_s)
         kwargs = dict(address=spec.address)
     else:
-        kwargs = dict(num_cpus=spec.num_hosts * spec.cpus_per_host, num_gpus=0,
-                      include_dashboard=False, _node_ip_address="127.0.0.1",
-                      object_store_memory=100 * 2**20)
+        kwargs = dict(num_cpus=spec.num_hosts * spec.cpus_per_host, include_dashboard=False,
+                      _node_ip_address="127.0.0.1", object_store_memory=100 * 2**20)
     if not spec.address:
         # In this thread: Ray ties the processes it starts to the life of the starting thread.
         ray.init(log_to_driver=False, configure_logging=False, **kwargs)
