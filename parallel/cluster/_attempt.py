@@ -106,9 +106,10 @@ class Attempt:
             attempt=self.number, log_path=str(self.log_dir / f"worker-{i}.log"), cwd=os.getcwd())
             for i, actor in enumerate(self.actors)], "join the mesh",
             stop_early=lambda answer: answer["problem"] is not None)
-        for answer in joined:
-            if answer is not None and answer["problem"] is not None:
-                raise ClusterError(answer["problem"])
+        problems = [answer["problem"] for answer in joined
+                    if answer is not None and answer["problem"] is not None]
+        if problems:
+            raise ClusterError("; ".join(problems))
 
     def _wait_for_placement(self) -> None:
         """Waits for the placement group: ``startup_timeout_s`` on the first attempt; after a
@@ -132,15 +133,19 @@ class Attempt:
                 "add nodes, lower cluster.num_hosts or free the cluster")
 
     def _check_workers(self, addresses) -> None:
-        """Refuses workers that run other versions or cannot see the shared directory."""
+        """Refuses workers that run other versions or cannot see the shared directory (all
+        problems of all workers in one line)."""
+        problems = []
         for i, answer in enumerate(addresses):
             who = f"worker {i} ({self.where[i]})"
-            problem = _checks.version_problem(self.versions, answer["versions"], who)
-            if problem is None and answer["problems"]:
-                problem = answer["problems"][0].replace(
-                    f"worker on {answer['host']} (pid {answer['pid']})", who)
-            if problem is not None:
-                raise ClusterError(problem)
+            problems.append(_checks.version_problem(self.versions, answer["versions"], who))
+            problems += [p.replace(f"worker on {answer['host']} (pid {answer['pid']})", who)
+                         for p in answer["problems"]]
+        problems = [p for p in problems if p is not None]
+        if problems:
+            changed = (" (restarting after a failure: did the checkout change since the run "
+                       "started?)" if self.number else "")
+            raise ClusterError("; ".join(problems) + changed)
 
     def _get(self, refs, what: str, stop_early=None):
         """The answers of ``refs`` within the start-up timeout; a worker lost here is a failure.

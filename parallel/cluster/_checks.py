@@ -120,10 +120,11 @@ def device_problem(spec: ClusterSpec, who: str) -> str | None:
              if spec.devices_per_host is not None else "CPU devices")
     try:
         devices = jax.local_devices()
-    except RuntimeError as e:  # JAX_PLATFORMS names a platform that cannot start
-        message = " ".join(str(e).split())[:300]
-        return (f"{who} was asked for {asked} but JAX could not start JAX_PLATFORMS={platforms}: "
-                f"{message}")
+    except Exception as e:  # noqa: BLE001 (JAX raises RuntimeError, or asserts with no GPU seen)
+        message = " ".join(str(e).split())[:300] or "no device of that platform is visible"
+        return (f"{who} was asked for {asked} but JAX could not start JAX_PLATFORMS={platforms} "
+                f"({type(e).__name__}: {message}); install jax[cuda12] and check the GPUs on "
+                "every node, or ask for CPU workers")
     platform = devices[0].platform
     seen = f"{len(devices)} {platform} device(s)"
     if (platform == "cpu") != (want == "cpu"):

@@ -54,7 +54,7 @@ def run(fn, args: tuple = (), *, spec: ClusterSpec, log_dir, fatal: tuple = (), 
     shared = Path(shared_dir).absolute() if shared_dir is not None else None
     token = _checks.write_marker(shared) if shared is not None else ""
     stop = _StopSignal()
-    restarts: collections.deque = collections.deque()  # when each restart within the window was
+    restarts = RestartBudget(spec.max_restarts, spec.restart_window_s)
     number = 0  # of the attempt
     try:
         connect(spec)  # before `import ray`: the local instance's settings are read at import
@@ -73,17 +73,14 @@ def run(fn, args: tuple = (), *, spec: ClusterSpec, log_dir, fatal: tuple = (), 
                 if stop.name is not None:
                     raise ClusterError(f"{failure} while stopping on {stop.name}; the newest "
                                        "committed checkpoint is intact") from None
-                now = time.monotonic()
-                while restarts and now - restarts[0] > spec.restart_window_s:
-                    restarts.popleft()
-                if len(restarts) >= spec.max_restarts:
+                used = restarts.take(time.monotonic())
+                if used is None:
                     raise ClusterError(
-                        f"{failure}; gave up: {len(restarts)} restart(s) within "
+                        f"{failure}; gave up: {spec.max_restarts} restart(s) within "
                         f"cluster.restart_window_s={spec.restart_window_s:g} already "
                         f"(cluster.max_restarts={spec.max_restarts})") from None
-                restarts.append(now)
                 number += 1
-                print(f"cluster: {failure}; restarting the workers ({len(restarts)} of at most "
+                print(f"cluster: {failure}; restarting the workers ({used} of at most "
                       f"{spec.max_restarts} restarts within {spec.restart_window_s:g} s)",
                       file=out, flush=True)
             finally:
@@ -94,6 +91,24 @@ def run(fn, args: tuple = (), *, spec: ClusterSpec, log_dir, fatal: tuple = (), 
             sys.modules["ray"].shutdown()
         if shared is not None:
             (shared / _checks.MARKER).unlink(missing_ok=True)
+
+
+class RestartBudget:
+    """At most ``max_restarts`` restarts within any ``window_s`` seconds."""
+
+    def __init__(self, max_restarts: int, window_s: float):
+        self.max_restarts, self.window_s = max_restarts, window_s
+        self.times: collections.deque = collections.deque()
+
+    def take(self, now: float) -> int | None:
+        """Counts a restart at ``now``; returns how many the window holds with it, or None
+        (no restart left: the run must stop)."""
+        while self.times and now - self.times[0] > self.window_s:
+            self.times.popleft()
+        if len(self.times) >= self.max_restarts:
+            return None
+        self.times.append(now)
+        return len(self.times)
 
 
 class _StopSignal:

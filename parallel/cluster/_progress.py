@@ -37,6 +37,25 @@ class _Progress:
                 if self.phase == "start-up":
                     self.phase = "step"
 
+    def request_stop(self, signal_name: str) -> int | None:
+        with self.lock:
+            self.stop_signal = signal_name
+            return self.position
+
+    def set_stop_step(self, step: int) -> None:
+        with self.lock:
+            self.stop_step = step
+            self.lock.notify_all()
+
+    def should_stop(self, step: int) -> str | None:
+        with self.lock:
+            self.position = step
+            if self.stop_signal is None:
+                return None
+            while self.stop_step is None:
+                self.lock.wait(timeout=1.0)
+            return self.stop_signal if step >= self.stop_step else None
+
     def wait_then_beat(self) -> None:
         """The finisher thread: beats for each step once its result is computed."""
         while True:
@@ -106,16 +125,12 @@ def request_stop(signal_name: str) -> int | None:
 
     From now on the worker waits at its next step boundary until ``set_stop_step``.
     """
-    with _progress.lock:
-        _progress.stop_signal = signal_name
-        return _progress.position
+    return _progress.request_stop(signal_name)
 
 
 def set_stop_step(step: int) -> None:
     """The step after which every worker stops (one past the furthest ``request_stop`` answer)."""
-    with _progress.lock:
-        _progress.stop_step = step
-        _progress.lock.notify_all()
+    _progress.set_stop_step(step)
 
 
 def should_stop(step: int) -> str | None:
@@ -123,10 +138,4 @@ def should_stop(step: int) -> str | None:
 
     Returns None while no stop is requested (and outside a cluster worker).
     """
-    with _progress.lock:
-        _progress.position = step
-        if _progress.stop_signal is None:
-            return None
-        while _progress.stop_step is None:
-            _progress.lock.wait(timeout=1.0)
-        return _progress.stop_signal if step >= _progress.stop_step else None
+    return _progress.should_stop(step)

@@ -102,7 +102,7 @@ class Worker:
         who = f"worker {process_id} (pid {os.getpid()} on {host})"
         problem = _checks.device_problem(spec, who)
         if problem is not None:
-            print(f"[{who}] {problem}", flush=True)
+            print(problem, flush=True)
             return {"problem": problem}
         _progress.heartbeat()
         passed = sorted(k for k in os.environ if k.startswith(_checks.FORWARDED_PREFIXES)

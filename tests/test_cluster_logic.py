@@ -1,0 +1,253 @@
+"""The cluster's decisions, without Ray: hangs, stop agreement, restarts, worker set-up, rows.
+
+The runs that exercise them end to end are in test_cluster_nodes.py (two network namespaces)
+and test_cluster_start.py / test_cluster_train.py (a local Ray instance).
+"""
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from parallel.cluster import ClusterError, ClusterSpec, _checks, _progress
+from parallel.cluster._driver import RestartBudget
+from parallel.cluster._watch import Watch
+from trainer.data import (DataError, ProcessShare, SyntheticImages, SyntheticRegression,
+                          TokenDataset, process_rows)
+
+
+def _watch(reports, asked_s=None, spec=None):
+    """A Watch of len(reports) workers whose last answers are ``reports`` (phase, idle_s);
+    ``asked_s[i]``: how long worker i's query has waited (None: answered)."""
+    spec = spec or ClusterSpec(num_hosts=len(reports), hang_timeout_s=10, answer_timeout_s=300)
+    watch = Watch([None] * len(reports), [f"pid {i} on 10.0.0.{i}" for i in range(len(reports))], spec)
+    now = time.monotonic()
+    watch.last = [{"phase": phase, "idle_s": idle, "step": 4} for phase, idle in reports]
+    watch.asked = [None if s is None else ("ref", now - s) for s in (asked_s or [None] * len(reports))]
+    return watch
+
+
+def test_a_worker_waiting_for_a_compiling_peer_is_not_hung():
+    # worker 0 loaded its programs from the compilation cache; worker 1 still compiles
+    assert _watch([("step", 25.0), ("compile", 25.0)]).hung() is None
+    assert _watch([("step", 25.0), ("step", 3.0)]).hung() is None
+
+
+def test_every_worker_past_its_phase_limit_is_a_hang_naming_each_and_its_phase():
+    message = _watch([("step", 12.0), ("eval", 3700.0)]).hung()
+    assert message == (
+        "no worker made progress: worker 0 (pid 0 on 10.0.0.0) for 12 s in phase step "
+        "(cluster.hang_timeout_s=10; last finished step 4), worker 1 (pid 1 on 10.0.0.1) for "
+        "3700 s in phase eval (cluster.phase_timeout_s.eval=3600; last finished step 4)")
+    assert _watch([("step", 12.0), ("step", 12.0)]).hung(finished={1}).startswith(
+        "no worker made progress: worker 0 ")
+
+
+def test_an_unanswered_query_is_a_hang_within_the_shorter_of_its_limits():
+    spec = ClusterSpec(num_hosts=2, hang_timeout_s=10, answer_timeout_s=60,
+                       phase_timeout_s={"compile": 7200})
+    # worker 1 froze mid-step: its query waits, worker 0 waits for it in a collective
+    message = _watch([("step", 11.0), ("step", 0.1)], [None, 11.0], spec).hung()
+    assert message == (
+        "worker 1 (pid 1 on 10.0.0.1) did not answer the driver for 11 s (cluster."
+        "hang_timeout_s=10; last seen in phase step, last finished step 4): frozen, or its "
+        "node is cut off or lost")
+    # in a long phase, answer_timeout_s bounds the wait for an answer
+    assert _watch([("compile", 1.0), ("compile", 1.0)], [None, 59.0], spec).hung() is None
+    assert "(cluster.answer_timeout_s=60; last seen in phase compile," in _watch(
+        [("compile", 1.0), ("compile", 1.0)], [None, 61.0], spec).hung()
+
+
+def test_phase_limits_and_their_keys():
+    spec = ClusterSpec(num_hosts=2, startup_timeout_s=50, hang_timeout_s=20,
+                       phase_timeout_s={"restore": 99})
+    assert [spec.phase_limit(p) for p in ("start-up", "step", "restore", "compile")] == [50, 20, 99, 3600]
+    with pytest.raises(ClusterError, match="phase_timeout_s names 'step'; its limit is hang_timeout_s"):
+        ClusterSpec(num_hosts=2, phase_timeout_s={"step": 5})
+    with pytest.raises(ClusterError, match="the phases with a limit of their own are planning, "
+                                           "compile, restore, eval, checkpoint"):
+        ClusterSpec(num_hosts=2, phase_timeout_s={"warmup": 5})
+
+
+@pytest.fixture
+def fresh_progress(monkeypatch):
+    monkeypatch.setattr(_progress, "_progress", _progress._Progress())
+    return _progress
+
+
+def test_workers_at_different_steps_agree_to_stop_after_the_same_one():
+    """Three workers had dispatched 3, 5 and 4 steps when the stop request came; each runs on
+    to one past the furthest (6) and stops there, none beyond it."""
+    workers = [_progress._Progress() for _ in range(3)]
+    reached, go = {}, threading.Event()
+
+    def train(i, steps_before):
+        for step in range(1, steps_before + 1):
+            assert workers[i].should_stop(step) is None
+        go.wait()
+        step = steps_before
+        while step < 100:
+            step += 1
+            name = workers[i].should_stop(step)  # waits here until the stop step is known
+            if name is not None:
+                reached[i] = (step, name)
+                return
+
+    threads = [threading.Thread(target=train, args=(i, n)) for i, n in enumerate([3, 5, 4])]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while [w.position for w in workers] != [3, 5, 4] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    asked = [w.request_stop("SIGTERM") for w in workers]
+    assert asked == [3, 5, 4]
+    go.set()
+    time.sleep(0.2)  # each worker now waits at its next boundary
+    assert [w.position for w in workers] == [4, 6, 5]
+    for w in workers:
+        w.set_stop_step(max(asked) + 1)
+    for t in threads:
+        t.join(timeout=10)
+    assert reached == {0: (6, "SIGTERM"), 1: (6, "SIGTERM"), 2: (6, "SIGTERM")}
+
+
+def test_outside_a_cluster_heartbeats_and_stop_checks_are_harmless(fresh_progress):
+    assert fresh_progress.should_stop(7) is None
+    fresh_progress.heartbeat(3, ready=jax.numpy.ones(()))
+    deadline = time.monotonic() + 5
+    while fresh_progress.report()["step"] != 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    report = fresh_progress.report()
+    assert (report["phase"], report["step"]) == ("step", 3)  # the first step ends start-up
+    with fresh_progress.phase("eval"):
+        assert fresh_progress.report()["phase"] == "eval"
+    assert fresh_progress.report()["phase"] == "step"
+
+
+def test_restarts_count_within_the_window():
+    budget = RestartBudget(max_restarts=2, window_s=100)
+    assert [budget.take(t) for t in (0, 10, 50)] == [1, 2, None]
+    assert budget.take(101) == 2  # the restart at 0 left the window
+    assert budget.take(109) is None and budget.take(111) == 2
+
+
+def test_workers_get_the_drivers_compiler_and_nccl_settings_and_the_users_own():
+    environ = {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=8",
+               "NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "eth1", "JAX_ENABLE_X64": "1",
+               "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8", "HOME": "/root", "PYTHONPATH": "/x"}
+    spec = ClusterSpec(num_hosts=2, devices_per_host=4, env={"MY_FLAG": "on", "NCCL_DEBUG": "WARN"},
+                       compilation_cache_dir="/w/compile-cache")
+    env = _checks.worker_env(spec, environ)
+    assert env["XLA_FLAGS"] == ("--xla_cpu_enable_fast_math=false "
+                                "--xla_force_host_platform_device_count=4")
+    assert {k: env[k] for k in ("NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "JAX_ENABLE_X64", "MY_FLAG",
+                                "JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR")} == {
+        "NCCL_DEBUG": "WARN", "NCCL_SOCKET_IFNAME": "eth1", "JAX_ENABLE_X64": "1",
+        "MY_FLAG": "on", "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": "/w/compile-cache"}
+    assert "HOME" not in env and "JAX_NUM_CPU_DEVICES" not in env
+    assert env["PYTHONPATH"].split(":")[0] == str(_checks.ROOT) and "/x" in env["PYTHONPATH"]
+    gpu = _checks.worker_env(ClusterSpec(num_hosts=2, gpus_per_host=8), environ)
+    assert gpu["JAX_PLATFORMS"] == "cuda"
+    assert gpu["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+    rocm = _checks.worker_env(ClusterSpec(num_hosts=2, gpus_per_host=8, env={"JAX_PLATFORMS": "rocm"}), {})
+    assert rocm["JAX_PLATFORMS"] == "rocm"
+
+
+def test_devices_other_than_asked_for_are_named():
+    # this process has 8 CPU devices (conftest)
+    who = "worker 1 (pid 7 on 10.0.0.2)"
+    assert _checks.device_problem(ClusterSpec(num_hosts=2, devices_per_host=8), who) is None
+    assert _checks.device_problem(ClusterSpec(num_hosts=2, devices_per_host=4), who).startswith(
+        "worker 1 (pid 7 on 10.0.0.2) has 8 cpu device(s) but was asked for "
+        "cluster.devices_per_host=4 CPU device(s)")
+    assert _checks.device_problem(ClusterSpec(num_hosts=2, gpus_per_host=8), who).startswith(
+        "worker 1 (pid 7 on 10.0.0.2) has 8 cpu device(s) (JAX_PLATFORMS=cpu) but was asked for "
+        "cluster.gpus_per_host=8 GPU(s)")
+
+
+def test_versions_differing_in_anything_are_named():
+    mine = _checks.versions()
+    assert _checks.version_problem(mine, dict(mine), "worker 1") is None
+    theirs = dict(mine, jax="0.9.0")
+    assert _checks.version_problem(mine, theirs, "worker 1") == (
+        f"worker 1 runs jax 0.9.0 but the driver runs jax {mine['jax']}; install the same "
+        "versions on every node (the same virtualenv)")
+
+
+def test_a_workdir_a_worker_cannot_see_is_named(tmp_path):
+    token = _checks.write_marker(tmp_path)
+    assert _checks.marker_problem(str(tmp_path), token, "worker 1") is None
+    assert _checks.marker_problem(str(tmp_path / "elsewhere"), token, "worker 1") == (
+        f"worker 1 does not see the workdir the driver uses: {tmp_path}/elsewhere/.shardax-cluster "
+        "(written by the driver) is missing there; put the workdir on a filesystem every node "
+        "mounts at the same path (NFS, a cloud file share)")
+
+
+# ----- rows per process ---------------------------------------------------------------------
+@pytest.mark.parametrize("dataset", [
+    SyntheticImages(8, 5, seed=3, stream=1),
+    SyntheticRegression(6, 2, seed=3, stream=1),
+    TokenDataset(np.arange(500, dtype=np.int32) % 97, 16, seed=3),
+], ids=["images", "regression", "tokens"])
+def test_every_builtin_source_builds_a_row_range_equal_to_slicing_its_batch(dataset):
+    whole = dataset.batch(5, 12)
+    for rows in (slice(0, 4), slice(4, 12), slice(7, 8), slice(3, 3)):
+        part = dataset.batch_rows(5, 12, rows)
+        for key in whole:
+            np.testing.assert_array_equal(part[key], whole[key][rows])
+
+
+class _Rows:
+    """A user's dataset: ``batch`` and optionally ``batch_rows``, with its calls recorded."""
+
+    def __init__(self, ranged: bool, wrong_rows: bool = False):
+        self.calls, self.wrong_rows = [], wrong_rows
+        if ranged:
+            self.batch_rows = self._batch_rows
+
+    def batch(self, index, batch_size):
+        self.calls.append(("batch", index, batch_size))
+        return {"x": np.arange(batch_size) + 100 * index, "y": np.ones((batch_size, 2))}
+
+    def _batch_rows(self, index, batch_size, rows):
+        self.calls.append(("batch_rows", index, batch_size, rows.start, rows.stop))
+        stop = rows.stop + 1 if self.wrong_rows else rows.stop
+        return {"x": np.arange(rows.start, stop) + 100 * index, "y": np.ones((stop - rows.start, 2))}
+
+
+def _second_half_rows():
+    """Rows a process holding the second half of the batch devices would feed."""
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    rows = process_rows({"x": NamedSharding(mesh, PartitionSpec("data")),
+                         "y": NamedSharding(mesh, PartitionSpec("data"))},
+                        {"x": jax.ShapeDtypeStruct((16,), np.int32),
+                         "y": jax.ShapeDtypeStruct((16, 2), np.float32)})
+    assert rows == {"x": slice(0, 16), "y": slice(0, 16)}  # one process holds all here
+    return {"x": slice(8, 16), "y": slice(8, 16)}
+
+
+def test_a_user_dataset_with_batch_rows_is_asked_for_its_rows_only():
+    dataset = _Rows(ranged=True)
+    share = ProcessShare(dataset, _second_half_rows(), 16, "train_data()")
+    batch = share.batch(3, 16)
+    np.testing.assert_array_equal(batch["x"], np.arange(8, 16) + 300)
+    assert share.note is None
+    assert dataset.calls == [("batch_rows", 3, 16, 8, 16)]
+    assert share.batch(0, 1)["x"].tolist() == [0]  # other sizes (shape examples) come whole
+    with pytest.raises(DataError, match=r"train_data\(\).batch_rows\(3, 16, slice\(8, 16\)\) "
+                                        r"returned \(9,\) rows in leaf \['x'\], expected 8"):
+        ProcessShare(_Rows(ranged=True, wrong_rows=True), _second_half_rows(), 16,
+                     "train_data()").batch(3, 16)
+
+
+def test_a_user_dataset_without_batch_rows_is_sliced_with_a_note():
+    dataset = _Rows(ranged=False)
+    share = ProcessShare(dataset, _second_half_rows(), 16, "eval_data()")
+    np.testing.assert_array_equal(share.batch(2, 16)["x"], np.arange(8, 16) + 200)
+    assert dataset.calls == [("batch", 2, 16)]
+    assert share.note == (
+        "eval_data() (_Rows) has no batch_rows(index, batch_size, rows), so each process builds "
+        "whole batches of 16 rows and keeps its own (process 0: rows 8-15); define batch_rows "
+        "to build only those")
