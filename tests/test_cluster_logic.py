@@ -3,8 +3,11 @@
 The runs that exercise them end to end are in test_cluster_nodes.py (two network namespaces)
 and test_cluster_start.py / test_cluster_train.py (a local Ray instance).
 """
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -251,3 +254,114 @@ def test_a_user_dataset_without_batch_rows_is_sliced_with_a_note():
         "eval_data() (_Rows) has no batch_rows(index, batch_size, rows), so each process builds "
         "whole batches of 16 rows and keeps its own (process 0: rows 8-15); define batch_rows "
         "to build only those")
+
+
+# ----- failure causes -----------------------------------------------------------------------
+class _QuietWatch:
+    def __init__(self, silent=()):
+        self._silent = list(silent)
+
+    def poll(self):
+        pass
+
+    def silent(self, within_s):
+        return self._silent
+
+
+def _cause(monkeypatch, reports, number=0, silent=()):
+    """What ends an attempt whose workers report ``reports`` ([(worker, exception)], in the
+    order they arrive; the first ends the attempt, the others come in during the grace)."""
+    import ray
+
+    from parallel.cluster._attempt import Attempt
+    from trainer.cli import user_errors
+
+    wrapped = {}
+    for worker, error in reports:
+        if not isinstance(error, ray.exceptions.RayActorError):
+            error = ray.exceptions.RayTaskError("run", "traceback", error)
+        wrapped[f"ref{worker}"] = error
+    later = [f"ref{w}" for w, _ in reports[1:]]
+
+    def wait(pending, num_returns=1, timeout=None):
+        return pending[:1], pending[1:]
+
+    def get(ref):
+        raise wrapped[ref]
+
+    monkeypatch.setattr(ray, "wait", wait)
+    monkeypatch.setattr(ray, "get", get)
+    attempt = Attempt(number, spec=ClusterSpec(num_hosts=2), log_dir=Path("/logs"),
+                      shared_dir=None, token="", versions={}, out=None, stop=None)
+    attempt.where = ["pid 10 on 10.0.0.1", "pid 11 on 10.0.0.2"]
+    first = f"ref{reports[0][0]}"
+    return attempt._failure({f"ref{w}": w for w in (0, 1)}, first, wrapped[first], later,
+                            user_errors(), _QuietWatch(silent))
+
+
+def _raised(exception, progressed=True):
+    exception.shardax_progressed = progressed
+    return exception
+
+
+def test_a_frozen_or_dead_peer_outranks_errors_reported_around_it(monkeypatch):
+    import ray
+
+    import parallel
+    from parallel.cluster._attempt import WorkerFailure
+    from trainer.config import ConfigError
+
+    save_failed = _raised(parallel.CheckpointError("saving step 4 failed"))
+    failure = _cause(monkeypatch, [(0, save_failed)], silent=[1])
+    assert isinstance(failure, WorkerFailure)
+    assert str(failure) == (
+        "worker 1 (pid 11 on 10.0.0.2) stopped answering the driver (frozen, or its node is cut "
+        "off or lost) (after which worker 0 raised CheckpointError: saving step 4 failed)")
+    died = ray.exceptions.RayActorError(error_msg="Worker exit detail: killed by SIGKILL. More.")
+    failure = _cause(monkeypatch, [(0, _raised(ConfigError("bad key"))), (1, died)])
+    assert isinstance(failure, WorkerFailure)
+    assert str(failure) == ("worker 1 (pid 11 on 10.0.0.2) died: killed by SIGKILL (after which "
+                            "worker 0 raised ConfigError: bad key)")
+
+
+def test_without_a_lost_peer_a_user_mistake_or_a_failing_save_ends_the_run(monkeypatch):
+    import parallel
+    from trainer.config import ConfigError
+
+    mistake = _raised(ConfigError("model.width must be positive"))
+    assert _cause(monkeypatch, [(0, mistake), (1, _raised(RuntimeError("gloo")))]) is mistake
+    disk_full = _raised(parallel.CheckpointError("No space left on device"))
+    assert _cause(monkeypatch, [(1, disk_full)]) is disk_full
+
+
+def test_an_error_before_the_first_step_restarts_only_a_restarted_attempt(monkeypatch):
+    from parallel.cluster._attempt import WorkerFailure
+
+    error = _raised(RuntimeError("gloo: connection reset by peer"), progressed=False)
+    first = _cause(monkeypatch, [(0, error)], number=0)
+    assert isinstance(first, ClusterError)
+    assert str(first) == (
+        "worker 0 (pid 10 on 10.0.0.1) raised RuntimeError: gloo: connection reset by peer "
+        "before its first step, so it was not restarted (a fresh start would fail the same "
+        "way); its traceback is in /logs/worker-0.log")
+    again = _cause(monkeypatch, [(0, error)], number=1)
+    assert isinstance(again, WorkerFailure)
+    assert str(again) == "worker 0 (pid 10 on 10.0.0.1) raised RuntimeError: gloo: connection reset by peer"
+
+
+def test_the_first_signal_to_the_driver_asks_to_stop_the_second_unwinds():
+    from parallel.cluster._driver import _StopSignal
+
+    stop = _StopSignal()
+    previous = signal.getsignal(signal.SIGINT)
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs between two bytecodes of this thread
+        assert stop.name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt, match="received SIGTERM twice"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGINT) is previous
