@@ -274,7 +274,7 @@ def _cause(monkeypatch, reports, number=0, silent=()):
     import ray
 
     from parallel.cluster._attempt import Attempt
-    from trainer.cli import user_errors
+    from trainer._errors import USER_ERRORS
 
     wrapped = {}
     for worker, error in reports:
@@ -296,7 +296,7 @@ def _cause(monkeypatch, reports, number=0, silent=()):
     attempt.where = ["pid 10 on 10.0.0.1", "pid 11 on 10.0.0.2"]
     first = f"ref{reports[0][0]}"
     return attempt._failure({f"ref{w}": w for w in (0, 1)}, first, wrapped[first], later,
-                            user_errors(), _QuietWatch(silent))
+                            USER_ERRORS, _QuietWatch(silent))
 
 
 def _raised(exception, progressed=True):

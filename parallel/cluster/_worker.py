@@ -147,18 +147,29 @@ def _bind_gloo(host: str) -> None:
 
     Left to itself gloo binds what the machine's hostname resolves to (127.0.1.1 on a stock
     Debian host), which other nodes cannot reach. JAX has no setting for it, so the CPU backend
-    is registered with gloo collectives made for ``host``.
+    is registered with gloo collectives made for ``host`` (through JAX internals that exist in
+    JAX 0.10-0.12; without them gloo keeps JAX's choice, and the log says so).
     """
     import jax
-    from jax._src import distributed, xla_bridge
-    from jaxlib import _jax
+    from jax.extend import backend
+
+    try:
+        from jax._src import distributed, xla_bridge
+        from jaxlib import _jax
+
+        _jax.make_gloo_tcp_collectives, xla_bridge.make_cpu_client  # noqa: B018
+    except (ImportError, AttributeError) as e:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        print(f"gloo listens where this host's name resolves to (cannot bind it to {host}: {e})",
+              flush=True)
+        return
 
     def cpu_backend():
         collectives = _jax.make_gloo_tcp_collectives(
             distributed_client=distributed.global_state.client, hostname=host)
         return xla_bridge.make_cpu_client(collectives=collectives)
 
-    jax.extend.backend.register_backend_factory("cpu", cpu_backend, priority=0, fail_quietly=False)
+    backend.register_backend_factory("cpu", cpu_backend, priority=0, fail_quietly=False)
 
 
 def _redirect_output(log_path: str) -> None:
