@@ -116,9 +116,21 @@ def test_workers_at_different_steps_agree_to_stop_after_the_same_one():
     assert reached == {0: (6, "SIGTERM"), 1: (6, "SIGTERM"), 2: (6, "SIGTERM")}
 
 
-def test_outside_a_cluster_heartbeats_and_stop_checks_are_harmless(fresh_progress):
-    assert fresh_progress.should_stop(7) is None
-    fresh_progress.heartbeat(3, ready=jax.numpy.ones(()))
+def test_a_step_beats_once_its_result_is_computed(fresh_progress):
+    assert fresh_progress.should_stop(7) is None  # no stop requested: no wait
+    fresh_progress.heartbeat(2, ready=jax.numpy.ones(()))  # outside a worker: beats at once
+    assert fresh_progress.report()["step"] == 2
+    fresh_progress.watch_steps()  # in a worker
+    release = threading.Event()
+
+    class Loss:  # a step's result, computed once `release` is set
+        def block_until_ready(self):
+            release.wait(10)
+
+    fresh_progress.heartbeat(3, ready=Loss())
+    time.sleep(0.3)
+    assert fresh_progress.report()["step"] == 2  # dispatched, not finished
+    release.set()
     deadline = time.monotonic() + 5
     while fresh_progress.report()["step"] != 3 and time.monotonic() < deadline:
         time.sleep(0.01)

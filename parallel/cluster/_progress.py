@@ -27,7 +27,7 @@ class _Progress:
         self.stop_signal = None  # set by request_stop: the name of the driver's signal
         self.stop_step = None
         self.pending: queue.SimpleQueue = queue.SimpleQueue()
-        self.finisher = None
+        self.finisher = None  # started in a cluster worker (``watch_steps``)
 
     def beat(self, step=None) -> None:
         with self.lock:
@@ -79,14 +79,18 @@ def heartbeat(step: int | None = None, ready=None) -> None:
         not when the step was queued: JAX dispatches asynchronously, and a step stuck in a
         collective on a lost peer must count as no progress.
     """
-    if ready is None:
+    if ready is None or _progress.finisher is None:  # outside a worker nobody waits for it
         _progress.beat(step)
-        return
+    else:
+        _progress.pending.put((step, ready))
+
+
+def watch_steps() -> None:
+    """Starts the thread that beats as steps finish (in a cluster worker, before ``fn``)."""
     if _progress.finisher is None:
         _progress.finisher = threading.Thread(target=_progress.wait_then_beat, daemon=True,
                                               name="cluster-heartbeat")
         _progress.finisher.start()
-    _progress.pending.put((step, ready))
 
 
 class phase:

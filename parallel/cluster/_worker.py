@@ -104,6 +104,7 @@ class Worker:
         if problem is not None:
             print(problem, flush=True)
             return {"problem": problem}
+        _progress.watch_steps()
         _progress.heartbeat()
         passed = sorted(k for k in os.environ if k.startswith(_checks.FORWARDED_PREFIXES)
                         or k in spec.env)
