@@ -130,6 +130,28 @@ def test_logits_in_a_plans_shardings_on_8_devices(saved, method):
         assert_close(np.asarray(ours), saved[arch][1], arch=arch)
 
 
+def test_written_back_transformers_reads_the_same_model(saved, tmp_path):
+    """Each architecture read into shardax and written out again (config.json and weights in
+    the Hugging Face layout): transformers loads it as the same class with the same logits."""
+    for arch in ARCHS:
+        model = models.hf.from_pretrained(saved[arch][0])
+        name, config = models.hf.read_config(saved[arch][0])
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+        def get_param(path):
+            leaf = params
+            for key in path:
+                leaf = leaf[key]
+            return np.asarray(leaf)
+
+        files = models.hf.save_pretrained(tmp_path / arch, name, config, get_param)
+        assert files == ["model.safetensors", "config.json"]
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / arch).eval()
+        assert type(reloaded) is ARCHS[arch][1], arch
+        np.testing.assert_allclose(torch_logits(reloaded), saved[arch][1], atol=1e-5, rtol=0,
+                                   err_msg=arch)
+
+
 def test_sharded_files_with_an_index(saved, tmp_path):
     model = hf_model("llama")
     model.save_pretrained(tmp_path, max_shard_size="20KB")
