@@ -83,6 +83,8 @@ def test_learning_rate_0_round_trip_under_zero3(pretrained, tmp_path, capsys):
     assert export_script.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
                                "--max-shard-gb", "0.00003"]) == 0  # 32 KB files: several
     assert "wrote step 1 of" in capsys.readouterr().out
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (0, 0)  # the original's, not 1, 2
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 3
     np.testing.assert_allclose(torch_logits(tmp_path / "out"),

@@ -43,7 +43,7 @@ def export_hf(workdir, out, step: int | None = None, dtype: str = "float32",
         raise ConfigError(f"checkpoint {step} of {workdir} carries no config (it was not written "
                           "by shardax's Trainer), so its model is unknown")
     name = model.pop("name", None) or DEFAULT_MODEL
-    model.pop("from_pretrained", None)
+    source = model.pop("from_pretrained", None)  # its token ids and generation config, if there
     config = models.make_config(name, model)
     models.hf.check_exportable(name, config)  # before reading anything
     host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
@@ -72,7 +72,8 @@ def export_hf(workdir, out, step: int | None = None, dtype: str = "float32",
         raise FileNotFoundError(f"the run's data.tokenizer {tokenizer} is gone; export needs it "
                                 "to write the tokenizer files along")
     files = models.hf.save_pretrained(out, name, config, get_param, dtype=dtype,
-                                      max_shard_bytes=max_shard_bytes, tokenizer_dir=tokenizer)
+                                      max_shard_bytes=max_shard_bytes, tokenizer_dir=tokenizer,
+                                      source_dir=source if source and Path(source).is_dir() else None)
     kind = models.hf.hf_config(name, config)["model_type"]
     return (f"wrote step {step} of {workdir} as a Hugging Face {kind} model ({dtype}) to {out}: "
             f"{', '.join(files)}")

@@ -17,6 +17,7 @@ DTYPES = {"float32": (np.float32, "F32"), "bfloat16": (None, "BF16"), "float16":
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
                    "generation_config.json")
+SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # Options that change how a model is stored or run, not what it computes.
 _NOT_IN_HF = {"param_dtype", "dtype", "init_std", "attention", "family"}
 
@@ -57,7 +58,7 @@ def _canonical(config) -> dict:
 
 def save_pretrained(out, name: str, config, get_param: Callable[[tuple], np.ndarray],
                     dtype: str = "float32", max_shard_bytes: int = 5 * 2**30,
-                    tokenizer_dir=None) -> list[str]:
+                    tokenizer_dir=None, source_dir=None) -> list[str]:
     """Writes a Hugging Face directory of registry model ``name``.
 
     Args:
@@ -69,6 +70,9 @@ def save_pretrained(out, name: str, config, get_param: Callable[[tuple], np.ndar
       dtype: ``float32``, ``bfloat16`` or ``float16``: the dtype written.
       max_shard_bytes: files bigger than this are split, with ``model.safetensors.index.json``.
       tokenizer_dir: a directory whose tokenizer files are copied along (``tokenizer.json`` ...).
+      source_dir: the Hugging Face directory the model came from, if any: its special token ids
+        (``bos_token_id``, ``eos_token_id``, ``pad_token_id``) go into ``config.json`` and its
+        ``generation_config.json`` is copied, so generation stops where the original's did.
 
     Returns:
       The files written.
@@ -80,6 +84,9 @@ def save_pretrained(out, name: str, config, get_param: Callable[[tuple], np.ndar
         raise HFError(f"export dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     hf = check_exportable(name, config)
     hf["dtype"] = dtype
+    if source_dir is not None and (Path(source_dir) / "config.json").is_file():
+        source = _config.read_json(source_dir)
+        hf.update({k: source[k] for k in SPECIAL_TOKEN_KEYS if k in source})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {t.name: t for t in _layout.layout(name, config)}
@@ -99,6 +106,10 @@ def save_pretrained(out, name: str, config, get_param: Callable[[tuple], np.ndar
     written.append("config.json")
     if tokenizer_dir is not None:
         written += copy_tokenizer(tokenizer_dir, out)
+    generation = Path(source_dir or ".") / "generation_config.json"
+    if source_dir is not None and generation.is_file() and "generation_config.json" not in written:
+        shutil.copyfile(generation, out / "generation_config.json")
+        written.append("generation_config.json")
     return written
 
 
