@@ -92,40 +92,47 @@ def load_params(directory, name: str, config, shardings: Any = None,
         shardings = jax.tree.map(lambda _: device, abstract)
     params: dict = {}
     with WeightFiles(directory, on_read) as files:
-        available = set(files.names())
-        used = set()
-        for tensor in _layout.layout(name, config):
-            found = next((n for n in _layout.prefixes(tensor.name) if n in available), None)
-            if found is None:
-                raise HFError(f"{directory} has no tensor {tensor.name!r}, which the config's "
-                              f"{name} model needs (shape {tensor.hf_shape}); is config.json the "
-                              "one these weights were saved with?")
-            shape = files.shape(found)
-            if shape != tensor.hf_shape:
-                raise HFError(f"tensor {found!r} has shape {shape} in {directory}, but config.json "
-                              f"gives {tensor.hf_shape}; the weights and config.json disagree")
-            used.add(found)
+        found = _match(directory, name, config, files)  # every problem before any read
+        for tensor, stored in found:
             leaf = _get(abstract, tensor.path)
             assert tuple(leaf.shape) == _shardax_shape(tensor), (tensor, leaf.shape)
             cache: dict = {}
 
-            def callback(index, tensor=tensor, found=found, leaf=leaf, cache=cache):
+            def callback(index, tensor=tensor, stored=stored, leaf=leaf, cache=cache):
                 key = tuple(s.indices(n)[:2] for s, n in zip(index, leaf.shape))
                 if key not in cache:  # devices holding the same block share one read
-                    cache[key] = read_block(files, tensor, found, index, leaf.dtype)
+                    cache[key] = read_block(files, tensor, stored, index, leaf.dtype)
                 return cache[key]
 
             _set(params, tensor.path, jax.make_array_from_callback(
                 tuple(leaf.shape), _get(shardings, tensor.path), callback))
             cache.clear()
-        extra = sorted(n for n in available - used if not n.endswith(_layout.IGNORED_SUFFIXES)
-                       and not (n.endswith("lm_head.weight") and _ties(config)))
-        if extra:
-            raise HFError(f"{directory} holds tensors the {name} model built from its config.json "
-                          f"has no place for: {', '.join(extra[:5])}"
-                          f"{' ...' if len(extra) > 5 else ''}; shardax would compute something "
-                          "else than the checkpoint's model")
     return params
+
+
+def _match(directory, name: str, config, files: WeightFiles) -> list[tuple[_layout.Tensor, str]]:
+    """Each tensor the model needs with its name in the files, checked: present, of the shape
+    the config gives, and no stored tensor left without a place."""
+    available, out = set(files.names()), []
+    for tensor in _layout.layout(name, config):
+        stored = next((n for n in _layout.prefixes(tensor.name) if n in available), None)
+        if stored is None:
+            raise HFError(f"{directory} has no tensor {tensor.name!r}, which the config's "
+                          f"{name} model needs (shape {tensor.hf_shape}); is config.json the "
+                          "one these weights were saved with?")
+        shape = files.shape(stored)
+        if shape != tensor.hf_shape:
+            raise HFError(f"tensor {stored!r} has shape {shape} in {directory}, but config.json "
+                          f"gives {tensor.hf_shape}; the weights and config.json disagree")
+        out.append((tensor, stored))
+    used = {stored for _, stored in out}
+    extra = sorted(n for n in available - used if not n.endswith(_layout.IGNORED_SUFFIXES)
+                   and not (n.endswith("lm_head.weight") and _ties(config)))
+    if extra:
+        raise HFError(f"{directory} holds tensors the {name} model built from its config.json "
+                      f"has no place for: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}"
+                      "; shardax would compute something else than the checkpoint's model")
+    return out
 
 
 def _ties(config) -> bool:
