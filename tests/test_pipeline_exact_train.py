@@ -25,8 +25,8 @@ def test_repository_gpt_trains_with_micro_batches_of_one_example(tmp_path):
     # SGD with momentum: Adam's first step would turn rounding in near-zero gradients into
     # updates of +-lr.
     trainer = Trainer(load_config("tiny/gpt.yaml", [
-        f"workdir={tmp_path}", "train.batch_size=8", "optimizer.name=momentum",
-        "optimizer.weight_decay=0", *CONSTANT])).build()
+        f"workdir={tmp_path}", "train.batch_size=8", "model.num_layers=1",
+        "optimizer.name=momentum", "optimizer.weight_decay=0", *CONSTANT])).build()
     fns, batch = trainer.fns, trainer.train_set.batch(0, 8)
     want = jax.jit(fns.train_step)(fns.init(jax.random.key(0)), batch)
     method = parallel.PipeshardParallel(num_micro_batches=8, stage_option=2, intra_op="data",
@@ -88,7 +88,7 @@ class _MaskedTrainer(Trainer):
 
 def _fit(trainer_cls, workdir, *overrides, dropout=True):
     trainer = trainer_cls(load_config("tiny/custom.yaml", [
-        f"workdir={workdir}", "train.steps=2", "train.batch_size=16", "train.log_every=1",
+        f"workdir={workdir}", "train.steps=1", "train.batch_size=16", "train.log_every=1",
         "train.eval_every=0", "train.checkpoint_every=0", *CONSTANT, *overrides]))
     trainer.dropout = dropout
     trainer.fit()
