@@ -257,8 +257,8 @@ class FormsPass:
     def _example_form(self, op, ins, in_forms, out_dims) -> Form:
         if any(f.kind in ("S", "MAX", "X") for f in in_forms):
             return Form("E", exact=False,
-                        why=f"{op.prim.name} uses a statistic of the micro-batch in per-example "
-                            f"work (e.g. batch norm's mean and variance)")
+                        why="per-example work reads a statistic of the micro-batch (e.g. batch "
+                            "norm's mean and variance)")
         bad = next((f for f in in_forms if f.kind == "E" and not f.exact), None)
         if bad is not None:
             return Form("E", exact=False, why=bad.why)

@@ -226,19 +226,22 @@ class _Splitter(PerMicroBatchValues, FormsPass):
                 global_avals[v] = g.avals[v]
             if not form.exact:
                 warned.setdefault(form.why, []).append(v)
-        if warned:
+        if warned:  # one warning: the outputs affected and why
             reach = self._reaching_outputs(ops, region, made_in_m)
-            for why, values in warned.items():
-                names = list(dict.fromkeys(n for v in values for n in reach.get(v, ())))
-                notes.append(f"per micro-batch, not over the global batch: {why}")
-                shown = ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2
-                                                 else "")
-                hint = ("; for a loss divided by a count of the model's making, return "
-                        "gradients of the sum and divide them by the count after the backward "
-                        "pass" if "ratio" in why else "")
-                warn_once(f"PipeshardParallel: {shown or 'an output'} is computed per "
-                          f"micro-batch and combined as train.grad_accum_steps would, not over "
-                          f"the global batch: {why}{hint}")
+            names = list(dict.fromkeys(n for values in warned.values() for v in values
+                                       for n in reach.get(v, ())))
+            notes += [f"per micro-batch, not over the global batch: {why}" for why in warned]
+            shown = ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2
+                                             else "")
+            reasons = "; ".join(list(warned)[:2]) + (
+                f" (and {len(warned) - 2} more reasons)" if len(warned) > 2 else "")
+            hint = ("; for a loss divided by a count of the model's making, return gradients of "
+                    "the sum and divide them by the count after the backward pass"
+                    if any("ratio" in why for why in warned) else "")
+            verb = "is" if len(names) <= 1 else "are"
+            warn_once(f"PipeshardParallel: {shown or 'an output'} {verb} computed per micro-batch "
+                      f"and combined as train.grad_accum_steps would, not over the global batch: "
+                      f"{reasons}{hint}")
         batch_dim = {v: d[0] for v, d in self.dims.items()}
         anchors = [e.anchor for e in self.entries]
         cuts = [next((k for k, a in enumerate(anchors) if a >= cut), len(anchors))
