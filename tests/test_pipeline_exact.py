@@ -1,7 +1,7 @@
 """PipeshardParallel computes what the unpipelined step computes, or refuses with one line: both
 forms of the stage marker, per-example outputs, shape constants, positions over the batch, random
 keys per micro-batch, weighted means, batch statistics, micro-batches of one example (8 simulated
-CPU devices, tiny models, user state pytrees: a dict with its own keys, a tuple)."""
+CPU devices, tiny models, user state pytrees: a dict with keys of its own, a flax TrainState)."""
 import warnings
 
 import jax
@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.training import train_state
 
 import parallel
 from tests import _pipeline_setups as setups
@@ -185,15 +186,30 @@ def _masked(weighted):
     return loss
 
 
-@pytest.mark.parametrize("weighted", [True, False], ids=["weighted_mean", "division"])
-def test_masked_mean_equals_the_unpipelined_step(weighted):
+def _train_state_init(key):
+    """A flax TrainState as the whole state."""
+    return train_state.TrainState.create(apply_fn=None, params=_init(key)["w"], tx=SGD)
+
+
+def _train_state_step(loss_fn):
+    def step(state, batch):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, None)
+        return state.apply_gradients(grads=grads), {"loss": loss, **aux}
+
+    return step
+
+
+@pytest.mark.parametrize("weighted, make_step, init", [
+    (True, _step, _init), (False, _train_state_step, _train_state_init)],
+    ids=["weighted_mean-dict", "division-TrainState"])
+def test_masked_mean_equals_the_unpipelined_step(weighted, make_step, init):
     # Two masked-out rows in micro-batch 1, one in the others: a mean of per-micro-batch
     # ratios would differ.
     batch = _batch()
-    want = _unpipelined(_step(_masked(weighted)), batch)
+    want = _unpipelined(make_step(_masked(weighted)), batch, init)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # exact: nothing to warn about
-        got, _ = _pipelined(_step(_masked(weighted)), 4, batch)
+        got, _ = _pipelined(make_step(_masked(weighted)), 4, batch, init)
     _close(got, want, rtol=1e-5)
     assert float(got[1]["tokens"]) == 5.0
 
@@ -245,7 +261,8 @@ def _pairs_loss(w, batch, key):
 
 
 @pytest.mark.parametrize("loss, message", [
-    (_max_loss, r"is a maximum or minimum over examples that the backward pass reads"),
+    (_max_loss, r"^output\[1\]\['loss'\] comes from a value of shape \(\) and dtype float32 "
+                r"that is a maximum or minimum over examples that the backward pass reads"),
     (_model_count_loss, r"weighted_mean: its count depends on the model's parameters"),
     (_pairs_loss, r"operation rev picks examples by their position in the batch"),
 ])

@@ -219,15 +219,15 @@ class _Splitter(PerMicroBatchValues, FormsPass):
         crossing.extend(v for v in g.outputs if isinstance(v, int) and v in made_in_m)
         crossing = list(dict.fromkeys(crossing))
         combine, warned, notes = {}, {}, list(self.notes)
+        reach = self._reaching_outputs(ops, region, made_in_m)
         for v in crossing:
             form = forms.get(v, CONST)
-            combine[v] = self._combine(v, form)
+            combine[v] = self._combine(v, form, reach.get(v, []))
             if combine[v] == "concat":
                 global_avals[v] = g.avals[v]
             if not form.exact:
                 warned.setdefault(form.why, []).append(v)
         if warned:  # one warning: the outputs affected and why
-            reach = self._reaching_outputs(ops, region, made_in_m)
             names = list(dict.fromkeys(n for values in warned.values() for v in values
                                        for n in reach.get(v, ())))
             notes += [f"per micro-batch, not over the global batch: {why}" for why in warned]
@@ -251,9 +251,14 @@ class _Splitter(PerMicroBatchValues, FormsPass):
         return program, Regions(region, batch_dim, dependent, crossing, combine, self.index,
                                 global_avals, notes)
 
-    def _combine(self, v: int, form: Form) -> Any:
+    def _combine(self, v: int, form: Form, outputs: list[str]) -> Any:
         aval = self.avals[v]
         what = f"a value of shape {aval.shape} and dtype {aval.dtype}"
+        if outputs:
+            what = (f"{outputs[0]}" + (f" (and {len(outputs) - 1} more outputs)"
+                                       if len(outputs) > 1 else "") + f" comes from {what} that")
+        else:
+            what = f"{what}, read by the update,"
         if form.kind == "E":
             return "concat"
         if form.kind == "S" and (form.mean or (self.m == 1 and np.isclose(form.rho, 1.0))):
