@@ -56,6 +56,8 @@ _ADDITIVE = {"add", "sub", "add_any"}
 # Reductions over examples that are sums of per-example terms.
 _SUMS = {"reduce_sum", "dot_general", "conv_general_dilated", "scatter-add", "scatter_add"}
 _EXTREMA = {"reduce_max", "reduce_min"}
+# Operations with bodies (kept whole by the flattening).
+_BODIES = {"scan", "while", "cond", "remat2", "checkpoint"}
 # Operations that pick examples by position: along the batch they select other rows per
 # micro-batch (refused, unless they run after the backward pass on the whole batch).
 _SELECTIONS = {"slice", "pad", "gather", "dynamic_slice", "dynamic_update_slice", "rev",
@@ -120,6 +122,9 @@ def mixes_examples(op, in_dims: list[tuple], out_dims: tuple, in_shapes: list[tu
     if name in ("gather", "scatter-add", "scatter_add", "scatter", "scatter-mul",
                 "scatter_mul", "scatter-min", "scatter-max", "scatter_min", "scatter_max"):
         return indexes_batch(op, in_dims) is not None
+    if name == "scan":  # a scan along the batch carries one example's state to the next
+        first_xs = op.params["num_consts"] + op.params["num_carry"]
+        return any(0 in dims for dims in in_dims[first_xs:])
     if name in ("dynamic_slice", "dynamic_update_slice"):
         operand = in_shapes[0]
         if name == "dynamic_slice":
@@ -147,15 +152,20 @@ def indexes_batch(op, in_dims: list[tuple]):
     return None
 
 
-def reduction_form(op, forms: list[Form], in_dims: list[tuple]) -> Form:
+def reduction_form(op, forms: list[Form], in_dims: list[tuple], mixing: bool = False) -> Form:
     """The form of an operation reading per-example values and making a value without a batch
-    dimension: a sum, an extremum, or neither."""
+    dimension: a sum, an extremum, or neither.
+
+    A loop (``scan``, ``while``) is one operation here: one that does not run along the batch
+    is taken as a sum over examples (what the backward pass of a scan over layers or time
+    accumulates, the weight gradients); its body is not inspected.
+    """
     name = op.prim.name
     examples = [f for f in forms if f.kind == "E"]
     statistics = [f for f in forms if f.kind not in ("C", "E")]
     exact = all(f.exact for f in examples) and not statistics
     why = next((f.why for f in examples if not f.exact), "")
-    if name in _SUMS or (name == "reduce_sum"):
+    if name in _SUMS or (name in _BODIES and not mixing):
         form = Form("S")
         return form if exact else form.inexact(why or f"{name} reads a batch statistic")
     if name in _EXTREMA:
@@ -228,21 +238,21 @@ class FormsPass:
             op = e.micro
             ins = op.value_inputs()
             in_forms = [forms.get(v, CONST) for v in ins]
-            out = op.outputs[0] if op.outputs else None
-            out_dims = self.dims.get(out, ()) if out is not None else ()
             varying = [f for f in in_forms if f.kind != "C"]
-            if not e.inserted:
-                scale = self._choose_literals(e, varying)
-            else:
-                scale = None
-            if not varying:
-                form = Form("E") if out_dims else CONST
-            elif out_dims:
-                form = self._example_form(op, ins, in_forms, out_dims)
-            elif any(f.kind == "E" for f in varying):
-                form = reduction_form(op, in_forms, [self.dims.get(v, ()) for v in ins])
-            else:
-                form = statistic_form(op, in_forms, scale, self.m)
+            scale = None if e.inserted else self._choose_literals(e, varying)
+            in_dims = [self.dims.get(v, ()) for v in ins]
+            for v in op.outputs:  # a loop's outputs: per example or not, each its own form
+                out_dims = self.dims.get(v, ())
+                if not varying:
+                    forms[v] = Form("E") if out_dims else CONST
+                elif out_dims:
+                    forms[v] = self._example_form(op, ins, in_forms, out_dims)
+                elif any(f.kind == "E" for f in varying):
+                    mixing = op.prim.name in _BODIES and mixes_examples(
+                        op, in_dims, (), [self._micro_aval(x).shape for x in ins], [])
+                    forms[v] = reduction_form(op, in_forms, in_dims, mixing)
+                else:
+                    forms[v] = statistic_form(op, in_forms, scale, self.m)
             if op.prim.name == "weighted_mean" and len(op.inputs) > 1 and \
                     forms.get(op.inputs[1], CONST).kind != "C":
                 raise PlanError(
@@ -250,8 +260,6 @@ class FormsPass:
                     "computed from the forward pass), so PipeshardParallel cannot take it over "
                     "the global batch before the micro-batches run; compute the count from the "
                     "batch alone (e.g. jnp.sum(batch['mask']))")
-            for v in op.outputs:
-                forms[v] = form
         return forms
 
     def _example_form(self, op, ins, in_forms, out_dims) -> Form:
