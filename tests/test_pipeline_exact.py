@@ -105,6 +105,10 @@ def test_marker_without_arguments_cuts_like_the_marker_with_values():
     sent = {form: [s["sends_bytes_per_micro_batch"] for s in plan.extras["stages"]]
             for form, plan in plans.items()}
     assert sent["call"] == sent["value"] == [2 * WIDTH * 4, 0]  # (2, 8) float32 per micro-batch
+    # Outside a pipeline the marker is nothing: the solver's plan runs the same step.
+    sharded = parallel.parallelize(_step(_layers_loss("call")), method=parallel.ShardParallel(
+        profile=setups.PROFILE))
+    _close(sharded(sharded.init_state(_init, jax.random.key(0), batch), batch), want)
 
 
 # ----- per-example outputs, shape constants, positions -----------------------------------------

@@ -161,7 +161,11 @@ class _Builder:
             return self.while_loop(params, inputs, weight)
         if name == "cond":
             return self.cond(params, inputs, out_avals, weight)
-        if name == "optimization_barrier":  # only orders the schedule: each result is its input
+        if name == "pipeline_cut":  # mark_pipeline_boundary(): a position, no values
+            return []
+        # An optimization barrier only orders the schedule, a stage marker only names a cut:
+        # each result is its input.
+        if name in ("optimization_barrier", "pipeline_boundary"):
             return [self.link("_identity", v, aval, weight) for v, aval in zip(inputs, out_avals)]
         return self.add_eqn(name, dict(params), inputs, out_avals, weight, site)
 
