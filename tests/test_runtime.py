@@ -184,7 +184,7 @@ def test_only_validation_errors_become_one_line(capsys):
 
 
 class FakeDevice:
-    platform, id = "gpu", 0
+    platform, id, process_index = "gpu", 0, 0
 
     def __init__(self, kind, stats=None):
         self.device_kind, self.stats = kind, stats
