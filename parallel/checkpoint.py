@@ -147,6 +147,29 @@ class Checkpointer:
                 + f". Nothing was deleted; move {self.directory} aside to start from scratch")
         return None
 
+    def set_aside_torn(self) -> list[int]:
+        """Moves the steps newer than the newest committed, verified one to ``invalid/``.
+
+        For a run restarting after a failure: the saves the failure interrupted are torn, and
+        without a valid step before them the run starts again from step 0 instead of refusing
+        to resume. Only commits, manifests and sizes are checked (no file is read). With
+        several processes, process 0 moves them while the others wait.
+
+        Returns:
+          The steps moved aside (on process 0; ``[]`` on the others).
+        """
+        self.wait()
+        moved = []
+        if jax.process_index() == 0:
+            for entry in reversed(files.scan(self.directory)):
+                problem = files.verify(entry, contents=False)
+                if problem is None:
+                    break
+                self._move_aside(entry, problem)
+                moved.append(entry.step)
+        self._sync("set-aside-torn")
+        return moved
+
     def list(self, verify: bool = True) -> list[CheckpointInfo]:
         """Every step directory (committed or interrupted), oldest first, with its validity.
 

@@ -260,6 +260,22 @@ def test_no_valid_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     assert not (tmp_path / "empty").exists()
 
 
+def test_a_restart_sets_aside_the_saves_its_failure_interrupted(tmp_path):
+    """After a failure (a cluster restart) the steps newer than the newest valid one are
+    moved to invalid/ (not deleted); with none valid left, the run starts from step 0."""
+    directory = saved(tmp_path, steps=(1, 2))
+    (directory / "3.orbax-checkpoint-tmp-99").mkdir()
+    _delete_manifest(directory / "2")
+    with pytest.warns(UserWarning, match="is not valid"):
+        assert Checkpointer(directory).set_aside_torn() == [3, 2]
+    assert Checkpointer(directory).latest_step() == 1
+    assert sorted(p.name for p in (directory / "invalid").iterdir()) == ["2", "3.orbax-checkpoint-tmp-99"]
+    _delete_manifest(directory / "1")
+    with pytest.warns(UserWarning, match="is not valid"):
+        assert Checkpointer(directory).set_aside_torn() == [1]
+    assert Checkpointer(directory).latest_step() is None
+
+
 def test_a_different_model_names_the_first_mismatched_parameter(tmp_path):
     directory = saved(tmp_path, steps=(1,))
     mesh = mesh_of((1,), ("data",), 1)

@@ -63,6 +63,24 @@ def test_an_unanswered_query_is_a_hang_within_the_shorter_of_its_limits():
         [("compile", 1.0), ("compile", 1.0)], [None, 61.0], spec).hung()
 
 
+def test_a_frozen_worker_is_caught_within_hang_timeout_s_in_any_phase_by_default():
+    """A worker frozen while it saves (or compiles) answers no query: by default the wait for
+    an answer is hang_timeout_s (at most 300 s), not the long phase's limit."""
+    spec = ClusterSpec(num_hosts=2, hang_timeout_s=8)
+    assert spec.answer_limit() == (8, "hang_timeout_s")
+    assert ClusterSpec(num_hosts=2).answer_limit() == (300, "answer_timeout_s")
+    assert ClusterSpec(num_hosts=2, hang_timeout_s=8, answer_timeout_s=30).answer_limit() == (
+        30, "answer_timeout_s")
+    for phase in ("checkpoint", "compile", "eval", "restore", "planning"):
+        assert _watch([(phase, 1.0), (phase, 1.0)], [None, 7.0], spec).hung() is None
+        assert _watch([(phase, 1.0), (phase, 1.0)], [None, 9.0], spec).hung() == (
+            f"worker 1 (pid 1 on 10.0.0.1) did not answer the driver for 9 s (cluster."
+            f"hang_timeout_s=8; last seen in phase {phase}, last finished step 4): frozen, or "
+            "its node is cut off or lost")
+    # a worker that answers may stay in a long phase past hang_timeout_s
+    assert _watch([("checkpoint", 100.0), ("checkpoint", 100.0)], [None, 1.0], spec).hung() is None
+
+
 def test_phase_limits_and_their_keys():
     spec = ClusterSpec(num_hosts=2, startup_timeout_s=50, hang_timeout_s=20,
                        phase_timeout_s={"restore": 99})

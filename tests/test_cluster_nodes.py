@@ -159,17 +159,20 @@ def test_data_parallel_across_nodes_survives_a_frozen_worker_and_a_cut_link(node
         stopped = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
         index, detected, found = run.wait_for(r"cluster: (.*); restarting the workers \(1 of", index)
-        assert detected - stopped <= HANG_S + 10
-        assert found.group(1).startswith(
-            f"worker {worker} (pid {pid} on {nodes.address[1]}) did not answer the driver for ")
-        assert "last seen in phase step" in found.group(1)
+        assert detected - stopped <= HANG_S + 10, run.output[-6000:]
+        # Named, whatever it was doing when stopped (a step, or already step 4's save: the
+        # line of step 3 reaches the driver late on a loaded machine).
+        assert re.match(rf"worker {worker} \(pid {pid} on {re.escape(nodes.address[1])}\) "
+                        r"(did not answer the driver for \d+ s \(cluster.hang_timeout_s=8; last "
+                        r"seen in phase (step|checkpoint|eval|compile)|stopped answering the driver)",
+                        found.group(1)), found.group(1)
         # A partition: the link between the nodes goes down mid-step, then comes back.
         index, _, _ = run.wait_for(r"\[train step 6/10\]", index)
         nodes.link(up=False)
         cut = time.monotonic()
         index, detected, found = run.wait_for(r"cluster: (.*); restarting the workers \(2 of", index)
         nodes.link(up=True)
-        assert detected - cut <= HANG_S + 10
+        assert detected - cut <= HANG_S + 10, run.output[-6000:]
         assert re.match(rf"worker \d \(pid \d+ on {re.escape(nodes.address[1])}\) did not answer",
                         found.group(1)), found.group(1)
         run.wait_for(r"cluster: worker 0 is pid \d+ on .* \(attempt 2\)", index)

@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 
+import parallel
 from parallel import cluster
 
 from trainer._errors import USER_ERRORS
@@ -54,10 +55,13 @@ def fit_on_cluster(trainer) -> dict:
 
 
 def _fit_in_worker(trainer) -> dict:
-    """A worker's part: after a restart the run resumes from its newest checkpoint."""
+    """A worker's part: after a restart the run resumes from its newest checkpoint (saves the
+    failure interrupted are moved aside; without a valid one it starts again from step 0)."""
     if cluster.worker_info().attempt > 0:
         train = dataclasses.replace(trainer.config.train, resume=True, overwrite=False)
         trainer.config = dataclasses.replace(trainer.config, train=train)
+        with cluster.phase("restore"):
+            parallel.Checkpointer(trainer.workdir / "checkpoints").set_aside_torn()
     return trainer.fit()
 
 

@@ -123,7 +123,7 @@ class ClusterConfig:
     startup_timeout_s: float = 120.0
     hang_timeout_s: float = 600.0  # the step phase's limit
     phase_timeout_s: Optional[dict] = None  # planning/compile/restore/eval/checkpoint: seconds
-    answer_timeout_s: float = 300.0
+    answer_timeout_s: Optional[float] = None  # unanswered query: hung (default hang_timeout_s, <= 300)
     capacity_timeout_s: float = 600.0
     env: Optional[dict] = None  # environment variables for every worker
     compilation_cache: bool = True  # JAX's persistent compilation cache in workdir/compile-cache

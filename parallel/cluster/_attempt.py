@@ -179,11 +179,12 @@ class Attempt:
 
         if self.stop.name is None or self.stop_step is not None:
             return
+        answer, key = self.spec.answer_limit()
         refs = [actor.request_stop.remote(self.stop.name) for actor in self.actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.spec.answer_timeout_s)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=answer)
         if len(ready) < len(refs):
             raise WorkerFailure(f"a worker did not answer the stop request within "
-                                f"cluster.answer_timeout_s={self.spec.answer_timeout_s:g}")
+                                f"cluster.{key}={answer:g}")
         try:
             positions = ray.get(refs)
         except ray.exceptions.RayError as error:
@@ -192,7 +193,7 @@ class Attempt:
         self.stop_step = max(known, default=-1) + 1
         try:
             ray.get([actor.set_stop_step.remote(self.stop_step) for actor in self.actors],
-                    timeout=self.spec.answer_timeout_s)
+                    timeout=answer)
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as error:
             raise WorkerFailure(f"a worker failed on the stop request: {_reason(error)}") from None
         when = f"step {self.stop_step}" if known else "the first step of this attempt"
@@ -203,7 +204,7 @@ class Attempt:
     def _failure(self, refs, first, error, pending, fatal, watch: Watch) -> BaseException:
         """The exception that ends this attempt, chosen by cause.
 
-        A worker that died or hung outranks the errors of the others: they are what a lost
+        A worker that hung, then one that died, outranks the errors of the others: they are what a lost
         peer looks like from its side (a broken collective, a checkpoint write that lost a
         shard), and a restart cures them. The other workers' reports and answers are gathered
         for ``GRACE_S`` first. Without a death or hang, a ``fatal`` error ends the run, and so
@@ -225,16 +226,20 @@ class Attempt:
         watch.poll()
         died = [(i, e) for i, e in reports if isinstance(e, ray.exceptions.RayActorError)]
         silent = [i for i in watch.silent(SILENT_S) if i not in {j for j, _ in died}]
-        others = "; ".join(f"worker {i} {_reason(e)}" for i, e in reports
-                           if not isinstance(e, ray.exceptions.RayActorError))
-        after = f" (after which {others})" if others else ""
-        if died:
-            i, e = died[0]
-            return WorkerFailure(f"worker {i} ({self.where[i]}) {_reason(e)}{after}")
+
+        def after(cause: int) -> str:
+            others = "; ".join(f"worker {i} {_reason(e)}" for i, e in reports if i != cause)
+            return f" (after which {others})" if others else ""
+
+        # A frozen worker outranks a dead one: JAX's coordination service ends the processes
+        # of a job whose member stops sending heartbeats, while no death freezes a peer.
         if silent:
             i = silent[0]
             return WorkerFailure(f"worker {i} ({self.where[i]}) stopped answering the driver "
-                                 f"(frozen, or its node is cut off or lost){after}")
+                                 f"(frozen, or its node is cut off or lost){after(i)}")
+        if died:
+            i, e = died[0]
+            return WorkerFailure(f"worker {i} ({self.where[i]}) {_reason(e)}{after(i)}")
         for i, e in reports:
             cause = getattr(e, "cause", None)
             if isinstance(e, ray.exceptions.RayTaskError) and isinstance(cause, fatal):

@@ -8,6 +8,7 @@ from typing import Mapping
 PHASES = ("start-up", "planning", "compile", "restore", "step", "eval", "checkpoint")
 LONG_PHASES = ("planning", "compile", "restore", "eval", "checkpoint")  # one call may take long
 LONG_PHASE_S = 3600.0
+ANSWER_S = 300.0  # the longest default wait for an answer to a progress query
 
 
 class ClusterError(RuntimeError):
@@ -34,7 +35,9 @@ class ClusterSpec:
       phase_timeout_s: limits of the other phases (``LONG_PHASES``; ``LONG_PHASE_S`` each
         by default).
       answer_timeout_s: a worker that leaves the driver's progress query unanswered this long
-        (or past its phase's limit, if shorter) counts as hung: frozen, or its node cut off.
+        (or past its phase's limit, if shorter) counts as hung: frozen, or its node cut off,
+        whatever phase it was in (a second thread answers; a healthy worker answers at once).
+        None: ``hang_timeout_s``, at most ``ANSWER_S``.
       capacity_timeout_s: after a failure, how long to wait for the cluster to offer the
         workers' resources again (a lost node being replaced) before giving up.
       env: environment variables for every worker, on top of those passed from the driver
@@ -53,7 +56,7 @@ class ClusterSpec:
     startup_timeout_s: float = 120.0
     hang_timeout_s: float = 600.0
     phase_timeout_s: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    answer_timeout_s: float = 300.0
+    answer_timeout_s: float | None = None
     capacity_timeout_s: float = 600.0
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     compilation_cache_dir: str | None = None
@@ -70,7 +73,7 @@ class ClusterSpec:
                                "worker uses its GPUs, so leave devices_per_host unset")
         for name in ("startup_timeout_s", "hang_timeout_s", "answer_timeout_s",
                      "capacity_timeout_s", "restart_window_s"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ClusterError(f"ClusterSpec.{name} must be positive, got {getattr(self, name)}")
         for phase, limit in self.phase_timeout_s.items():
             if phase not in LONG_PHASES:
@@ -84,6 +87,14 @@ class ClusterSpec:
         for key, value in self.env.items():
             if not isinstance(key, str) or not isinstance(value, str) or not key:
                 raise ClusterError(f"env must map variable names to strings, got {key!r}: {value!r}")
+
+    def answer_limit(self) -> tuple[float, str]:
+        """How long a progress query may go unanswered, and the setting that says so."""
+        if self.answer_timeout_s is not None:
+            return float(self.answer_timeout_s), "answer_timeout_s"
+        if self.hang_timeout_s <= ANSWER_S:
+            return float(self.hang_timeout_s), "hang_timeout_s"
+        return ANSWER_S, "answer_timeout_s"
 
     def phase_limit(self, phase: str) -> float:
         """Seconds a worker may spend in ``phase`` without a heartbeat."""

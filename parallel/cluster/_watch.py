@@ -3,8 +3,10 @@
 Each worker has at most one progress query in flight. A worker that answers reports its phase
 and how long since its last heartbeat; the workers are hung when every one of them is past its
 phase's limit (they wait for each other in every step). A worker that does not answer (stopped, swapped out, its node cut off or gone) is hung once the
-query has waited past ``answer_timeout_s`` or the limit of the phase it was last seen in,
-whichever is shorter. Unanswered queries outrank idle answers: a worker waiting in a
+query has waited past ``ClusterSpec.answer_limit()`` (``answer_timeout_s``; by default
+``hang_timeout_s`` up to 300 s) or the limit of the phase it was last seen in, whichever is
+shorter: in every phase, since a second thread of the worker answers (a frozen process is not
+"in a long phase", and the phase it was last seen in may be long: a checkpoint). Unanswered queries outrank idle answers: a worker waiting in a
 collective for a frozen peer still answers, and the frozen one is the cause.
 """
 from __future__ import annotations
@@ -63,13 +65,13 @@ class Watch:
                 continue
             waited = now - asked[1]
             phase = self.last[i]["phase"]
-            limit = min(self.spec.answer_timeout_s, self.spec.phase_limit(phase))
+            answer, key = self.spec.answer_limit()
+            limit = min(answer, self.spec.phase_limit(phase))
             if waited > limit:
-                silent.append((i, waited, phase, limit))
+                silent.append((i, waited, phase, limit,
+                               key if limit == answer else self.spec.phase_limit_key(phase)))
         if silent:
-            i, waited, phase, limit = silent[0]
-            key = ("answer_timeout_s" if limit == self.spec.answer_timeout_s
-                   else self.spec.phase_limit_key(phase))
+            i, waited, phase, limit, key = silent[0]
             return (f"worker {i} ({self.where[i]}) did not answer the driver for {waited:.0f} s "
                     f"(cluster.{key}={limit:g}; last seen in phase {phase}, "
                     f"{self._step(i)}): frozen, or its node is cut off or lost")
