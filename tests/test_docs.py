@@ -42,3 +42,44 @@ def test_every_python_block_runs(page, tmp_path, monkeypatch):
         losses = [record["loss"] for record in map(json.loads, log.read_text().splitlines())
                   if "loss" in record]
         assert len(losses) >= 2 and losses[-1] < 0.5 * losses[0], (log, losses)
+
+
+SHELL = re.compile(r"^(<!--[^\n]*-->)?\n?```(?:bash|sh)\n(.*?)^```", re.S | re.M)
+RUN_BY = re.compile(r"<!-- run by (tests/[\w/]+\.py) -->")
+NOT_RUN = re.compile(r"<!-- not run by the tests: .+ -->")
+SCRIPT = re.compile(r"python (scripts/\w+\.py)((?: [^\s\\]+| ?\\\n\s*)*)")
+
+
+def shell_blocks(path: pathlib.Path) -> list[tuple[str, str]]:
+    """``(marker comment or "", commands)`` of each shell block of a Markdown file."""
+    return [(m.group(1) or "", m.group(2)) for m in SHELL.finditer(path.read_text())]
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if shell_blocks(p)],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shell_block_is_run_by_a_test_or_says_why_not(page):
+    """A shell block is preceded by ``<!-- run by tests/x.py -->`` (a test module that runs
+    the scripts it calls), ``<!-- not run by the tests: why -->``, or the test-command marker
+    (CI runs it). Either way its ``scripts/train.py`` and ``scripts/plan.py`` commands name a
+    config and keys that load (placeholder paths such as ``path/to/...`` aside), and its
+    benchmark commands a suite that exists."""
+    from trainer import load_config
+
+    for marker, commands in shell_blocks(page):
+        run_by = RUN_BY.fullmatch(marker)
+        assert run_by or NOT_RUN.fullmatch(marker) or marker == "<!-- test-command -->", (
+            f"{page.name}: a shell block without a marker:\n{commands}")
+        for script, args in SCRIPT.findall(commands):
+            assert (ROOT / script).is_file(), (page.name, script)
+            if run_by:
+                test_source = (ROOT / run_by.group(1)).read_text()
+                assert pathlib.Path(script).stem in test_source, (page.name, marker, script)
+            words = args.replace("\\\n", " ").split()
+            if script in ("scripts/train.py", "scripts/plan.py"):
+                config = words[words.index("--config") + 1]
+                overrides = [w for w in words if "=" in w and "path/to" not in w]
+                load_config(config, overrides)
+            if script == "scripts/benchmark.py":
+                from benchmarks.suites import SUITES
+
+                assert words[words.index("--suite") + 1] in SUITES, (page.name, words)
