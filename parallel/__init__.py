@@ -12,6 +12,7 @@ from parallel._methods import register_method as register_method
 from parallel._parallelize import FollowPlan as FollowPlan
 from parallel._parallelize import ParallelStep as ParallelStep
 from parallel._parallelize import parallelize as parallelize
+from parallel.auto import AutoParallel as AutoParallel
 from parallel.auto import ShardParallel as ShardParallel
 from parallel.checkpoint import CheckpointError as CheckpointError
 from parallel.checkpoint import CheckpointInfo as CheckpointInfo

@@ -135,8 +135,8 @@ class ParallelStep:
         self._entries[_signature(abstract_args)] = self._build(abstract_args, plan, 0.0)
 
     def _reuse_problem(self, plan: Plan, abstract_args: tuple) -> str | None:
-        if hasattr(self.method, "build_executable"):
-            return f"method {self.method.name!r} builds its programs anew"
+        if hasattr(self.method, "build_executable") and "stages" in plan.extras:
+            return f"method {self.method.name!r} builds its pipelined programs anew"
         if plan.method != self.method.name:
             return f"it was made by method {plan.method!r}, this step uses {self.method.name!r}"
         saved, now = plan.extras.get("devices"), device_summary(self.devices)
@@ -184,8 +184,9 @@ class ParallelStep:
                 start = time.perf_counter()
                 step = build(self.fn, abstract_args, batch_argnums=self.batch_argnums,
                              donate_argnums=self.donate_argnums, devices=self.devices)
-                return _Entry(step.plan, step.mesh, step.in_shardings, step.out_shardings, step,
-                              abstract_args, time.perf_counter() - start, compiled=step)
+                if step is not None:  # None: the method's plan is one SPMD program after all
+                    return _Entry(step.plan, step.mesh, step.in_shardings, step.out_shardings,
+                                  step, abstract_args, time.perf_counter() - start, compiled=step)
             plan, solve_time = self._make_plan(abstract_args)
         if plan.num_devices != len(self.devices):
             raise PlanError(f"plan mesh {plan.mesh_shape} covers {plan.num_devices} devices but "

@@ -44,6 +44,8 @@ class DeviceProfile:
       inter_host_latency_s: latency of a collective that crosses hosts.
       num_hosts: hosts in the cluster the plan is for (see :meth:`on_hosts`).
       devices_per_host: devices of one host; ``None``: every device is on one host.
+      shared_host: the devices share one host's cores (simulated CPU devices): programs on
+        different devices do not run at the same time, so pipeline stages cannot overlap.
     """
 
     name: str
@@ -59,6 +61,7 @@ class DeviceProfile:
     inter_host_latency_s: float | None = None
     num_hosts: int = 1
     devices_per_host: int | None = None
+    shared_host: bool = False
 
     def peak_flops_for(self, dtype: str) -> float:
         """Dense matmul FLOP/s of one device computing in ``dtype`` (``"float32"``...).
@@ -226,6 +229,7 @@ def cpu_profile(num_devices: int = 1) -> DeviceProfile:
         dtype_flops=(("float32", flops),),
         inter_host_bandwidth=CPU_HOST["inter_host_bandwidth"],
         inter_host_latency_s=CPU_HOST["inter_host_latency_s"],
+        shared_host=True,
     )
 
 

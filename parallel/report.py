@@ -33,6 +33,8 @@ class Report:
       compile_time_s: seconds XLA took to compile the step.
       shardings: one pytree of ``PartitionSpec`` per argument.
       stages: pipeline stages (pipeline methods only), else ``None``.
+      device_memory_bytes: the memory one device of ``profile`` has, when known; ``format``
+        says in one line when the plan needs more.
     """
 
     method: str
@@ -48,11 +50,23 @@ class Report:
     compile_time_s: float
     shardings: Any
     stages: Any = None
+    device_memory_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The scalar fields as a JSON-friendly dict (no ``shardings``)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in ("shardings", "stages")}
+
+    def fits(self) -> bool:
+        """Whether the step's peak memory fits one device of the profile (or it is unknown)."""
+        return (self.device_memory_bytes is None
+                or self.per_device_memory_bytes <= self.device_memory_bytes)
+
+    def _too_big(self) -> str:
+        if self.fits():
+            return ""
+        return (f"  DOES NOT FIT: {self.per_device_memory_bytes / 2**30:,.1f} GiB per device, "
+                f"the {self.profile} has {self.device_memory_bytes / 2**30:,.1f} GiB")
 
     def format(self) -> str:
         """The figures as readable lines."""
@@ -60,7 +74,7 @@ class Report:
                          for kind, c in self.collectives.items() if c["count"])
         return "\n".join([
             f"report: method={self.method} mesh={self.mesh_shape}",
-            f"  per-device memory   {self.per_device_memory_bytes:,} bytes",
+            f"  per-device memory   {self.per_device_memory_bytes:,} bytes" + self._too_big(),
             f"  communication       {self.communication_bytes:,.0f} bytes/device/step"
             + (f" ({comm})" if comm else ""),
             f"  flops               {self.flops:,.0f} per device per step",
@@ -141,4 +155,5 @@ def build_report(compiled: Any, plan: Plan, shardings: Any, *, solve_time_s: flo
         compile_time_s=compile_time_s,
         shardings=shardings,
         stages=plan.extras.get("stages"),
+        device_memory_bytes=device_profile.memory_bytes,
     )

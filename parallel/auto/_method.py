@@ -95,8 +95,12 @@ class ShardParallel(Method):
 
     def make_plan(self, fn: Callable, abstract_args: Sequence[Any], *,
                   batch_argnums: Sequence[int], donate_argnums: Sequence[int],
-                  devices: Sequence[jax.Device], logical_axes: Sequence[Any] | None) -> Plan:
+                  devices: Sequence[jax.Device], logical_axes: Sequence[Any] | None,
+                  solution: Solution | None = None) -> Plan:
         """Solves for the plan of ``fn(*abstract_args)`` on ``devices`` (see ``Method``).
+
+        ``solution``: the solver's answer already found for these devices and budget (the
+        joint search's), used instead of solving again.
 
         Raises:
           MemoryBudgetError: no plan fits ``memory_budget_bytes``.
@@ -105,7 +109,7 @@ class ShardParallel(Method):
         mesh_shape = None if self.mesh is None else self.resolve_mesh_shape(len(devices))
         budget = self.memory_budget_bytes
         if budget is None:  # the device's memory: a plan XLA finds bigger would not run
-            budget = self._default_budget(devices)
+            budget = self.default_budget(devices)
         target = budget
 
         def fits(check: _Check) -> bool:
@@ -113,10 +117,11 @@ class ShardParallel(Method):
 
         profile = self.device_profile(devices)
         for _ in range(_BUDGET_CHECKS):
-            solution = solve(fn, abstract_args, num_devices=len(devices), mesh_shape=mesh_shape,
-                             profile=profile, memory_budget_bytes=target,
-                             donate_argnums=donate_argnums, batch_argnums=batch_argnums,
-                             time_limit_s=self.time_limit_s)
+            if solution is None or target != budget:
+                solution = solve(fn, abstract_args, num_devices=len(devices),
+                                 mesh_shape=mesh_shape, profile=profile,
+                                 memory_budget_bytes=target, donate_argnums=donate_argnums,
+                                 batch_argnums=batch_argnums, time_limit_s=self.time_limit_s)
             plan_args = (abstract_args, batch_argnums, donate_argnums)
             if self.memory_budget_bytes is None and not self.validate:
                 return self._plan(solution, *plan_args)
@@ -143,7 +148,8 @@ class ShardParallel(Method):
         raise MemoryBudgetError(
             f"ShardParallel's plans do not fit {what}={budget:.0f} once compiled: "
             f"XLA needs at least {smallest} bytes per device (solver target {target:.0f}). "
-            "Raise memory_budget_bytes, use more devices, or shrink the model or batch.")
+            "Raise memory_budget_bytes, use more devices, or shrink the model or batch.",
+            smallest_bytes=smallest, budget=budget)
 
     def _check(self, fn: Callable, solution: Solution, result: MeshResult, pin: str,
                plan_args: tuple, devices: Sequence[jax.Device],
@@ -172,7 +178,7 @@ class ShardParallel(Method):
                 check.result.measured_step_time_s = seconds
         return times
 
-    def _default_budget(self, devices: Sequence[jax.Device]) -> int:
+    def default_budget(self, devices: Sequence[jax.Device]) -> int:
         """What the running devices can allocate (``memory_stats``), else the profile's memory."""
         profile = self.device_profile(devices)
         if self.profile is None:  # planning for the devices at hand
@@ -258,4 +264,3 @@ def _factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=
 
 
 register_method("shard", _factory)
-register_method("auto", _factory)

@@ -35,7 +35,18 @@ _SHARDED_STATE_BYTES = 4096
 
 
 class MemoryBudgetError(PlanError):
-    """No plan keeps the per-device memory within the budget."""
+    """No plan keeps the per-device memory within the budget.
+
+    Attributes:
+      smallest_bytes: the lowest per-device memory any plan reached (``None``: not known).
+      budget: the budget.
+    """
+
+    def __init__(self, message: str, smallest_bytes: float | None = None,
+                 budget: float | None = None):
+        super().__init__(message)
+        self.smallest_bytes = smallest_bytes
+        self.budget = budget
 
 
 @dataclasses.dataclass
@@ -194,10 +205,60 @@ def mesh_candidates(num_devices: int) -> list[tuple[int, int]]:
     return out
 
 
+@dataclasses.dataclass
+class Prepared:
+    """A step traced and analysed once, to be solved on any number of devices (the stages of a
+    pipeline search solve one layer's work on several sub-meshes)."""
+
+    args: tuple
+    closed: Any
+    in_tree: Any
+    out_shape: Any
+    graph: Any
+    structure: Structure
+    liveness: Liveness
+    paired: dict[int, int]
+    fed: set[int]
+    donated: set[int]
+    batch_leaves: list[int]
+    update: set[int]
+
+
+def prepare(fn: Callable, abstract_args: Sequence[Any], *, donate_argnums: Sequence[int] = (0,),
+            batch_argnums: Sequence[int] = (1,)) -> Prepared:
+    """Traces ``fn`` and builds what every mesh's integer program shares (see ``solve``).
+
+    Raises:
+      PlanError: an argument leaf is not an array or a number.
+    """
+    args = tuple(abstract_args)
+    check_leaves(args)
+    closed, in_tree, out_shape = trace(fn, args)
+    graph = build_graph(closed)
+    offsets = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in args])
+    paired = _pair_state(args, out_shape, donate_argnums, offsets)
+    batch_leaves = [j for i in batch_argnums for j in range(offsets[i], offsets[i + 1])]
+    structure = Structure(graph, [(graph.outputs[o], graph.inputs[i]) for o, i in paired.items()],
+                          [graph.inputs[j] for j in batch_leaves])
+    warn_fallbacks(structure)
+    donated = {graph.inputs[j] for i in donate_argnums for j in range(offsets[i], offsets[i + 1])}
+    liveness = Liveness(graph, donated, FOLLOWERS)
+    state = {v for v in donated if graph.values[v].nbytes >= _SHARDED_STATE_BYTES}
+    update: set[int] = set()
+    if state:
+        roles = find_roles(fn, args, batch_argnums=batch_argnums, donate_argnums=donate_argnums,
+                           traced=(closed, in_tree, out_shape))
+        update = {graph.inputs[j] for j in roles.indices(OPTIMIZER)} & state
+    return Prepared(args, closed, in_tree, out_shape, graph, structure, liveness, paired,
+                    set(graph.inputs) - donated, donated, batch_leaves, update)
+
+
 def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None = None,
           mesh_shape: dict[str, int] | None = None, profile: str | DeviceProfile | None = None,
           memory_budget_bytes: float | None = None, donate_argnums: Sequence[int] = (0,),
-          batch_argnums: Sequence[int] = (1,), time_limit_s: float = 30.0) -> Solution:
+          batch_argnums: Sequence[int] = (1,), time_limit_s: float = 30.0,
+          prepared: Prepared | None = None, first_device: int = 0,
+          max_model: int | None = None) -> Solution:
     """Finds the sharding of ``fn(*abstract_args)`` with the lowest estimated step time.
 
     Args:
@@ -213,6 +274,10 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
         structure as one of them are updated state and keep its shardings.
       batch_argnums: arguments that carry the batch (used to name a 1-D mesh's axis).
       time_limit_s: solver time limit per mesh shape; on a time-out the best plan found is used.
+      prepared: ``prepare(fn, abstract_args, ...)`` made before (nothing is traced again).
+      first_device: index of the first device among the cluster's (a pipeline stage's
+        sub-mesh), which decides the mesh axes that cross hosts.
+      max_model: the largest ``model`` axis to try (``None``: any).
 
     Returns:
       A :class:`Solution`.
@@ -222,8 +287,6 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
       PlanError: an argument leaf is not an array or a number.
     """
     start = time.perf_counter()
-    args = tuple(abstract_args)
-    check_leaves(args)
     n = num_devices or jax.device_count()
     if mesh_shape is not None:
         sizes = tuple(int(mesh_shape.get(a, 1)) for a in AXIS_NAMES)
@@ -234,27 +297,19 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
                 f"product is the device count {n}; e.g. {{'data': {n // 2 or 1}, 'model': 2}}")
         meshes = [sizes]
     else:
-        meshes = mesh_candidates(n)
+        meshes = [m for m in mesh_candidates(n) if max_model is None or m[1] <= max_model]
     if not isinstance(profile, DeviceProfile):
         profile = get_profile(profile, n)
     budget = float(memory_budget_bytes if memory_budget_bytes is not None
                    else profile.memory_bytes)
-
-    closed, in_tree, out_shape = trace(fn, args)
-    graph = build_graph(closed)
-    offsets = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in args])
-    paired = _pair_state(args, out_shape, donate_argnums, offsets)
-    batch_leaves = [j for i in batch_argnums for j in range(offsets[i], offsets[i + 1])]
-    structure = Structure(graph, [(graph.outputs[o], graph.inputs[i]) for o, i in paired.items()],
-                          [graph.inputs[j] for j in batch_leaves])
-    warn_fallbacks(structure)
-    donated = {graph.inputs[j] for i in donate_argnums for j in range(offsets[i], offsets[i + 1])}
-    liveness = Liveness(graph, donated, FOLLOWERS)
-    fed = set(graph.inputs) - donated
+    p = prepared or prepare(fn, abstract_args, donate_argnums=donate_argnums,
+                            batch_argnums=batch_argnums)
+    graph, structure, batch_leaves, donated = p.graph, p.structure, p.batch_leaves, p.donated
 
     def problem(sizes, split_leading=frozenset(), split_any=frozenset(), whole=frozenset()):
-        mm = MeshModel(AXIS_NAMES, sizes, profile, data_axis_named=mesh_shape is not None)
-        return MeshProblem(structure, mm, liveness, paired, fed,
+        mm = MeshModel(AXIS_NAMES, sizes, profile, data_axis_named=mesh_shape is not None,
+                       first_device=first_device)
+        return MeshProblem(structure, mm, p.liveness, p.paired, p.fed,
                            split_leading, split_any, whole)
 
     results = [_solve_mesh(problem(sizes), budget, time_limit_s, batch_leaves)
@@ -265,12 +320,9 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
         # ZeRO-2); with all stored state sharded (ZeRO-3).
         batch = {graph.inputs[j] for j in batch_leaves}
         state = {v for v in donated if graph.values[v].nbytes >= _SHARDED_STATE_BYTES}
-        roles = find_roles(fn, args, batch_argnums=batch_argnums, donate_argnums=donate_argnums,
-                           traced=(closed, in_tree, out_shape))
-        update = {graph.inputs[j] for j in roles.indices(OPTIMIZER)} & state
         variants = [("batch split", (batch,)), ("state sharded", (batch, state, donated - state))]
-        if update:  # weight-update sharding (ZeRO-2): parameters whole, optimizer state split
-            variants.insert(1, ("update sharded", (batch, update, donated - update)))
+        if p.update:  # weight-update sharding (ZeRO-2): parameters whole, optimizer state split
+            variants.insert(1, ("update sharded", (batch, p.update, donated - p.update)))
         if results[0].mesh_shape.get("data") != 1:  # the 1-D plan splits the batch already
             results[0].variant = variants.pop(0)[0]
         for name, sets in variants:
@@ -286,13 +338,13 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
             f"no sharding of this step on {n} devices fits memory_budget_bytes={budget:.0f}: "
             f"the smallest per-device memory reached is {smallest[0]:.0f} bytes (mesh "
             f"{smallest[1]}). Raise memory_budget_bytes to at least {smallest[0]:.0f}, use more "
-            "devices, or shrink the model or batch.")
+            "devices, or shrink the model or batch.", smallest_bytes=smallest[0], budget=budget)
     over = [r for r in results if r.status == "over_budget"]
     return Solution(
         best=fitting[0], tried=fitting + over, memory_budget_bytes=budget,
         solve_time_s=time.perf_counter() - start, num_equations=len(graph.eqns),
         num_groups=len(structure.groups), num_classes=structure.num_classes,
-        in_tree=in_tree, out_shape=out_shape)
+        in_tree=p.in_tree, out_shape=p.out_shape)
 
 
 def _pair_state(args, out_shape, donate_argnums, offsets) -> dict[int, int]:

@@ -45,6 +45,42 @@ class StageChoice:
     cost_s: float
 
 
+@dataclasses.dataclass(frozen=True)
+class StageLayout:
+    """A pipeline layout a search chose and priced, for ``PipeshardParallel`` to run as it is.
+
+    Stage ``k`` runs layers ``starts[k]..starts[k+1]-1`` of the forward pass cut into
+    ``num_layers`` layers, on the next ``sizes[k]`` devices, with the intra-op mesh
+    ``mesh_shapes[k]`` (``{"data": d, "model": m}``; the solver plans the stage on it).
+
+    Attributes:
+      stage_times_s: the priced seconds per micro-batch of each stage.
+      cost_s: the priced seconds per step.
+    """
+
+    num_layers: int
+    starts: tuple[int, ...]
+    sizes: tuple[int, ...]
+    mesh_shapes: tuple[dict, ...]
+    stage_times_s: tuple[float, ...]
+    cost_s: float
+
+    def choice(self, num_layers: int, num_devices: int) -> StageChoice:
+        """The layout as the runtime's ``StageChoice``, checked against the program.
+
+        Raises:
+          PlanError: the step has another number of layers, or the sizes do not cover the
+            devices.
+        """
+        if num_layers != self.num_layers or sum(self.sizes) != num_devices:
+            raise PlanError(
+                f"the pipeline layout was made for {self.num_layers} layers on "
+                f"{sum(self.sizes)} devices, this step has {num_layers} layers on {num_devices}; "
+                f"plan it again")
+        return StageChoice(tuple(self.starts), tuple(self.sizes), tuple(self.stage_times_s),
+                           self.cost_s)
+
+
 def stage_time(costs: LayerCosts, first: int, last: int, devices: int,
                profile: DeviceProfile) -> float:
     """Seconds one micro-batch spends on the stage running layers ``first..last``."""

@@ -7,6 +7,9 @@ it does for a whole step. Per-example values stay split over ``"data"`` between 
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 from jax.sharding import PartitionSpec
 
@@ -14,16 +17,25 @@ from parallel.pipeline._program import Program, Regions, evaluate
 from parallel.pipeline._stages import Placement
 
 
-def stage_plan(program: Program, regions: Regions, placement: Placement, stage: int,
-               num_devices: int, profile) -> tuple[dict[str, int], dict[int, PartitionSpec]]:
-    """The solver's sub-mesh shape for ``stage``, the specs of the per-step values it reads and
-    of the values it hands out of the micro-batch region.
+@dataclasses.dataclass
+class StageWork:
+    """One micro-batch's forward and backward on one stage, as a function the solver plans.
 
-    Returns:
-      ``(mesh_shape, {value id: spec})``.
+    Attributes:
+      fn: ``fn(per_step_values, per_example_values) -> values handed out of the stage``.
+      args: its abstract arguments.
+      per_step: value ids of the per-step values it reads (parameters...), in ``args[0]``.
+      results: value ids it returns: the values leaving the micro-batch region (gradients).
     """
-    from parallel.auto import solve  # the solver is heavy to import; only pipelines need it here
 
+    fn: Any
+    args: tuple
+    per_step: list[int]
+    results: list[int]
+
+
+def stage_work(program: Program, regions: Regions, placement: Placement, stage: int) -> StageWork:
+    """The micro-batch work of ``stage`` under ``placement``."""
     ops = [i for i, (s, p) in enumerate(zip(placement.stage, placement.phase))
            if s == stage and p in ("F", "B")]
     made = {v for i in ops for v in program.ops[i].outputs}
@@ -49,11 +61,74 @@ def stage_plan(program: Program, regions: Regions, placement: Placement, stage: 
         return tuple(jax.ShapeDtypeStruct(program.avals[v].shape, program.avals[v].dtype)
                      for v in vs)
 
-    solution = solve(micro_batch_work, (abstract(per_step), abstract(per_example)),
-                     num_devices=num_devices, profile=profile, donate_argnums=(),
-                     batch_argnums=(1,))
-    specs = dict(zip(per_step, solution.best.input_specs[:len(per_step)]))
+    return StageWork(micro_batch_work, (abstract(per_step), abstract(per_example)), per_step,
+                     results)
+
+
+def stage_plan(program: Program, regions: Regions, placement: Placement, stage: int,
+               num_devices: int, profile, mesh_shape: dict[str, int] | None = None,
+               first_device: int = 0,
+               max_model: int | None = None) -> tuple[dict[str, int], dict[int, PartitionSpec]]:
+    """The solver's sub-mesh shape for ``stage``, the specs of the per-step values it reads and
+    of the values it hands out of the micro-batch region.
+
+    Args:
+      mesh_shape: plan on this sub-mesh shape only (the one a search priced); ``None``: the
+        solver tries each.
+      first_device: the stage's first device among the cluster's (which axes cross hosts).
+      max_model: the largest ``model`` axis to try.
+
+    Returns:
+      ``(mesh_shape, {value id: spec})``.
+    """
+    from parallel.auto import solve  # the solver is heavy to import; only pipelines need it here
+
+    work = stage_work(program, regions, placement, stage)
+    solution = solve(work.fn, work.args, num_devices=num_devices, profile=profile,
+                     donate_argnums=(), batch_argnums=(1,), mesh_shape=mesh_shape,
+                     first_device=first_device, max_model=max_model)
+    specs = dict(zip(work.per_step, solution.best.input_specs[:len(work.per_step)]))
     # The values the stage hands out of the micro-batch region (gradients): their accumulators
     # take the layout the solver gives them, not a replicated one.
-    specs.update(zip(results, solution.best.output_specs))
+    specs.update(zip(work.results, solution.best.output_specs))
+    _follow_specs(program, placement, stage, specs)
     return solution.mesh_shape, specs
+
+
+def _follow_specs(program: Program, placement: Placement, stage: int,
+                  specs: dict[int, PartitionSpec]) -> None:
+    """Gives the stage's state the layout of what it becomes or is made from, in place.
+
+    The solver plans what the micro-batch work reads (a parameter's compute-dtype copy) and
+    hands out (its gradient). The state behind them is laid out alike: a float32 parameter as
+    its cast, an optimizer moment as the gradient it accumulates, along the element-wise
+    operations of the stage's per-step and update work, so no state leaf is replicated over the
+    stage's devices when its parameter is split.
+    """
+    ops = [program.ops[i] for i, (s, p) in enumerate(zip(placement.stage, placement.phase))
+           if s == stage and p in ("N", "A")]
+    links = []
+    for op in ops:
+        if op.prim.name not in _ELEMENTWISE:
+            continue
+        shape = tuple(program.avals[op.outputs[0]].shape)
+        same = [v for v in op.value_inputs() + op.outputs
+                if tuple(program.avals[v].shape) == shape]
+        links.append(same)
+    changed = True
+    while changed:
+        changed = False
+        for same in links:
+            spec = next((specs[v] for v in same if v in specs), None)
+            if spec is None:
+                continue
+            for v in same:
+                if v not in specs:
+                    specs[v] = spec
+                    changed = True
+
+
+# Operations whose operands and result of one shape share one layout.
+_ELEMENTWISE = frozenset(
+    "add add_any sub mul div neg max min sqrt rsqrt pow integer_pow exp log abs sign select_n "
+    "convert_element_type copy square".split())

@@ -19,7 +19,7 @@ from parallel.pipeline._schedule import SCHEDULES
 from parallel.pipeline._stages import backward_flags, balanced_stages, find_layers, place
 from parallel.pipeline._step import PipelinedStep
 from parallel.pipeline._trace import trace_step
-from parallel.profiles import DeviceProfile, get_profile
+from parallel.profiles import DeviceProfile, resolve_profile
 
 # Layers cut automatically when stage_option="auto" and the step has no markers.
 DEFAULT_AUTO_LAYERS = 8
@@ -73,7 +73,8 @@ class PipeshardParallel(Method):
         if schedule not in SCHEDULES:
             raise PlanError(f"schedule={schedule!r} is not a pipeline schedule; use one of "
                             f"{', '.join(SCHEDULES)}")
-        if not (stage_option == "auto" or (isinstance(stage_option, int) and stage_option >= 1)):
+        if not (stage_option == "auto" or (isinstance(stage_option, int) and stage_option >= 1)
+                or isinstance(stage_option, _dp.StageLayout)):
             raise PlanError(f"stage_option={stage_option!r} must be 'auto' or a positive number "
                             f"of stages")
         self.num_micro_batches = num_micro_batches
@@ -121,14 +122,17 @@ class PipeshardParallel(Method):
         if isinstance(stages, int) and num_devices % stages:
             raise PlanError(f"{num_devices} devices do not split into {stages} equal stages; use "
                             f"a number of stages dividing {num_devices}, or stage_option='auto'")
-        num_layers = self.layers or (stages if isinstance(stages, int) else DEFAULT_AUTO_LAYERS)
+        layout = stages if isinstance(stages, _dp.StageLayout) else None
+        num_layers = (layout.num_layers if layout else self.layers
+                      or (stages if isinstance(stages, int) else DEFAULT_AUTO_LAYERS))
         layers = find_layers(program, regions, backward, num_layers)
         costs = _dp.LayerCosts(layers.flops, _weight_bytes(program, regions, layers),
                                layers.cut_bytes)
-        profile = get_profile(self.profile, num_devices) if not isinstance(
-            self.profile, DeviceProfile) else self.profile
+        profile = resolve_profile(self.profile, num_devices, self.hosts(devices))
         micro_batch = global_batch // m
-        if isinstance(stages, int):
+        if layout is not None:  # a layout a search priced: run it as it is
+            choice = layout.choice(layers.count, num_devices)
+        elif isinstance(stages, int):
             if stages > layers.count:
                 raise PlanError(
                     f"stage_option={stages} stages but the step has {layers.count} layers"
@@ -154,8 +158,10 @@ class PipeshardParallel(Method):
         if self.intra_op == "solver":
             for k, d in enumerate(choice.sizes):
                 if d > 1:
-                    shapes[k], specs[k] = stage_plan(program, regions, placement, k, int(d),
-                                                     profile)
+                    shapes[k], specs[k] = stage_plan(
+                        program, regions, placement, k, int(d), profile,
+                        mesh_shape=layout.mesh_shapes[k] if layout else None,
+                        first_device=int(offsets[k]))
         meshes = [mesh_lib.make_mesh(shape, list(devices)[offsets[k]:offsets[k + 1]])
                   for k, shape in enumerate(shapes)]
         same_as = {program.outputs[pos]: program.inputs[i] for pos, i in mirrors.items()

@@ -1,0 +1,376 @@
+"""``method="auto"``: one planner for data, operator and pipeline parallelism together.
+
+It prices, on one cost model (the intra-op solver's), the SPMD plans of ``ShardParallel`` (every
+mesh shape and data-parallel flavour) and pipelined plans: the number of stages, the layer range
+of each, each stage's sub-mesh shape, and the micro-batches (a one-stage "pipeline" is gradient
+accumulation inside an SPMD plan); rematerialization when memory needs it. Every candidate
+must fit the per-device memory budget. A pipeline is chosen only where it is cheaper or where
+nothing else fits, and the plan's explanation says why, with the runner-ups.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+
+from parallel._errors import PlanError
+from parallel._methods import Method, register_method
+from parallel.auto._layers import LayerPricer, pipeline_program
+from parallel.auto._method import ShardParallel
+from parallel.auto._pipelines import PipelinePrice, PipelineSearch, stage_counts
+from parallel.auto._search import AXIS_NAMES, TIE, MemoryBudgetError, Solution, solve
+from parallel.plan import Plan
+from parallel.profiles import DeviceProfile
+
+# Pipelines are searched up to this many stages, over twice as many layers.
+MAX_STAGES = 8
+
+
+@dataclasses.dataclass
+class Decision:
+    """What the joint search chose, and what it compared.
+
+    Attributes:
+      spmd: the best SPMD plan (``None``: none fits).
+      pipeline: the chosen pipeline (``None``: the SPMD plan was chosen).
+      pipelines: the best pipeline found for each stage count, micro-batches and remat.
+      budget: bytes per device every candidate had to fit.
+      explanation: the account printed with the plan.
+      search_time_s: seconds the search took.
+    """
+
+    spmd: Solution | None
+    pipeline: PipelinePrice | None
+    pipelines: list[PipelinePrice]
+    budget: float
+    num_layers: int
+    explanation: str = ""
+    search_time_s: float = 0.0
+
+
+class AutoParallel(Method):
+    """Chooses SPMD sharding, gradient accumulation, rematerialization and pipeline stages
+    together, for the devices and hosts it runs on (``method="auto"``).
+
+    Args:
+      memory_budget_bytes: per-device memory limit; ``None``: the device's memory.
+      profile: device profile name or object (``None``: the running device's).
+      num_micro_batches: ``1``: the search chooses; more: only plans with that many
+        micro-batches (it must divide the batch).
+      max_stages: pipelines are searched up to this many stages.
+      time_limit_s, validate, measure: as for ``ShardParallel`` (SPMD plans).
+    """
+
+    name = "auto"
+
+    def __init__(self, memory_budget_bytes: float | None = None,
+                 profile: str | DeviceProfile | None = None, num_micro_batches: int = 1,
+                 max_stages: int = MAX_STAGES, time_limit_s: float = 30.0, validate: int = 4,
+                 measure: bool = False, mesh: Mapping[str, int] | None = None):
+        super().__init__(mesh)
+        if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
+            raise PlanError(f"num_micro_batches={num_micro_batches!r} must be a positive integer")
+        self.memory_budget_bytes = memory_budget_bytes
+        self.profile = profile
+        self.num_micro_batches = num_micro_batches
+        self.max_stages = max_stages
+        self.shard = ShardParallel(memory_budget_bytes, mesh, profile, time_limit_s, validate,
+                                   measure)
+        self._decisions: dict[tuple, Decision] = {}
+
+    def __repr__(self) -> str:
+        return (f"AutoParallel(memory_budget_bytes={self.memory_budget_bytes}, "
+                f"num_micro_batches={self.num_micro_batches})")
+
+    def known_axes(self) -> tuple[str, ...]:
+        return AXIS_NAMES
+
+    # ----- the two ways parallelize asks ---------------------------------------------------
+    def build_executable(self, fn: Callable, abstract_args: Sequence[Any], *,
+                         batch_argnums: Sequence[int], donate_argnums: Sequence[int],
+                         devices: Sequence[jax.Device]):
+        """The pipelined step when the search chose a pipeline; ``None`` for an SPMD plan
+        (``parallelize`` then asks ``make_plan``)."""
+        decision = self.decide(fn, abstract_args, batch_argnums, donate_argnums, devices)
+        if decision.pipeline is None:
+            return None
+        from parallel.pipeline import PipeshardParallel
+        from parallel.pipeline._dp import StageLayout
+
+        chosen = decision.pipeline
+        layout = StageLayout(
+            decision.num_layers, tuple(s.first for s in chosen.stages),
+            tuple(s.devices for s in chosen.stages),
+            tuple({"data": s.mesh[0], "model": s.mesh[1]} for s in chosen.stages),
+            tuple(s.time_s for s in chosen.stages), chosen.step_time_s)
+        method = PipeshardParallel(chosen.num_micro_batches, stage_option=layout,
+                                   remat=chosen.remat, profile=self.device_profile(devices))
+        method.num_hosts, method.devices_per_host = self.num_hosts, self.devices_per_host
+        step = method.build_executable(fn, abstract_args, batch_argnums=batch_argnums,
+                                       donate_argnums=donate_argnums, devices=devices)
+        extras = step.plan.extras
+        extras["explanation"] = decision.explanation + "\n" + extras.get("explanation", "")
+        extras["planner"] = _stats(decision)
+        return step
+
+    def make_plan(self, fn: Callable, abstract_args: Sequence[Any], *,
+                  batch_argnums: Sequence[int], donate_argnums: Sequence[int],
+                  devices: Sequence[jax.Device], logical_axes: Sequence[Any] | None) -> Plan:
+        """The SPMD plan the search chose (see ``build_executable``)."""
+        decision = self.decide(fn, abstract_args, batch_argnums, donate_argnums, devices)
+        if decision.pipeline is not None:
+            raise PlanError("the automatic plan for this step is a pipeline; run it through "
+                            "parallel.parallelize, which builds its stages")
+        plan = self.shard.make_plan(fn, abstract_args, batch_argnums=batch_argnums,
+                                    donate_argnums=donate_argnums, devices=devices,
+                                    logical_axes=logical_axes, solution=decision.spmd)
+        extras = dict(plan.extras)
+        extras["explanation"] = decision.explanation + "\n" + extras.get("explanation", "")
+        extras["planner"] = _stats(decision)
+        return dataclasses.replace(plan, method=self.name, extras=extras)
+
+    def device_profile(self, devices: Sequence[jax.Device]) -> DeviceProfile:
+        self.shard.num_hosts, self.shard.devices_per_host = self.num_hosts, self.devices_per_host
+        return self.shard.device_profile(devices)
+
+    # ----- the search ------------------------------------------------------------------------
+    def decide(self, fn: Callable, abstract_args: Sequence[Any], batch_argnums: Sequence[int],
+               donate_argnums: Sequence[int], devices: Sequence[jax.Device]) -> Decision:
+        """The joint search (``search``) for ``fn`` on ``devices``, made once per argument
+        signature."""
+        key = (fn, _signature(abstract_args), tuple(batch_argnums), tuple(donate_argnums),
+               tuple(d.id for d in devices))
+        if key not in self._decisions:
+            budget = (self.memory_budget_bytes if self.memory_budget_bytes is not None
+                      else self.shard.default_budget(devices))
+            self._decisions[key] = search(
+                fn, abstract_args, num_devices=len(devices),
+                profile=self.device_profile(devices), memory_budget_bytes=budget,
+                batch_argnums=batch_argnums, donate_argnums=donate_argnums,
+                num_micro_batches=self.num_micro_batches, max_stages=self.max_stages,
+                mesh_shape=None if self.mesh is None else self.resolve_mesh_shape(len(devices)),
+                time_limit_s=self.shard.time_limit_s)
+        return self._decisions[key]
+
+
+def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
+           profile: DeviceProfile, memory_budget_bytes: float,
+           batch_argnums: Sequence[int] = (1,), donate_argnums: Sequence[int] = (0,),
+           num_micro_batches: int = 1, max_stages: int = MAX_STAGES,
+           mesh_shape: dict[str, int] | None = None, time_limit_s: float = 30.0) -> Decision:
+    """The joint search on abstract shapes: SPMD plans and pipelines priced by the solver.
+
+    Args:
+      fn, abstract_args: the step and its arguments (``jax.ShapeDtypeStruct`` leaves suffice).
+      num_devices: devices to plan for.
+      profile: the device and its hosts (``DeviceProfile.on_hosts``).
+      memory_budget_bytes: bytes per device every candidate must fit.
+      num_micro_batches: ``1``: searched; more: only plans with that many micro-batches.
+      max_stages: pipelines up to this many stages.
+      mesh_shape: SPMD plans on this mesh only, and no pipeline.
+
+    Raises:
+      PlanError: ``num_micro_batches`` does not divide the batch.
+      MemoryBudgetError: no plan fits the budget, even with micro-batches and
+        rematerialization (the message names the fewest bytes reached and the budget).
+    """
+    start = time.perf_counter()
+    n, budget = num_devices, float(memory_budget_bytes)
+    batch = _batch_size(abstract_args, batch_argnums)
+    if num_micro_batches > 1 and batch % num_micro_batches:
+        raise PlanError(f"parallel.num_micro_batches={num_micro_batches} does not divide the "
+                        f"batch of {batch}; use a divisor of {batch} (or 1 to let auto choose)")
+    spmd, smallest_spmd = None, math.inf
+    if num_micro_batches == 1:
+        try:
+            spmd = solve(fn, abstract_args, num_devices=n, profile=profile,
+                         memory_budget_bytes=budget, donate_argnums=donate_argnums,
+                         batch_argnums=batch_argnums, time_limit_s=time_limit_s,
+                         mesh_shape=mesh_shape)
+        except MemoryBudgetError as error:
+            smallest_spmd = error.smallest_bytes or math.inf
+    pipelines, num_layers, smallest_pipe = [], 0, math.inf
+    if mesh_shape is None or spmd is None:
+        pipelines, num_layers, smallest_pipe = _pipelines(
+            fn, abstract_args, batch_argnums, donate_argnums, profile, n, budget, batch, spmd,
+            num_micro_batches, max_stages, time_limit_s)
+    chosen = _choose(spmd, [p for p in pipelines if p.memory_bytes <= budget])
+    if spmd is None and chosen is None:
+        smallest = min(smallest_spmd, smallest_pipe)
+        raise MemoryBudgetError(
+            f"no plan of this step on {n} devices fits {budget:.0f} bytes per device, even "
+            f"with micro-batches and rematerialization: the fewest bytes reached are "
+            f"{smallest:.0f} ({'pipelined' if smallest_pipe < smallest_spmd else 'SPMD'}). "
+            "Raise memory_budget_bytes, use more devices, or shrink the model or batch.",
+            smallest_bytes=smallest, budget=budget)
+    decision = Decision(spmd, chosen, pipelines, budget, num_layers)
+    decision.search_time_s = time.perf_counter() - start
+    decision.explanation = _explain(decision, profile, n)
+    return decision
+
+
+def _pipelines(fn, abstract_args, batch_argnums, donate_argnums, profile, n, budget, batch, spmd,
+               num_micro_batches, max_stages, time_limit_s
+               ) -> tuple[list[PipelinePrice], int, float]:
+    """The best pipeline for each stage count (and, when memory needs them, more micro-batches
+    and rematerialization), and the fewest bytes per device any reached."""
+    per_host = profile.devices_per_host
+    if spmd is not None and profile.shared_host:
+        # Stages on devices that share a host cannot overlap: a pipeline only ever adds
+        # transfers to the same work. Searched only when no SPMD plan fits.
+        return [], 0, math.inf
+    max_stages = min(max_stages, n)
+    counts = [s for s in stage_counts(n, 2 * max_stages, per_host) if s <= max_stages]
+    if spmd is not None:
+        counts = [s for s in counts if s > 1]  # accumulation only when memory needs it
+    if not counts:
+        return [], 0, math.inf
+    num_layers = max(2 * max(counts), 2)
+    found: list[PipelinePrice] = []
+    smallest = math.inf
+    failed: PlanError | None = None
+    for m in _micro_batch_options(batch, max(counts), num_micro_batches):
+        try:
+            pp = pipeline_program(fn, abstract_args, batch_argnums, donate_argnums, m,
+                                  num_layers)
+        except PlanError as error:  # e.g. micro-batches this small do not trace alike
+            failed = failed or error
+            continue
+        num_layers = pp.num_layers
+        pricer = LayerPricer(pp, profile, time_limit_s)
+        stages = PipelineSearch(pp, pricer, profile, n, budget)
+        for remat in (False, True):
+            for s in counts:
+                if s <= pp.num_layers:
+                    best = stages.best(s, remat=remat)
+                    if best is not None:
+                        found.append(best)
+            if any(p.memory_bytes <= budget for p in found):
+                break  # rematerialization only when memory needs it
+        smallest = min(smallest, stages.smallest_memory)
+        if spmd is not None or any(p.memory_bytes <= budget for p in found):
+            break  # more micro-batches only when memory needs them
+    if failed is not None and not found and smallest == math.inf and spmd is None:
+        raise failed
+    return found, num_layers, smallest
+
+
+def _choose(spmd: Solution | None, pipelines: list[PipelinePrice]) -> PipelinePrice | None:
+    """The chosen pipeline, or ``None`` for the SPMD plan. A pipeline must be cheaper than the
+    SPMD plan by more than ``TIE``; among pipelines within ``TIE`` of each other the one with
+    fewer stages, then fewer micro-batches, then no rematerialization wins."""
+    if not pipelines:
+        return None
+    fastest = min(p.step_time_s for p in pipelines)
+    tied = [p for p in pipelines if p.step_time_s <= fastest * (1 + TIE)]
+    best = min(tied, key=lambda p: (p.num_stages, p.num_micro_batches, p.remat))
+    if spmd is not None and best.step_time_s * (1 + TIE) >= spmd.best.step_time_s:
+        return None
+    return best
+
+
+def _micro_batch_options(batch: int, max_stages: int, fixed: int) -> list[int]:
+    """Micro-batch counts to try, in order: ``fixed`` if set; else four per stage of the
+    longest pipeline (the 1F1B bubble under 20%), then more, doubling, up to one example each
+    (tried only while nothing fits), then fewer (only if those cannot be traced)."""
+    if fixed > 1:
+        return [fixed]
+    first = 1
+    while first < 4 * max_stages and batch % (2 * first) == 0:
+        first *= 2
+    options = [first]
+    while batch % (2 * options[-1]) == 0:
+        options.append(2 * options[-1])
+    fewer = first // 2
+    while fewer >= 2:
+        options.append(fewer)
+        fewer //= 2
+    return options
+
+
+def _batch_size(abstract_args, batch_argnums) -> int:
+    sizes = {leaf.shape[0] for i in batch_argnums for leaf in jax.tree.leaves(abstract_args[i])
+             if getattr(leaf, "shape", ())}
+    if len(sizes) != 1:
+        raise PlanError(f"batch leaves have different leading dimensions {sorted(sizes)}; they "
+                        f"must share the global batch size")
+    return sizes.pop()
+
+
+def _signature(abstract_args) -> tuple:
+    leaves, treedef = jax.tree.flatten(tuple(abstract_args))
+    return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def _gib(nbytes: float) -> str:
+    if nbytes < 2**30:
+        return f"{nbytes / 2**20:.2f} MiB"
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def _explain(d: Decision, profile: DeviceProfile, n: int) -> str:
+    """Which plan, why, and the runner-ups (best SPMD plan, best pipeline per stage count)."""
+    topology = (f"{profile.num_hosts} hosts x {profile.devices_per_host}"
+                if profile.devices_per_host else f"1 host x {n}")
+    lines = [f"auto: {n} devices ({topology}), '{profile.name}' profile, budget "
+             f"{_gib(d.budget)} per device"]
+    spmd_line = ("SPMD: no plan fits the budget" if d.spmd is None else
+                 f"SPMD: mesh {d.spmd.best.mesh_shape}"
+                 + (f" ({d.spmd.best.variant})" if d.spmd.best.variant else "")
+                 + f", {_ms(d.spmd.best.step_time_s)} per step, "
+                 f"{_gib(d.spmd.best.memory_bytes)} per device")
+    if d.pipeline is None:
+        lines.append(f"chosen: {spmd_line}")
+        why = ("no pipeline is cheaper" if d.pipelines else
+               "pipelines were not searched: the devices share one host, so stages cannot "
+               "overlap" if profile.shared_host else "no pipeline fits")
+        lines.append(f"why: {why}")
+    else:
+        p = d.pipeline
+        lines.append(f"chosen: pipeline, {p.describe()}; {_ms(p.step_time_s)} per step, "
+                     f"{_gib(p.memory_bytes)} per device")
+        if d.spmd is None:
+            lines.append("why: no SPMD plan fits the budget")
+        else:
+            lines.append(f"why: {d.spmd.best.step_time_s / p.step_time_s:.2f}x faster than "
+                         "the best SPMD plan")
+        lines.append(f"  runner-up {spmd_line}")
+    for p in sorted(d.pipelines, key=lambda p: (p.num_stages, p.num_micro_batches, p.remat)):
+        if p is d.pipeline:
+            continue
+        fits = "" if p.memory_bytes <= d.budget else " (over the budget)"
+        lines.append(f"  runner-up pipeline: {p.describe()}; {_ms(p.step_time_s)} per step, "
+                     f"{_gib(p.memory_bytes)} per device{fits}")
+    return "\n".join(lines)
+
+
+def _stats(d: Decision) -> dict:
+    """The search as JSON-friendly data (saved in the plan's extras)."""
+    return {"search_time_s": d.search_time_s, "memory_budget_bytes": d.budget,
+            "spmd_step_time_s": None if d.spmd is None else d.spmd.best.step_time_s,
+            "pipelines": [{"stages": p.num_stages, "num_micro_batches": p.num_micro_batches,
+                           "remat": p.remat, "step_time_s": p.step_time_s,
+                           "memory_bytes": p.memory_bytes,
+                           "layers": [[s.first, s.last] for s in p.stages],
+                           "meshes": [list(s.mesh) for s in p.stages]} for p in d.pipelines],
+            "chosen": "spmd" if d.pipeline is None else "pipeline"}
+
+
+def _factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1, profile=None):
+    if rules:
+        raise PlanError(f"parallel.rules={dict(rules)} only applies to method 'manual'; "
+                        "method 'auto' chooses every sharding itself. Set parallel.method=manual "
+                        "or drop the rules")
+    return AutoParallel(memory_budget_bytes=memory_budget_bytes, mesh=mesh, profile=profile,
+                        num_micro_batches=num_micro_batches)
+
+
+register_method("auto", _factory)

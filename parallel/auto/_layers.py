@@ -1,0 +1,239 @@
+"""The step as the pipeline runtime runs it, cut into layers, and each layer priced by the solver.
+
+A pipeline stage is a range of layers on a sub-mesh; its cost per micro-batch is what the intra-op
+solver finds for the stage's forward and backward work on that sub-mesh. Layers with the same
+work (the repeated blocks of a transformer) share one solve; a range costs the sum of its layers
+on one sub-mesh shape (the solver ties repeated layers to one strategy, so a range solved whole
+costs the same up to its boundaries). Nothing is compiled or run: abstract shapes only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from parallel.pipeline._intra import stage_work
+from parallel.pipeline._method import _batch_input_ids, _micro_batch_args, _mirrors
+from parallel.pipeline._program import flatten, split_regions
+from parallel.pipeline._stages import backward_flags, find_layers, place
+from parallel.profiles import DeviceProfile
+
+
+
+def mesh_shapes(num_devices: int, max_model: int) -> list[tuple[int, int]]:
+    """``(data, model)`` shapes a stage is priced on: every factorization whose model axis stays
+    inside a host (``max_model``), so activations' collectives never cross the slow link."""
+    return [(num_devices // m, m) for m in range(1, num_devices + 1)
+            if num_devices % m == 0 and m <= max_model]
+
+
+@dataclasses.dataclass
+class MeshPrice:
+    """One layer's micro-batch work on one sub-mesh shape, as the solver plans it.
+
+    Attributes:
+      time_s: forward and backward of one micro-batch (compute and collectives).
+      compute_s: its compute part.
+      peak_bytes: the solver's peak bytes per device while it runs (parameters, gradients and
+        the micro-batch's activations).
+      param_bytes: parameters (per-step values read) per device.
+      grad_bytes: values handed out of the micro-batch (gradients) per device: the
+        accumulators' size.
+      state_bytes: the stored state the layer's stage holds (its parameters and their
+        optimizer state) per device, split as its parameters are.
+    """
+
+    time_s: float
+    compute_s: float
+    peak_bytes: float
+    param_bytes: float
+    grad_bytes: float
+    state_bytes: float
+
+    @property
+    def activation_bytes(self) -> float:
+        return max(self.peak_bytes - self.param_bytes - self.grad_bytes, 0.0)
+
+
+@dataclasses.dataclass
+class PipelineProgram:
+    """The step split as the pipeline runtime splits it, and its forward layers.
+
+    Attributes:
+      program, regions, backward, layers, mirrors: as ``PipeshardParallel`` builds them.
+      num_micro_batches: micro-batches the program was traced for.
+      micro_batch: examples per micro-batch.
+      layer_state: per layer, bytes of the stored state (parameters, optimizer state) the
+        runtime keeps with it (where the state would live with one stage per layer).
+      residuals: per layer, bytes of one micro-batch's forward values its backward reads
+        (what a micro-batch in flight keeps).
+      signatures: per layer, a digest of its work (equal digests share one solve).
+    """
+
+    program: Any
+    regions: Any
+    backward: list[bool]
+    layers: Any
+    mirrors: dict[int, int]
+    num_micro_batches: int
+    micro_batch: int
+    layer_state: list[float]
+    residuals: list[float]
+    signatures: list[str]
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers.count
+
+    def cut_bytes(self, layer: int) -> float:
+        """Bytes one micro-batch hands from layer ``layer`` (and before) to the later ones."""
+        return float(self.layers.cut_bytes[layer])
+
+
+def pipeline_program(fn: Callable, abstract_args: Sequence[Any], batch_argnums: Sequence[int],
+                     donate_argnums: Sequence[int], num_micro_batches: int,
+                     num_layers: int) -> PipelineProgram:
+    """Traces ``fn`` on one micro-batch and cuts its forward pass into ``num_layers`` layers
+    (or the user's ``mark_pipeline_boundary`` layers), as the pipeline runtime does.
+
+    Raises:
+      PlanError: the batch does not split into ``num_micro_batches``, or the step cannot be
+        pipelined (the runtime's own messages).
+    """
+    micro, doubled, global_batch = _micro_batch_args(abstract_args, batch_argnums,
+                                                     num_micro_batches)
+    program = flatten(jax.make_jaxpr(fn)(*micro))
+    twice = flatten(jax.make_jaxpr(fn)(*doubled))
+    regions = split_regions(program, twice,
+                            _batch_input_ids(abstract_args, batch_argnums, program.inputs))
+    backward = backward_flags(program, regions)
+    layers = find_layers(program, regions, backward, num_layers)
+    mirrors = _mirrors(fn, abstract_args, donate_argnums)
+    apart = place(program, regions, backward, layers, list(range(layers.count)), layers.count,
+                  mirrors)
+    state = [0.0] * layers.count
+    for v in program.inputs:
+        if v not in regions.batch_dim:
+            state[apart.home.get(v, 0)] += program.nbytes(v)
+    read_backward = {v for i, op in enumerate(program.ops) if backward[i]
+                     for v in op.value_inputs()}
+    residuals = [0.0] * layers.count
+    for i, k in layers.of_op.items():
+        residuals[k] += sum(program.nbytes(v) for v in program.ops[i].outputs
+                            if v in read_backward)
+    pp = PipelineProgram(program, regions, backward, layers, mirrors, num_micro_batches,
+                         global_batch // num_micro_batches, state, residuals, [])
+    pp.signatures = [_layer_signature(pp, k) for k in range(layers.count)]
+    return pp
+
+
+def _nbytes(x) -> float:
+    try:
+        itemsize = np.dtype(x.dtype).itemsize
+    except TypeError:
+        itemsize = 8
+    return float(np.prod(x.shape, dtype=np.int64)) * itemsize
+
+
+def _layer_signature(pp: PipelineProgram, layer: int) -> str:
+    """A digest of layer ``layer``'s forward work: operations, shapes and parameters."""
+    program = pp.program
+    parts = []
+    for i, k in sorted(pp.layers.of_op.items()):
+        if k != layer:
+            continue
+        op = program.ops[i]
+        params = sorted((key, repr(value)) for key, value in op.params.items()
+                        if not hasattr(value, "jaxpr") and key not in ("jaxpr", "name"))
+        parts.append((op.prim.name, [tuple(program.avals[v].shape) for v in op.value_inputs()],
+                      [tuple(program.avals[v].shape) for v in op.outputs], params))
+    parts.append(pp.layer_state[layer])
+    return hashlib.blake2b(repr(parts).encode(), digest_size=10).hexdigest()
+
+
+class LayerPricer:
+    """Prices layers on sub-meshes with the solver, one solve per (layer work, sub-mesh).
+
+    Args:
+      pp: the step as the pipeline runtime runs it.
+      profile: the devices and hosts (``DeviceProfile.on_hosts``).
+      time_limit_s: the solver's time limit per mesh shape.
+    """
+
+    def __init__(self, pp: PipelineProgram, profile: DeviceProfile, time_limit_s: float = 30.0):
+        self.pp = pp
+        self.profile = profile
+        self.time_limit_s = time_limit_s
+        self._prepared: dict[str, tuple] = {}
+        self._prices: dict[tuple, dict[tuple, MeshPrice]] = {}
+        self.solves = 0
+
+    def prices(self, layer: int, num_devices: int, first_device: int = 0
+               ) -> dict[tuple[int, int], MeshPrice]:
+        """``{(data, model): MeshPrice}`` of layer ``layer`` on ``num_devices`` devices starting
+        at ``first_device`` (mesh shapes whose collectives the solver can price)."""
+        from parallel.auto._search import prepare, solve
+
+        sig = self.pp.signatures[layer]
+        hosts = self._host_pattern(num_devices, first_device)
+        key = (sig, num_devices, hosts)
+        if key in self._prices:
+            return self._prices[key]
+        if sig not in self._prepared:
+            work, state = self._layer_work(layer)
+            self._prepared[sig] = (work, state, prepare(work.fn, work.args, donate_argnums=(),
+                                                        batch_argnums=(1,)))
+        work, state, prepared = self._prepared[sig]
+        per_host = self.profile.devices_per_host or num_devices
+        found = {}
+        for data, model in mesh_shapes(num_devices, min(per_host, num_devices)):
+            # As the runtime plans a stage (``stage_plan`` on the mesh a layout names), with no
+            # budget: the pipeline search adds the stages' memory up and checks it.
+            solution = solve(work.fn, work.args, num_devices=num_devices, profile=self.profile,
+                             memory_budget_bytes=float("inf"), donate_argnums=(),
+                             batch_argnums=(1,), time_limit_s=self.time_limit_s,
+                             prepared=prepared, first_device=first_device,
+                             mesh_shape={"data": data, "model": model})
+            self.solves += 1
+            found[(data, model)] = self._price(work, state, solution.best, (data, model))
+        self._prices[key] = found
+        return found
+
+    def _host_pattern(self, num_devices: int, first_device: int) -> tuple:
+        per_host = self.profile.devices_per_host
+        if per_host is None:
+            return ()
+        return tuple((first_device + d) // per_host - first_device // per_host
+                     for d in range(num_devices))
+
+    def _layer_work(self, layer: int):
+        """The micro-batch work of ``layer`` alone (a 3-stage split around it, stage 1)."""
+        pp = self.pp
+        count = pp.layers.count
+        stage_of_layer = [0 if k < layer else 1 if k == layer else 2 for k in range(count)]
+        placement = place(pp.program, pp.regions, pp.backward, pp.layers, stage_of_layer, 3,
+                          pp.mirrors)
+        return stage_work(pp.program, pp.regions, placement, 1), pp.layer_state[layer]
+
+    def _price(self, work, state: float, result, shape) -> MeshPrice:
+        sizes = dict(zip(("data", "model"), shape))
+
+        def per_device(aval, spec) -> float:
+            n = 1
+            for entry in spec:
+                for name in (entry if isinstance(entry, tuple) else (entry,)):
+                    n *= sizes.get(name, 1) if name else 1
+            return _nbytes(aval) / n
+
+        flat_in = jax.tree.leaves(work.args)[:len(work.per_step)]
+        params = sum(per_device(x, s) for x, s in zip(flat_in, result.input_specs))
+        whole = sum(_nbytes(x) for x in flat_in)
+        outs = [self.pp.program.avals[v] for v in work.results]
+        grads = sum(per_device(x, s) for x, s in zip(outs, result.output_specs))
+        return MeshPrice(float(result.step_time_s), float(result.compute_s),
+                         float(result.memory_bytes), float(params), float(grads),
+                         state * params / whole if whole else state)

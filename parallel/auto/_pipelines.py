@@ -1,0 +1,265 @@
+"""Pipelined plans priced on one cost model: stages of layer ranges on sub-meshes.
+
+For ``S`` stages of ``N / S`` devices each (sub-meshes inside a host, or of whole hosts), a
+dynamic program chooses the layer ranges and each stage's intra-op mesh shape. A stage's time per
+micro-batch is the solver's price of its layers on its sub-mesh (``LayerPricer``) plus the
+activations it sends on and the gradients it sends back, over the link the boundary crosses. The
+step's time is Alpa's pipeline latency ``sum(stage times) + (M - 1) * max(stage time)`` plus the
+slowest stage's update; on a profile whose devices share one host (simulated CPU devices) the
+stages cannot overlap and the step takes the sum of all the work. A stage must fit the memory
+budget: its parameters, optimizer state and gradient accumulators, and the activations of the
+micro-batches in flight (1F1B: ``S - s`` on stage ``s``; with rematerialization only each
+micro-batch's input, plus one micro-batch's activations recomputed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from parallel.auto._layers import LayerPricer, MeshPrice, PipelineProgram
+from parallel.profiles import DeviceProfile
+
+# The optimizer update reads and writes parameters, gradients and optimizer state about twice.
+_UPDATE_PASSES = 2.0
+# Recomputing a stage's forward costs about a third of its forward and backward compute.
+_FORWARD_SHARE = 1.0 / 3.0
+
+
+@dataclasses.dataclass
+class StagePrice:
+    """One stage of a pipelined candidate.
+
+    Attributes:
+      first, last: its layers.
+      devices: its device count; ``first_device`` its first device among the cluster's.
+      mesh: ``(data, model)`` of its intra-op plan.
+      time_s: one micro-batch's forward and backward, transfers included.
+      update_s: its share of the once-per-step update.
+      memory_bytes: peak bytes per device.
+    """
+
+    first: int
+    last: int
+    devices: int
+    first_device: int
+    mesh: tuple[int, int]
+    time_s: float
+    update_s: float
+    memory_bytes: float
+
+
+@dataclasses.dataclass
+class PipelinePrice:
+    """A pipelined candidate: ``num_micro_batches`` micro-batches through ``stages``."""
+
+    stages: list[StagePrice]
+    num_micro_batches: int
+    remat: bool
+    step_time_s: float
+
+    @property
+    def memory_bytes(self) -> float:
+        return max(s.memory_bytes for s in self.stages)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def describe(self) -> str:
+        parts = [f"layers {s.first}-{s.last} on {s.devices} (data {s.mesh[0]} x model "
+                 f"{s.mesh[1]})" for s in self.stages]
+        remat = ", rematerialized" if self.remat else ""
+        what = ("1 stage" if self.num_stages == 1 else f"{self.num_stages} stages")
+        return (f"{what} x {self.num_micro_batches} micro-batches{remat}: " + "; ".join(parts))
+
+
+def pipeline_time(stages: list[StagePrice], num_micro_batches: int,
+                  profile: DeviceProfile, num_devices: int) -> float:
+    """Seconds per step of a 1F1B (or GPipe) schedule of ``stages``."""
+    m = num_micro_batches
+    if profile.shared_host:  # one program at a time, each at the speed of the whole host
+        return sum((m * s.time_s + s.update_s) * s.devices / num_devices for s in stages)
+    times = [s.time_s for s in stages]
+    return sum(times) + (m - 1) * max(times) + max(s.update_s for s in stages)
+
+
+def stage_counts(num_devices: int, num_layers: int, devices_per_host: int | None) -> list[int]:
+    """Stage counts searched: powers of two with equal sub-meshes that sit inside a host or
+    hold whole hosts."""
+    out = []
+    s = 1
+    while s <= min(num_devices, num_layers):
+        n = num_devices // s
+        if num_devices % s == 0 and (devices_per_host is None or devices_per_host % n == 0
+                                     or n % devices_per_host == 0):
+            out.append(s)
+        s *= 2
+    return out
+
+
+class PipelineSearch:
+    """The best layer ranges and sub-mesh shapes for ``S`` equal stages, by dynamic programming.
+
+    Args:
+      pp: the step as the runtime runs it (traced for ``pp.num_micro_batches`` micro-batches).
+      pricer: prices layers on sub-meshes.
+      profile: devices and hosts.
+      num_devices: devices in all.
+      budget: bytes per device.
+    """
+
+    def __init__(self, pp: PipelineProgram, pricer: LayerPricer, profile: DeviceProfile,
+                 num_devices: int, budget: float):
+        self.pp = pp
+        self.pricer = pricer
+        self.profile = profile
+        self.num_devices = num_devices
+        self.budget = budget
+        self.smallest_memory = math.inf
+
+    def best(self, num_stages: int, remat: bool = False,
+             meshes: tuple[int, int] | None = None,
+             starts: list[int] | None = None) -> PipelinePrice | None:
+        """The cheapest ``num_stages``-stage pipeline within the budget (``None`` if none fits).
+
+        Args:
+          remat: stages recompute their forward in their backward.
+          meshes: every stage on this ``(data, model)`` shape (e.g. Megatron's); default: the
+            cheapest for each stage.
+          starts: these layer ranges (e.g. equal ones); default: the cheapest.
+        """
+        s_count, n = num_stages, self.num_devices // num_stages
+        layers = self.pp.num_layers
+        m = self.pp.num_micro_batches
+        table: dict[tuple[int, int, int], StagePrice | None] = {}
+
+        def stage(k: int, i: int, j: int) -> StagePrice | None:
+            if (k, i, j) not in table:
+                table[(k, i, j)] = self._stage(k, i, j, n, s_count, m, remat, meshes)
+            return table[(k, i, j)]
+
+        if starts is not None:
+            bounds = list(starts) + [layers]
+            chosen = [stage(k, bounds[k], bounds[k + 1] - 1) for k in range(s_count)]
+            if any(c is None for c in chosen):
+                self._note_smallest(s_count, n, m, remat, meshes, starts)
+                return None
+            return self._candidate(chosen, m, remat)
+        best: PipelinePrice | None = None
+        # Alpa's search: for each bound on the slowest stage, the least total time under it.
+        bounds_seen: set[float] = set()
+        for k in range(s_count):
+            for i in range(layers):
+                for j in range(i, layers):
+                    found = stage(k, i, j)
+                    if found is not None:
+                        bounds_seen.add(found.time_s)
+        for bound in sorted(bounds_seen):
+            memo: dict[tuple[int, int], tuple[float, tuple]] = {}
+
+            def cheapest(k: int, i: int) -> tuple[float, tuple]:
+                if k == s_count:
+                    return (0.0, ()) if i == layers else (math.inf, ())
+                if (k, i) in memo:
+                    return memo[(k, i)]
+                result: tuple[float, tuple] = (math.inf, ())
+                for j in range(i, layers - (s_count - k - 1)):
+                    found = stage(k, i, j)
+                    if found is None or found.time_s > bound:
+                        continue
+                    rest, tail = cheapest(k + 1, j + 1)
+                    if found.time_s + rest < result[0]:
+                        result = (found.time_s + rest, (found,) + tail)
+                memo[(k, i)] = result
+                return result
+
+            total, chosen = cheapest(0, 0)
+            if total == math.inf:
+                continue
+            candidate = self._candidate(list(chosen), m, remat)
+            if best is None or candidate.step_time_s < best.step_time_s * (1 - 1e-9):
+                best = candidate
+        if best is None:
+            self._note_smallest(s_count, n, m, remat, meshes, None)
+        return best
+
+    def _note_smallest(self, s_count: int, n: int, m: int, remat: bool,
+                       meshes: tuple[int, int] | None, starts: list[int] | None) -> None:
+        """Records the fewest bytes per device any layout of ``s_count`` stages reaches (the
+        largest stage's), for the message when nothing fits."""
+        layers = self.pp.num_layers
+        saved, self.budget = self.budget, math.inf
+        try:
+            memo: dict[tuple[int, int], float] = {}
+
+            def least(k: int, i: int) -> float:
+                if k == s_count:
+                    return 0.0 if i == layers else math.inf
+                if (k, i) not in memo:
+                    ends = ([starts[k + 1] - 1 if k + 1 < s_count else layers - 1]
+                            if starts is not None else range(i, layers - (s_count - k - 1)))
+                    memo[(k, i)] = min((max(self._least_memory(k, i, j, n, s_count, m, remat,
+                                                               meshes), least(k + 1, j + 1))
+                                        for j in ends), default=math.inf)
+                return memo[(k, i)]
+
+            self.smallest_memory = min(self.smallest_memory, least(0, 0))
+        finally:
+            self.budget = saved
+
+    def _least_memory(self, k, i, j, n, s_count, m, remat, meshes) -> float:
+        found = self._stage(k, i, j, n, s_count, m, remat, meshes, least_memory=True)
+        return math.inf if found is None else found.memory_bytes
+
+    def _candidate(self, stages: list[StagePrice], m: int, remat: bool) -> PipelinePrice:
+        return PipelinePrice(stages, m, remat,
+                             pipeline_time(stages, m, self.profile, self.num_devices))
+
+    def _stage(self, k: int, first: int, last: int, n: int, num_stages: int, m: int,
+               remat: bool, meshes: tuple[int, int] | None,
+               least_memory: bool = False) -> StagePrice | None:
+        """Stage ``k`` running layers ``first..last`` on its ``n`` devices: the cheapest mesh
+        shape that fits the budget (or, ``least_memory``, the one needing least), or ``None``."""
+        pp, profile = self.pp, self.profile
+        first_device = k * n
+        prices = [self.pricer.prices(layer, n, first_device) for layer in range(first, last + 1)]
+        shapes = set(prices[0])
+        for p in prices[1:]:
+            shapes &= set(p)
+        if meshes is not None:
+            shapes &= {meshes}
+        per_host = profile.devices_per_host
+        # Activations and their gradients cross to the neighbours; a boundary between two hosts
+        # uses the inter-host link. Each device sends its share.
+        transfer = 0.0
+        for boundary, layer in ((first_device, first - 1), (first_device + n, last)):
+            if 0 <= layer < pp.num_layers - 1 and 0 < boundary < self.num_devices:
+                crosses = per_host is not None and boundary % per_host == 0
+                transfer += profile.comm_time(pp.cut_bytes(layer) / n, crosses)
+        in_flight = min(m, num_stages - k)
+        best: StagePrice | None = None
+        for shape in sorted(shapes):
+            parts: list[MeshPrice] = [p[shape] for p in prices]
+            time = sum(p.time_s for p in parts) + transfer
+            state = sum(p.state_bytes for p in parts)
+            grads = sum(p.grad_bytes for p in parts)
+            # A micro-batch in flight keeps its residuals (with remat: only the stage's input);
+            # one more runs its forward or backward with the largest layer's working set.
+            # Split over the batch; the model axis may keep some whole (a layer's input), so
+            # it is not counted on.
+            residuals = sum(pp.residuals[layer] for layer in range(first, last + 1)) / shape[0]
+            working = max(p.activation_bytes for p in parts)
+            if remat:
+                time += _FORWARD_SHARE * sum(p.compute_s for p in parts)
+                stash = pp.cut_bytes(first - 1) / n if first > 0 else 0.0
+                memory = state + grads + residuals + working + (in_flight - 1) * stash
+            else:
+                memory = state + grads + working + in_flight * residuals
+            update = _UPDATE_PASSES * (state + grads) / profile.memory_bandwidth
+            if memory > self.budget:
+                continue
+            candidate = StagePrice(first, last, n, first_device, shape, time, update, memory)
+            key = (lambda c: c.memory_bytes) if least_memory else (lambda c: c.time_s)
+            if best is None or key(candidate) < key(best):
+                best = candidate
+        return best

@@ -1,0 +1,118 @@
+"""``method="auto"`` searches SPMD plans and pipelines together, on one cost model.
+
+On 8 simulated CPU devices: with a memory budget no SPMD plan meets, it picks a plan that fits
+(micro-batches, stages, rematerialization as memory needs), says which and why, and trains like
+the unpipelined step; without the budget it picks no pipeline (the devices share the host's
+cores, so stages cannot overlap). Bad input is refused in one line.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import parallel
+from parallel import auto
+from trainer import cli
+
+WIDTH, HIDDEN, DEPTH, BATCH = 32, 256, 4, 128
+# A large eps keeps Adam from scaling near-zero gradients up to the learning rate, so that
+# parameters can be compared tightly across programs that sum in another order.
+OPTIMIZER = optax.adam(1e-3, eps=1e-3)
+
+
+def loss_fn(params, batch):
+    x = batch["x"]  # (B, W)
+    for layer in params:
+        x = x + jnp.tanh(x @ layer["up"]) @ layer["down"]  # (B, H) -> (B, W)
+    return jnp.mean((x - batch["y"]) ** 2)
+
+
+def train_step(state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
+    updates, opt_state = OPTIMIZER.update(grads, state["opt"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state}, \
+        {"loss": loss}
+
+
+def init(key):
+    params = [{"up": jax.random.normal(jax.random.fold_in(key, i), (WIDTH, HIDDEN)) * 0.1,
+               "down": jax.random.normal(jax.random.fold_in(key, 100 + i), (HIDDEN, WIDTH)) * 0.1}
+              for i in range(DEPTH)]
+    return {"params": params, "opt": OPTIMIZER.init(params)}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    state = init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(BATCH, WIDTH)).astype(np.float32),
+             "y": rng.normal(size=(BATCH, WIDTH)).astype(np.float32)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, batch))
+    with pytest.raises(auto.MemoryBudgetError) as error:
+        auto.solve(train_step, abstract, num_devices=8, memory_budget_bytes=1.0)
+    return state, batch, error.value.smallest_bytes
+
+
+def test_without_a_budget_no_pipeline_is_chosen_on_cpu_devices(setup):
+    state, batch, _ = setup
+    step = parallel.parallelize(train_step, method=parallel.make_method("auto"))
+    plan = step.plan(state, batch)
+    assert plan.method == "auto" and "stages" not in plan.extras
+    assert plan.extras["planner"]["chosen"] == "spmd"
+    assert ("why: pipelines were not searched: the devices share one host, so stages cannot "
+            "overlap") in plan.extras["explanation"]
+
+
+def test_a_budget_no_spmd_plan_meets_gets_a_plan_that_fits_and_trains_the_same(setup):
+    state, batch, smallest_spmd = setup
+    budget = 0.9 * smallest_spmd  # below what any SPMD plan needs at the full batch
+    step = parallel.parallelize(train_step,
+                                method=parallel.make_method("auto", memory_budget_bytes=budget))
+    plan = step.plan(state, batch)
+    explanation = plan.extras["explanation"]
+    planner = plan.extras["planner"]
+    assert planner["chosen"] == "pipeline" and planner["spmd_step_time_s"] is None
+    assert "why: no SPMD plan fits the budget" in explanation
+    chosen = min((p for p in planner["pipelines"] if p["memory_bytes"] <= budget),
+                 key=lambda p: p["step_time_s"])
+    assert f"chosen: pipeline, " in explanation and (
+        f"x {chosen['num_micro_batches']} micro-batches" in explanation)
+    assert plan.extras["num_micro_batches"] == chosen["num_micro_batches"] > 1
+    assert len(plan.extras["stages"]) == chosen["stages"]
+    # What runs fits: XLA's memory analysis of every stage program, in-flight activations added.
+    assert step.analyze(state, batch).per_device_memory_bytes <= budget
+
+    reference = jax.jit(train_step)
+    expected, got = state, jax.tree.map(jnp.copy, state)
+    for _ in range(3):
+        expected, want = reference(expected, batch)
+        got, have = step(got, batch)
+        np.testing.assert_allclose(float(have["loss"]), float(want["loss"]), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 got, expected)
+
+
+def test_no_plan_fits_names_the_fewest_bytes_and_the_budget(setup):
+    state, batch, _ = setup
+    step = parallel.parallelize(train_step,
+                                method=parallel.make_method("auto", memory_budget_bytes=4096))
+    with pytest.raises(auto.MemoryBudgetError,
+                       match=r"no plan of this step on 8 devices fits 4096 bytes per device, "
+                             r"even with micro-batches and rematerialization: the fewest bytes "
+                             r"reached are \d+ \((SPMD|pipelined)\)") as error:
+        step.plan(state, batch)
+    assert error.value.smallest_bytes > 4096 and error.value.budget == 4096
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.method=auto", "parallel.num_micro_batches=3"],
+     "error: parallel.num_micro_batches=3 does not divide the batch of 32; use a divisor of 32"),
+    (["parallel.method=auto", "parallel.memory_budget_bytes=1000"],
+     "error: no plan of this step on 8 devices fits 1000 bytes per device, even with "
+     "micro-batches and rematerialization: the fewest bytes reached are "),
+])
+def test_bad_input_is_one_line(overrides, message, capsys):
+    code = cli.run(lambda: print(cli.plan("tiny/mlp.yaml", overrides)))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1
