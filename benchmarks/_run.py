@@ -42,9 +42,9 @@ def make_method(name: str, profile: str | None = None,
     if name == "manual":
         return parallel.ManualParallel(parallel.MEGATRON_RULES)
     if name == "auto":
-        return parallel.ShardParallel(profile=profile)
-    if name == "auto_timed":  # the compiled finalists are timed on the devices, fastest kept
-        return parallel.ShardParallel(profile=profile, measure=True)
+        return parallel.AutoParallel(profile=profile)
+    if name == "auto_timed":  # the compiled SPMD finalists are timed on the devices
+        return parallel.AutoParallel(profile=profile, measure=True)
     if name in ("data", "zero2", "zero3"):
         return parallel.make_method(name)
     if name in ("pipeshard", "pipeshard_gpipe"):

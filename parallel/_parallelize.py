@@ -310,8 +310,12 @@ class FollowPlan(Method):
 
     def make_plan(self, fn, abstract_args, *, batch_argnums, donate_argnums, devices,
                   logical_axes) -> Plan:
-        del logical_axes
         source = self.step.plan(*abstract_args)
+        if "stages" in source.extras:  # a pipeline (method "auto" may choose one): as pipeshard's
+            return DataParallel().make_plan(  # evaluation runs today, data parallel
+                fn, abstract_args, batch_argnums=batch_argnums, donate_argnums=donate_argnums,
+                devices=devices, logical_axes=logical_axes)
+        del logical_axes
         if source.num_devices != len(devices):
             raise PlanError(f"FollowPlan: the followed plan covers {source.num_devices} devices, "
                             f"this step runs on {len(devices)}")

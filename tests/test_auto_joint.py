@@ -116,3 +116,53 @@ def test_bad_input_is_one_line(overrides, message, capsys):
     code = cli.run(lambda: print(cli.plan("tiny/mlp.yaml", overrides)))
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(message) and err.count("\n") == 1
+
+
+def _gpt_step(batch_size):
+    """The Trainer's GPT train step (bfloat16 compute, AdamW) on abstract shapes: 8 blocks of
+    width 1024, 512 tokens per example."""
+    import models
+    from trainer import _steps
+    from trainer.config import OptimizerConfig
+    from trainer.optim import build_optimizer, learning_rate_schedule
+
+    options = dict(vocab_size=8192, block_size=512, num_layers=8, num_heads=16,
+                   hidden_size=1024)
+    optimizer = OptimizerConfig(name="adamw", learning_rate=1e-4, weight_decay=0.1)
+    fns = _steps.make_step_functions(
+        lambda rngs: models.create_model("gpt", options, rngs=rngs), _steps.TASK_LOSSES["lm"],
+        None, build_optimizer(optimizer, 100), learning_rate_schedule(optimizer, 100), None,
+        jnp.bfloat16, 1)
+    tokens = jax.ShapeDtypeStruct((batch_size, 512), jnp.int32)
+    state = jax.eval_shape(fns.init, jax.random.key(0))
+    return fns.train_step, (state, {"inputs": tokens, "targets": tokens})
+
+
+def test_gpt_on_8_hosts_gets_no_worse_than_spmd_and_hand_pipelines():
+    # 64 H100s as 8 hosts x 8 (NVLink inside a host, a 10x slower link between hosts).
+    step, args = _gpt_step(batch_size=256)
+    profile = parallel.get_profile("h100", 64, num_hosts=8)
+    decision = auto.search(step, args, num_devices=64, profile=profile,
+                           memory_budget_bytes=profile.memory_bytes)
+    planned = (decision.pipeline.step_time_s if decision.pipeline is not None
+               else decision.spmd.best.step_time_s)
+    assert decision.spmd is not None and planned <= decision.spmd.best.step_time_s
+    # Hand pipelines: equal layer ranges, Megatron inside each stage (model axis = a host's 8
+    # devices), the micro-batches the search used, priced on the same cost model.
+    (m, search), = decision.searches.items()
+    layers = search.pp.num_layers
+    for stages in (2, 4, 8):
+        hand = search.best(stages, meshes=(64 // stages // 8, 8),
+                           starts=[k * layers // stages for k in range(stages)])
+        assert hand is not None and planned <= hand.step_time_s, (stages, hand.describe())
+    chosen = "pipeline" if decision.pipeline is not None else "SPMD"
+    assert f"chosen: {chosen}" in decision.explanation
+
+
+def test_gpt_on_one_host_gets_no_pipeline_unless_memory_forces_one():
+    step, args = _gpt_step(batch_size=256)
+    profile = parallel.get_profile("h100", 8)
+    decision = auto.search(step, args, num_devices=8, profile=profile,
+                           memory_budget_bytes=profile.memory_bytes)
+    assert decision.spmd is not None and decision.pipeline is None
+    assert "why: no pipeline is cheaper" in decision.explanation

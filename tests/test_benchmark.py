@@ -184,8 +184,8 @@ def test_benchmarked_methods():
     from benchmarks._run import make_method
 
     auto = make_method("auto", "h100")
-    assert isinstance(auto, parallel.ShardParallel) and auto.profile == "h100"
-    assert auto.measure is False and make_method("auto_timed").measure is True
+    assert isinstance(auto, parallel.AutoParallel) and auto.profile == "h100"
+    assert auto.shard.measure is False and make_method("auto_timed").shard.measure is True
     manual = make_method("manual")
     assert isinstance(manual, parallel.ManualParallel) and manual.rules == parallel.MEGATRON_RULES
     assert type(make_method("zero3")) is parallel.Zero3Parallel

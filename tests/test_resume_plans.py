@@ -109,7 +109,7 @@ def _scalar_events(events_dir: Path, tag: str = "train/loss") -> list[int]:
 
 
 @pytest.mark.parametrize("method, planner", [("zero3", parallel.Zero3Parallel),
-                                             ("auto", parallel.ShardParallel)])
+                                             ("auto", parallel.AutoParallel)])
 def test_a_killed_run_reruns_on_its_saved_plan_with_identical_losses(method, planner, killed,
                                                                      monkeypatch, capsys):
     workdir, killed = killed[method]

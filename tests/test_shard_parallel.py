@@ -237,10 +237,10 @@ def test_budget_at_a_sixth_of_the_replicated_footprint_fits_and_trains():
 
 
 def test_make_method_builds_shard_and_auto():
-    for name in ("shard", "auto"):
+    for name, cls in (("shard", parallel.ShardParallel), ("auto", parallel.AutoParallel)):
         method = parallel.make_method(name, mesh={"data": 2, "model": 4},
                                       memory_budget_bytes=2**30)
-        assert isinstance(method, parallel.ShardParallel)
+        assert isinstance(method, cls)
         assert method.mesh == {"data": 2, "model": 4}
         assert method.memory_budget_bytes == 2**30
     with pytest.raises(parallel.PlanError, match="only applies to method 'manual'"):

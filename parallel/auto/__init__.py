@@ -1,6 +1,7 @@
 """Automatic plans: ShardParallel (intra-op sharding by integer programming over the step's
 jaxpr) and AutoParallel (``method="auto"``: SPMD plans and pipelines searched together)."""
 from parallel.auto._joint import AutoParallel as AutoParallel
+from parallel.auto._joint import search as search
 from parallel.auto._method import ShardParallel as ShardParallel
 from parallel.auto._search import TIE as TIE
 from parallel.auto._search import MemoryBudgetError as MemoryBudgetError
@@ -11,5 +12,5 @@ from parallel.auto._search import simplicity as simplicity
 from parallel.auto._search import solve as solve
 from parallel.auto._solve import MeshResult as MeshResult
 
-__all__ = ["TIE", "AutoParallel", "MemoryBudgetError", "MeshResult", "ShardParallel", "Solution", "mesh_candidates",
+__all__ = ["TIE", "AutoParallel", "search", "MemoryBudgetError", "MeshResult", "ShardParallel", "Solution", "mesh_candidates",
            "rank", "simplicity", "solve"]

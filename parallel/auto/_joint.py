@@ -22,7 +22,8 @@ from parallel._methods import Method, register_method
 from parallel.auto._layers import LayerPricer, pipeline_program
 from parallel.auto._method import ShardParallel
 from parallel.auto._pipelines import PipelinePrice, PipelineSearch, stage_counts
-from parallel.auto._search import AXIS_NAMES, TIE, MemoryBudgetError, Solution, solve
+from parallel.auto._search import (AXIS_NAMES, TIE, MemoryBudgetError, Solution, model_limit,
+                                   solve)
 from parallel.plan import Plan
 from parallel.profiles import DeviceProfile
 
@@ -41,6 +42,8 @@ class Decision:
       budget: bytes per device every candidate had to fit.
       explanation: the account printed with the plan.
       search_time_s: seconds the search took.
+      searches: the pipeline searches by micro-batch count (their priced layers; for pricing
+        other layouts of the same step).
     """
 
     spmd: Solution | None
@@ -50,6 +53,7 @@ class Decision:
     num_layers: int
     explanation: str = ""
     search_time_s: float = 0.0
+    searches: dict[int, PipelineSearch] = dataclasses.field(default_factory=dict)
 
 
 class AutoParallel(Method):
@@ -190,14 +194,16 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
             spmd = solve(fn, abstract_args, num_devices=n, profile=profile,
                          memory_budget_bytes=budget, donate_argnums=donate_argnums,
                          batch_argnums=batch_argnums, time_limit_s=time_limit_s,
-                         mesh_shape=mesh_shape)
+                         mesh_shape=mesh_shape, max_model=model_limit(profile))
         except MemoryBudgetError as error:
             smallest_spmd = error.smallest_bytes or math.inf
-    pipelines, num_layers, smallest_pipe = [], 0, math.inf
+    pipelines, num_layers, smallest_pipe, searches = [], 0, math.inf, {}
     if mesh_shape is None or spmd is None:
-        pipelines, num_layers, smallest_pipe = _pipelines(
+        state = sum(_nbytes(x) for i in donate_argnums for x in jax.tree.leaves(abstract_args[i]))
+        pipelines, num_layers, smallest_pipe, searches = _pipelines(
             fn, abstract_args, batch_argnums, donate_argnums, profile, n, budget, batch, spmd,
-            num_micro_batches, max_stages, time_limit_s)
+            num_micro_batches, max_stages, time_limit_s,
+            _activations_per_device(smallest_spmd, state, n), 2 * state / n)
     chosen = _choose(spmd, [p for p in pipelines if p.memory_bytes <= budget])
     if spmd is None and chosen is None:
         smallest = min(smallest_spmd, smallest_pipe)
@@ -207,42 +213,53 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
             f"{smallest:.0f} ({'pipelined' if smallest_pipe < smallest_spmd else 'SPMD'}). "
             "Raise memory_budget_bytes, use more devices, or shrink the model or batch.",
             smallest_bytes=smallest, budget=budget)
-    decision = Decision(spmd, chosen, pipelines, budget, num_layers)
+    decision = Decision(spmd, chosen, pipelines, budget, num_layers, searches=searches)
     decision.search_time_s = time.perf_counter() - start
     decision.explanation = _explain(decision, profile, n)
     return decision
 
 
 def _pipelines(fn, abstract_args, batch_argnums, donate_argnums, profile, n, budget, batch, spmd,
-               num_micro_batches, max_stages, time_limit_s
-               ) -> tuple[list[PipelinePrice], int, float]:
+               num_micro_batches, max_stages, time_limit_s, activations, state_per_device
+               ) -> tuple[list[PipelinePrice], int, float, dict[int, PipelineSearch]]:
     """The best pipeline for each stage count (and, when memory needs them, more micro-batches
-    and rematerialization), and the fewest bytes per device any reached."""
+    and rematerialization), the fewest bytes per device any reached, and the searches."""
     per_host = profile.devices_per_host
     if spmd is not None and profile.shared_host:
         # Stages on devices that share a host cannot overlap: a pipeline only ever adds
         # transfers to the same work. Searched only when no SPMD plan fits.
-        return [], 0, math.inf
+        return [], 0, math.inf, {}
     max_stages = min(max_stages, n)
     counts = [s for s in stage_counts(n, 2 * max_stages, per_host) if s <= max_stages]
     if spmd is not None:
         counts = [s for s in counts if s > 1]  # accumulation only when memory needs it
     if not counts:
-        return [], 0, math.inf
+        return [], 0, math.inf, {}
     num_layers = max(2 * max(counts), 2)
     found: list[PipelinePrice] = []
+    searches: dict[int, PipelineSearch] = {}
     smallest = math.inf
     failed: PlanError | None = None
-    for m in _micro_batch_options(batch, max(counts), num_micro_batches):
+    # As many micro-batches as the longest pipeline's activations in flight need to fit next to
+    # the state (an estimate from the SPMD plans' fewest bytes), at least four per stage.
+    room = budget - state_per_device
+    wanted = 0.0
+    if not math.isinf(activations) and activations > 0:
+        wanted = max(counts) * activations / room if room > 0 else math.inf
+    traced = 0
+    for m in _micro_batch_options(batch, max(counts), num_micro_batches, wanted):
+        if m < traced:
+            break  # fewer micro-batches than a count that traced and did not fit: no help
         try:
             pp = pipeline_program(fn, abstract_args, batch_argnums, donate_argnums, m,
                                   num_layers)
         except PlanError as error:  # e.g. micro-batches this small do not trace alike
             failed = failed or error
             continue
+        traced = m
         num_layers = pp.num_layers
         pricer = LayerPricer(pp, profile, time_limit_s)
-        stages = PipelineSearch(pp, pricer, profile, n, budget)
+        stages = searches[m] = PipelineSearch(pp, pricer, profile, n, budget)
         for remat in (False, True):
             for s in counts:
                 if s <= pp.num_layers:
@@ -256,7 +273,7 @@ def _pipelines(fn, abstract_args, batch_argnums, donate_argnums, profile, n, bud
             break  # more micro-batches only when memory needs them
     if failed is not None and not found and smallest == math.inf and spmd is None:
         raise failed
-    return found, num_layers, smallest
+    return found, num_layers, smallest, searches
 
 
 def _choose(spmd: Solution | None, pipelines: list[PipelinePrice]) -> PipelinePrice | None:
@@ -273,14 +290,16 @@ def _choose(spmd: Solution | None, pipelines: list[PipelinePrice]) -> PipelinePr
     return best
 
 
-def _micro_batch_options(batch: int, max_stages: int, fixed: int) -> list[int]:
+def _micro_batch_options(batch: int, max_stages: int, fixed: int,
+                         wanted: float = 0.0) -> list[int]:
     """Micro-batch counts to try, in order: ``fixed`` if set; else four per stage of the
-    longest pipeline (the 1F1B bubble under 20%), then more, doubling, up to one example each
-    (tried only while nothing fits), then fewer (only if those cannot be traced)."""
+    longest pipeline (the 1F1B bubble under 20%) or ``wanted`` if more, then more, doubling,
+    up to one example each (tried only while nothing fits), then fewer (only if those cannot
+    be traced)."""
     if fixed > 1:
         return [fixed]
     first = 1
-    while first < 4 * max_stages and batch % (2 * first) == 0:
+    while first < max(4 * max_stages, wanted) and batch % (2 * first) == 0:
         first *= 2
     options = [first]
     while batch % (2 * options[-1]) == 0:
@@ -290,6 +309,24 @@ def _micro_batch_options(batch: int, max_stages: int, fixed: int) -> list[int]:
         options.append(fewer)
         fewer //= 2
     return options
+
+
+def _activations_per_device(smallest_spmd: float, state: float, n: int) -> float:
+    """What the SPMD plans' fewest bytes per device hold beyond the state and its gradients
+    (about the full batch's activations), or ``inf`` when no SPMD plan was tried."""
+    if math.isinf(smallest_spmd):
+        return math.inf
+    return max(smallest_spmd - 2 * state / n, 0.0)
+
+
+def _nbytes(x) -> float:
+    import numpy as np
+
+    try:
+        itemsize = np.dtype(x.dtype).itemsize
+    except TypeError:
+        itemsize = 8
+    return float(np.prod(x.shape, dtype=np.int64)) * itemsize
 
 
 def _batch_size(abstract_args, batch_argnums) -> int:

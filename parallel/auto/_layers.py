@@ -151,7 +151,8 @@ def _layer_signature(pp: PipelineProgram, layer: int) -> str:
                         if not hasattr(value, "jaxpr") and key not in ("jaxpr", "name"))
         parts.append((op.prim.name, [tuple(program.avals[v].shape) for v in op.value_inputs()],
                       [tuple(program.avals[v].shape) for v in op.outputs], params))
-    parts.append(pp.layer_state[layer])
+    # The same operations cut at another point of a repeated block are the same work.
+    parts = sorted(parts, key=repr) + [pp.layer_state[layer], pp.residuals[layer]]
     return hashlib.blake2b(repr(parts).encode(), digest_size=10).hexdigest()
 
 

@@ -10,8 +10,8 @@ from parallel._constraints import with_constraints
 from parallel._errors import PlanError
 from parallel._hlo import collective_list
 from parallel._methods import Method, register_method
-from parallel.auto._search import (AXIS_NAMES, MemoryBudgetError, Solution, rank, simplicity,
-                                   solve)
+from parallel.auto._search import (AXIS_NAMES, MemoryBudgetError, Solution, model_limit, rank,
+                                   simplicity, solve)
 from parallel.auto._solve import MeshResult
 from parallel.auto._timing import time_compiled
 from parallel.plan import Constraint, Plan, make_leaf_plans, shardings_from_specs
@@ -121,7 +121,8 @@ class ShardParallel(Method):
                 solution = solve(fn, abstract_args, num_devices=len(devices),
                                  mesh_shape=mesh_shape, profile=profile,
                                  memory_budget_bytes=target, donate_argnums=donate_argnums,
-                                 batch_argnums=batch_argnums, time_limit_s=self.time_limit_s)
+                                 batch_argnums=batch_argnums, time_limit_s=self.time_limit_s,
+                                 max_model=model_limit(profile))
             plan_args = (abstract_args, batch_argnums, donate_argnums)
             if self.memory_budget_bytes is None and not self.validate:
                 return self._plan(solution, *plan_args)

@@ -198,6 +198,13 @@ def simplicity(result: MeshResult) -> tuple:
     return (-result.mesh_shape.get("data", 1), flavour)
 
 
+def model_limit(profile: DeviceProfile) -> int | None:
+    """The largest ``model`` axis worth trying: inside one host when there are several (the
+    activations' collectives of a model axis would otherwise cross the slow link at every
+    layer; memory never needs it, the data axis can shard the state over every device)."""
+    return profile.devices_per_host if profile.num_hosts > 1 else None
+
+
 def mesh_candidates(num_devices: int) -> list[tuple[int, int]]:
     """``(data, model)`` sizes to try: the 1-D mesh, then each 2-D factorization."""
     out = [(num_devices, 1)]

@@ -22,10 +22,11 @@ class StageWork:
     """One micro-batch's forward and backward on one stage, as a function the solver plans.
 
     Attributes:
-      fn: ``fn(per_step_values, per_example_values) -> values handed out of the stage``.
+      fn: ``fn(per_step_values, per_example_values) -> values handed out of the stage``: first
+        ``results``, then what other stages read (activations, cotangents).
       args: its abstract arguments.
       per_step: value ids of the per-step values it reads (parameters...), in ``args[0]``.
-      results: value ids it returns: the values leaving the micro-batch region (gradients).
+      results: value ids of the values leaving the micro-batch region (gradients).
     """
 
     fn: Any
@@ -45,6 +46,13 @@ def stage_work(program: Program, regions: Regions, placement: Placement, stage: 
     per_example = [v for v in reads if v in regions.batch_dim]
     results = [v for v in dict.fromkeys(v for i in ops for v in program.ops[i].outputs)
                if v in regions.crossing]
+    # What the stage hands to the other stages (activations on, cotangents back) is written
+    # out too: the solver prices making it and lays it out.
+    mine = set(ops)
+    read_elsewhere = {v for i, op in enumerate(program.ops) if i not in mine
+                      for v in op.value_inputs()}
+    handed = [v for v in dict.fromkeys(v for i in ops for v in program.ops[i].outputs)
+              if v in read_elsewhere and v not in regions.crossing]
     stage_ops = [program.ops[i] for i in ops]
 
     def micro_batch_work(state, batch):
@@ -55,7 +63,7 @@ def stage_work(program: Program, regions: Regions, placement: Placement, stage: 
                 env.update(zip(op.outputs, (env[v] for v in op.inputs)))
             else:
                 evaluate([op], env)
-        return tuple(env[v] for v in results)
+        return tuple(env[v] for v in results + handed)
 
     def abstract(vs):
         return tuple(jax.ShapeDtypeStruct(program.avals[v].shape, program.avals[v].dtype)
