@@ -203,9 +203,9 @@ def test_device_profiles_per_dtype_unknown_devices_and_allocatable_memory():
         running_profile_name(FakeDevice("Radeon X"))
     assert allocatable_bytes(FakeDevice("x", {"bytes_limit": 60 * 2**30})) == 60 * 2**30
     assert allocatable_bytes(FakeDevice("x", None)) is None
-    budget = parallel.ShardParallel()._default_budget([FakeDevice("x", {"bytes_limit": 12345})])
+    budget = parallel.ShardParallel().default_budget([FakeDevice("x", {"bytes_limit": 12345})])
     assert budget == 12345
-    assert parallel.ShardParallel(profile="h100")._default_budget([FakeDevice("x", {"bytes_limit": 1})]) \
+    assert parallel.ShardParallel(profile="h100").default_budget([FakeDevice("x", {"bytes_limit": 1})]) \
         == 80 * 2**30  # planning for another device: that device's memory
 
 

@@ -102,7 +102,7 @@ class AutoParallel(Method):
         decision = self.decide(fn, abstract_args, batch_argnums, donate_argnums, devices)
         if decision.pipeline is None:
             return None
-        from parallel.pipeline import PipeshardParallel
+        from parallel.pipeline._method import PipeshardParallel
         from parallel.pipeline._dp import StageLayout
 
         chosen = decision.pipeline

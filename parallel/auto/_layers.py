@@ -17,11 +17,11 @@ import jax
 import numpy as np
 
 from parallel.pipeline._intra import stage_work
-from parallel.pipeline._method import _batch_input_ids, _micro_batch_args, _mirrors
-from parallel.pipeline._program import flatten, split_regions
+from parallel.pipeline._method import _mirrors
+from parallel.pipeline._regions import split_regions
+from parallel.pipeline._trace import trace_step
 from parallel.pipeline._stages import backward_flags, find_layers, place
 from parallel.profiles import DeviceProfile
-
 
 
 def mesh_shapes(num_devices: int, max_model: int) -> list[tuple[int, int]]:
@@ -104,12 +104,11 @@ def pipeline_program(fn: Callable, abstract_args: Sequence[Any], batch_argnums: 
       PlanError: the batch does not split into ``num_micro_batches``, or the step cannot be
         pipelined (the runtime's own messages).
     """
-    micro, doubled, global_batch = _micro_batch_args(abstract_args, batch_argnums,
-                                                     num_micro_batches)
-    program = flatten(jax.make_jaxpr(fn)(*micro))
-    twice = flatten(jax.make_jaxpr(fn)(*doubled))
-    regions = split_regions(program, twice,
-                            _batch_input_ids(abstract_args, batch_argnums, program.inputs))
+    traced = trace_step(fn, abstract_args, batch_argnums, num_micro_batches)
+    global_batch = traced.global_batch
+    out_paths, _ = jax.tree_util.tree_flatten_with_path(jax.eval_shape(fn, *abstract_args))
+    names = [f"output{jax.tree_util.keystr(path)}" for path, _ in out_paths]
+    program, regions = split_regions(traced, num_micro_batches, names)
     backward = backward_flags(program, regions)
     layers = find_layers(program, regions, backward, num_layers)
     mirrors = _mirrors(fn, abstract_args, donate_argnums)

@@ -89,7 +89,7 @@ def stage_plan(program: Program, regions: Regions, placement: Placement, stage: 
     Returns:
       ``(mesh_shape, {value id: spec})``.
     """
-    from parallel.auto import solve  # the solver is heavy to import; only pipelines need it here
+    from parallel.auto._search import solve  # heavy to import; only pipelines need it here
 
     work = stage_work(program, regions, placement, stage)
     solution = solve(work.fn, work.args, num_devices=num_devices, profile=profile,
