@@ -56,12 +56,14 @@ def setup():
 
 def test_without_a_budget_no_pipeline_is_chosen_on_cpu_devices(setup):
     state, batch, _ = setup
-    step = parallel.parallelize(train_step, method=parallel.make_method("auto"))
-    plan = step.plan(state, batch)
-    assert plan.method == "auto" and "stages" not in plan.extras
-    assert plan.extras["planner"]["chosen"] == "spmd"
-    assert ("why: pipelines were not searched: the devices share one host, so stages cannot "
-            "overlap") in plan.extras["explanation"]
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, batch))
+    profile = parallel.get_profile("cpu", 8)
+    decision = auto.search(train_step, abstract, num_devices=8, profile=profile,
+                           memory_budget_bytes=profile.memory_bytes)
+    assert decision.pipeline is None and decision.pipelines == []
+    assert decision.explanation.splitlines()[2] == (
+        "why: pipelines were not searched: the devices share one host, so stages cannot overlap")
+    assert isinstance(parallel.make_method("auto"), parallel.AutoParallel)
 
 
 def test_a_budget_no_spmd_plan_meets_gets_a_plan_that_fits_and_trains_the_same(setup):
@@ -73,11 +75,13 @@ def test_a_budget_no_spmd_plan_meets_gets_a_plan_that_fits_and_trains_the_same(s
     explanation = plan.extras["explanation"]
     planner = plan.extras["planner"]
     assert planner["chosen"] == "pipeline" and planner["spmd_step_time_s"] is None
-    assert "why: no SPMD plan fits the budget" in explanation
+    assert "why: no SPMD plan fits the budget at the full batch" in explanation
     chosen = min((p for p in planner["pipelines"] if p["memory_bytes"] <= budget),
-                 key=lambda p: p["step_time_s"])
-    assert f"chosen: pipeline, " in explanation and (
-        f"x {chosen['num_micro_batches']} micro-batches" in explanation)
+                 key=lambda p: (p["step_time_s"], p["stages"]))
+    what = ("micro-batches in an SPMD plan (gradient accumulation)" if chosen["stages"] == 1
+            else "pipeline")
+    assert f"chosen: {what}, " in explanation
+    assert f"x {chosen['num_micro_batches']} micro-batches" in explanation
     assert plan.extras["num_micro_batches"] == chosen["num_micro_batches"] > 1
     assert len(plan.extras["stages"]) == chosen["stages"]
     # What runs fits: XLA's memory analysis of every stage program, in-flight activations added.
@@ -85,24 +89,12 @@ def test_a_budget_no_spmd_plan_meets_gets_a_plan_that_fits_and_trains_the_same(s
 
     reference = jax.jit(train_step)
     expected, got = state, jax.tree.map(jnp.copy, state)
-    for _ in range(3):
+    for _ in range(2):
         expected, want = reference(expected, batch)
         got, have = step(got, batch)
         np.testing.assert_allclose(float(have["loss"]), float(want["loss"]), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  got, expected)
-
-
-def test_no_plan_fits_names_the_fewest_bytes_and_the_budget(setup):
-    state, batch, _ = setup
-    step = parallel.parallelize(train_step,
-                                method=parallel.make_method("auto", memory_budget_bytes=4096))
-    with pytest.raises(auto.MemoryBudgetError,
-                       match=r"no plan of this step on 8 devices fits 4096 bytes per device, "
-                             r"even with micro-batches and rematerialization: the fewest bytes "
-                             r"reached are \d+ \((SPMD|pipelined)\)") as error:
-        step.plan(state, batch)
-    assert error.value.smallest_bytes > 4096 and error.value.budget == 4096
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -116,4 +108,6 @@ def test_bad_input_is_one_line(overrides, message, capsys):
     code = cli.run(lambda: print(cli.plan("tiny/mlp.yaml", overrides)))
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(message) and err.count("\n") == 1
-
+    if "fewest" in message:  # the fewest bytes reached, pipelined or not, over the budget
+        reached = err[len(message):].split()
+        assert int(reached[0]) > 1000 and reached[1] in ("(SPMD).", "(pipelined).")

@@ -44,6 +44,7 @@ class Decision:
       search_time_s: seconds the search took.
       searches: the pipeline searches by micro-batch count (their priced layers; for pricing
         other layouts of the same step).
+      spmd_refused: why no SPMD plan was searched (the solver's did not fit once compiled).
     """
 
     spmd: Solution | None
@@ -54,6 +55,7 @@ class Decision:
     explanation: str = ""
     search_time_s: float = 0.0
     searches: dict[int, PipelineSearch] = dataclasses.field(default_factory=dict)
+    spmd_refused: str | None = None
 
 
 class AutoParallel(Method):
@@ -85,6 +87,7 @@ class AutoParallel(Method):
         self.shard = ShardParallel(memory_budget_bytes, mesh, profile, time_limit_s, validate,
                                    measure)
         self._decisions: dict[tuple, Decision] = {}
+        self._plans: dict[tuple, Plan] = {}
 
     def __repr__(self) -> str:
         return (f"AutoParallel(memory_budget_bytes={self.memory_budget_bytes}, "
@@ -101,7 +104,19 @@ class AutoParallel(Method):
         (``parallelize`` then asks ``make_plan``)."""
         decision = self.decide(fn, abstract_args, batch_argnums, donate_argnums, devices)
         if decision.pipeline is None:
-            return None
+            from parallel._parallelize import _made_by_process_0
+
+            key = self._key(fn, abstract_args, batch_argnums, donate_argnums, devices)
+            try:  # the SPMD plan, checked on XLA's compiled memory: it may not fit after all
+                self._plans[key] = _made_by_process_0(lambda: self._spmd_plan(
+                    decision, fn, abstract_args, batch_argnums, donate_argnums, devices))
+                return None
+            except MemoryBudgetError as error:
+                # Searched again without SPMD plans: micro-batches and pipelines.
+                decision = self.decide(fn, abstract_args, batch_argnums, donate_argnums,
+                                       devices, spmd_refused=str(error))
+                if decision.pipeline is None:
+                    raise
         from parallel.pipeline._method import PipeshardParallel
         from parallel.pipeline._dp import StageLayout
 
@@ -124,11 +139,19 @@ class AutoParallel(Method):
     def make_plan(self, fn: Callable, abstract_args: Sequence[Any], *,
                   batch_argnums: Sequence[int], donate_argnums: Sequence[int],
                   devices: Sequence[jax.Device], logical_axes: Sequence[Any] | None) -> Plan:
-        """The SPMD plan the search chose (see ``build_executable``)."""
+        """The plan the search chose (see ``build_executable``; a pipeline's is its step's)."""
+        key = self._key(fn, abstract_args, batch_argnums, donate_argnums, devices)
+        if key in self._plans:
+            return self._plans.pop(key)
         decision = self.decide(fn, abstract_args, batch_argnums, donate_argnums, devices)
         if decision.pipeline is not None:
-            raise PlanError("the automatic plan for this step is a pipeline; run it through "
-                            "parallel.parallelize, which builds its stages")
+            return self.build_executable(fn, abstract_args, batch_argnums=batch_argnums,
+                                         donate_argnums=donate_argnums, devices=devices).plan
+        return self._spmd_plan(decision, fn, abstract_args, batch_argnums, donate_argnums,
+                               devices, logical_axes)
+
+    def _spmd_plan(self, decision, fn, abstract_args, batch_argnums, donate_argnums, devices,
+                   logical_axes=None) -> Plan:
         plan = self.shard.make_plan(fn, abstract_args, batch_argnums=batch_argnums,
                                     donate_argnums=donate_argnums, devices=devices,
                                     logical_axes=logical_axes, solution=decision.spmd)
@@ -142,13 +165,19 @@ class AutoParallel(Method):
         return self.shard.device_profile(devices)
 
     # ----- the search ------------------------------------------------------------------------
+    @staticmethod
+    def _key(fn, abstract_args, batch_argnums, donate_argnums, devices) -> tuple:
+        return (fn, _signature(abstract_args), tuple(batch_argnums), tuple(donate_argnums),
+                tuple(d.id for d in devices))
+
     def decide(self, fn: Callable, abstract_args: Sequence[Any], batch_argnums: Sequence[int],
-               donate_argnums: Sequence[int], devices: Sequence[jax.Device]) -> Decision:
+               donate_argnums: Sequence[int], devices: Sequence[jax.Device],
+               spmd_refused: str | None = None) -> Decision:
         """The joint search (``search``) for ``fn`` on ``devices``, made once per argument
-        signature."""
-        key = (fn, _signature(abstract_args), tuple(batch_argnums), tuple(donate_argnums),
-               tuple(d.id for d in devices))
-        if key not in self._decisions:
+        signature; ``spmd_refused``: why the SPMD plan chosen before did not fit once
+        compiled (searched again without SPMD plans)."""
+        key = self._key(fn, abstract_args, batch_argnums, donate_argnums, devices)
+        if key not in self._decisions or spmd_refused is not None:
             budget = (self.memory_budget_bytes if self.memory_budget_bytes is not None
                       else self.shard.default_budget(devices))
             self._decisions[key] = search(
@@ -157,15 +186,15 @@ class AutoParallel(Method):
                 batch_argnums=batch_argnums, donate_argnums=donate_argnums,
                 num_micro_batches=self.num_micro_batches, max_stages=self.max_stages,
                 mesh_shape=None if self.mesh is None else self.resolve_mesh_shape(len(devices)),
-                time_limit_s=self.shard.time_limit_s)
+                time_limit_s=self.shard.time_limit_s, spmd_refused=spmd_refused)
         return self._decisions[key]
-
 
 def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
            profile: DeviceProfile, memory_budget_bytes: float,
            batch_argnums: Sequence[int] = (1,), donate_argnums: Sequence[int] = (0,),
            num_micro_batches: int = 1, max_stages: int = MAX_STAGES,
-           mesh_shape: dict[str, int] | None = None, time_limit_s: float = 30.0) -> Decision:
+           mesh_shape: dict[str, int] | None = None, time_limit_s: float = 30.0,
+           spmd_refused: str | None = None) -> Decision:
     """The joint search on abstract shapes: SPMD plans and pipelines priced by the solver.
 
     Args:
@@ -176,6 +205,8 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
       num_micro_batches: ``1``: searched; more: only plans with that many micro-batches.
       max_stages: pipelines up to this many stages.
       mesh_shape: SPMD plans on this mesh only, and no pipeline.
+      spmd_refused: no SPMD plan is searched, for this reason (the one the solver chose did
+        not fit once compiled).
 
     Raises:
       PlanError: ``num_micro_batches`` does not divide the batch.
@@ -189,7 +220,7 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
         raise PlanError(f"parallel.num_micro_batches={num_micro_batches} does not divide the "
                         f"batch of {batch}; use a divisor of {batch} (or 1 to let auto choose)")
     spmd, smallest_spmd = None, math.inf
-    if num_micro_batches == 1:
+    if num_micro_batches == 1 and spmd_refused is None:
         try:
             spmd = solve(fn, abstract_args, num_devices=n, profile=profile,
                          memory_budget_bytes=budget, donate_argnums=donate_argnums,
@@ -213,7 +244,8 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
             f"{smallest:.0f} ({'pipelined' if smallest_pipe < smallest_spmd else 'SPMD'}). "
             "Raise memory_budget_bytes, use more devices, or shrink the model or batch.",
             smallest_bytes=smallest, budget=budget)
-    decision = Decision(spmd, chosen, pipelines, budget, num_layers, searches=searches)
+    decision = Decision(spmd, chosen, pipelines, budget, num_layers, searches=searches,
+                        spmd_refused=spmd_refused)
     decision.search_time_s = time.perf_counter() - start
     decision.explanation = _explain(decision, profile, n)
     return decision
@@ -372,10 +404,15 @@ def _explain(d: Decision, profile: DeviceProfile, n: int) -> str:
         lines.append(f"why: {why}")
     else:
         p = d.pipeline
-        lines.append(f"chosen: pipeline, {p.describe()}; {_ms(p.step_time_s)} per step, "
+        what = ("micro-batches in an SPMD plan (gradient accumulation)" if p.num_stages == 1
+                else "pipeline")
+        lines.append(f"chosen: {what}, {p.describe()}; {_ms(p.step_time_s)} per step, "
                      f"{_gib(p.memory_bytes)} per device")
-        if d.spmd is None:
-            lines.append("why: no SPMD plan fits the budget")
+        if d.spmd_refused is not None:
+            lines.append(f"why: the solver's SPMD plan does not fit once compiled "
+                         f"({d.spmd_refused.split('. ')[0]})")
+        elif d.spmd is None:
+            lines.append("why: no SPMD plan fits the budget at the full batch")
         else:
             lines.append(f"why: {d.spmd.best.step_time_s / p.step_time_s:.2f}x faster than "
                          "the best SPMD plan")
