@@ -145,7 +145,8 @@ def _reference(workdir: Path, overrides, trainer_cls=Trainer) -> Path:
 def test_data_parallel_across_nodes_survives_a_frozen_worker_and_a_cut_link(nodes, tmp_path):
     """2 nodes x 4 devices == 1 x 8; JAX's coordinator and gloo listen on the namespace
     addresses; SIGSTOP of the worker on node B, then (after the restart) the link set down:
-    each is detected within hang_timeout_s + 10 s, named, and restarted."""
+    each is detected within hang_timeout_s + 10 s, named, and restarted. A checkpoint of the
+    two processes resumes in one process with the same losses."""
     steps = ["train.steps=10", "train.checkpoint_every=2", "parallel.method=data"]
     reference = _reference(tmp_path / "reference", steps)
     workdir = tmp_path / "run"
@@ -182,6 +183,17 @@ def test_data_parallel_across_nodes_survives_a_frozen_worker_and_a_cut_link(node
         run.finish(timeout=60)
     _assert_same_losses(workdir, reference)
     _assert_no_worker_left(run)
+    for i in range(2):  # two processes, each holding 4 of the mesh's 8 devices
+        log = (workdir / "logs" / f"worker-{i}.log").read_text()
+        assert f"[worker {i}/2 pid" in log and "4 of 8 cpu devices" in log
+    # A checkpoint both workers wrote (4 shards each) resumes in one process with 8 devices.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir / "checkpoints" / "8", resumed / "checkpoints" / "8")
+    Trainer(load_config(CONFIG, [*BASE, *steps, f"workdir={resumed}"])).fit()
+    got, want = _losses(resumed), _losses(workdir)
+    assert sorted(got) == [("eval_loss", 10), ("loss", 9), ("loss", 10)]
+    np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(got)],
+                               rtol=1e-5)
 
 
 def _assert_bound_to_namespace_addresses(nodes: TwoNodes, run: Run, workdir: Path) -> None:
@@ -210,7 +222,7 @@ def test_a_pipeline_with_one_stage_per_node_stops_on_sigterm_and_resumes(nodes, 
     """Stages on different nodes train like one process; SIGTERM to the driver saves the step
     reached on every worker (train.checkpoint_every=0: no other checkpoint exists, and the
     driver warns once), exits 0 with nothing left running; the rerun resumes from it."""
-    pipeline = ["train.steps=6", "parallel.method=pipeshard", "parallel.num_micro_batches=4",
+    pipeline = ["train.steps=6", "parallel.method=pipeshard", "parallel.num_micro_batches=2",
                 "parallel.stages=2"]
     reference = _reference(tmp_path / "reference", pipeline)
     workdir = tmp_path / "run"

@@ -2,6 +2,7 @@
 
 These start no training; the ones that start Ray use a private local instance (loopback only).
 """
+import os
 import re
 import socket
 import subprocess
@@ -83,8 +84,24 @@ def test_more_workers_than_the_cluster_can_place_fail_naming_what_fits(tmp_path)
         "cluster.gpus_per_host, or add nodes")
 
 
+def _ray_processes() -> set:
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if re.search(r"ray::|/raylet|/gcs_server", cmd) and state != "Z":
+            found.add(int(pid))
+    return found
+
+
 def test_a_hung_worker_is_detected_and_the_run_fails_naming_it(tmp_path):
+    """A worker without heartbeats is named within the limit; the private local Ray instance
+    (raylet, gcs_server, the workers) is gone with the driver."""
     # time.sleep after a step stands in for a collective waiting on a lost peer: no heartbeat.
+    before = _ray_processes()
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
@@ -110,3 +127,7 @@ def test_a_hung_worker_is_detected_and_the_run_fails_naming_it(tmp_path):
         r"phase step \(cluster.hang_timeout_s=3; last finished step 1\); gave up: 0 restart\(s\) "
         r"within cluster.restart_window_s=3600 already \(cluster.max_restarts=0\)", line), \
         result.stdout + result.stderr
+    deadline = time.monotonic() + 10
+    while _ray_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes() - before
