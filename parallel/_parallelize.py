@@ -180,14 +180,16 @@ class ParallelStep:
             self._check_arguments(abstract_args)
             self.method.hosts(self.devices)  # a topology that does not match the devices
             build = getattr(self.method, "build_executable", None)
+            start = time.perf_counter()
             if build is not None:  # methods running several programs (pipelines) build their own
-                start = time.perf_counter()
                 step = build(self.fn, abstract_args, batch_argnums=self.batch_argnums,
                              donate_argnums=self.donate_argnums, devices=self.devices)
                 if step is not None:  # None: the method's plan is one SPMD program after all
                     return _Entry(step.plan, step.mesh, step.in_shardings, step.out_shardings,
                                   step, abstract_args, time.perf_counter() - start, compiled=step)
+            searched = time.perf_counter() - start  # (a search that chose an SPMD plan)
             plan, solve_time = self._make_plan(abstract_args)
+            solve_time += searched
         if plan.num_devices != len(self.devices):
             raise PlanError(f"plan mesh {plan.mesh_shape} covers {plan.num_devices} devices but "
                              f"{len(self.devices)} are in use")

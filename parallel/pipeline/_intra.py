@@ -92,9 +92,12 @@ def stage_plan(program: Program, regions: Regions, placement: Placement, stage: 
     from parallel.auto._search import solve  # heavy to import; only pipelines need it here
 
     work = stage_work(program, regions, placement, stage)
+    # On a mesh a search chose, the stage is planned as it was priced: without a budget (the
+    # search checked the stage's memory with its micro-batches in flight).
     solution = solve(work.fn, work.args, num_devices=num_devices, profile=profile,
                      donate_argnums=(), batch_argnums=(1,), mesh_shape=mesh_shape,
-                     first_device=first_device, max_model=max_model)
+                     first_device=first_device, max_model=max_model,
+                     memory_budget_bytes=float("inf") if mesh_shape is not None else None)
     specs = dict(zip(work.per_step, solution.best.input_specs[:len(work.per_step)]))
     # The values the stage hands out of the micro-batch region (gradients): their accumulators
     # take the layout the solver gives them, not a replicated one.
