@@ -87,8 +87,9 @@ class TwoNodes:
         self.start_b()
         return self
 
-    def start_b(self) -> None:
-        """Starts (again) node B in its namespace, with its private view of two directories."""
+    def start_b(self, wait: bool = True) -> None:
+        """Starts (again) node B in its namespace, with its private view of two directories
+        (``wait``: until the head counts both nodes)."""
         hide = " && ".join([
             f"mount -t tmpfs tmpfs {self.hidden}", f"mount -t tmpfs tmpfs {self.other_code}",
             *(f"cp -r {ROOT / name} {self.other_code}/" for name in CODE_DIRS),
@@ -97,7 +98,8 @@ class TwoNodes:
                  "--num-cpus=1 --num-gpus=1 --disable-usage-stats")
         _run("ip", "netns", "exec", self.ns[1], "sh", "-c", f"{hide} && {start}", env=self.env,
              timeout=180)
-        self.wait_for_nodes(2)
+        if wait:
+            self.wait_for_nodes(2)
 
     def wait_for_nodes(self, count: int, timeout_s: float = 120) -> None:
         """Waits until the head counts ``count`` live nodes."""
