@@ -352,6 +352,12 @@ def test_a_frozen_or_dead_peer_outranks_errors_reported_around_it(monkeypatch):
     assert isinstance(failure, WorkerFailure)
     assert str(failure) == ("worker 1 (pid 11 on 10.0.0.2) died: killed by SIGKILL (after which "
                             "worker 0 raised ConfigError: bad key)")
+    # JAX's distributed service ends worker 0 when frozen worker 1 sends no heartbeats
+    ended = ray.exceptions.RayActorError(error_msg="Worker exit detail: exit code 1. More.")
+    failure = _cause(monkeypatch, [(0, ended)], silent=[1])
+    assert str(failure) == (
+        "worker 1 (pid 11 on 10.0.0.2) stopped answering the driver (frozen, or its node is cut "
+        "off or lost) (after which worker 0 died: exit code 1)")
 
 
 def test_without_a_lost_peer_a_user_mistake_or_a_failing_save_ends_the_run(monkeypatch):
