@@ -111,3 +111,16 @@ def test_bad_input_is_one_line(overrides, message, capsys):
     if "fewest" in message:  # the fewest bytes reached, pipelined or not, over the budget
         reached = err[len(message):].split()
         assert int(reached[0]) > 1000 and reached[1] in ("(SPMD).", "(pipelined).")
+
+
+def test_a_plan_over_the_device_memory_says_so_in_one_line():
+    from parallel.report import Report
+
+    def report(nbytes):
+        return Report("zero3", {"data": 8}, nbytes, 0.0, {}, 1.0, 1.0, 1e-3, "h100", 0.0, 0.0,
+                      None, device_memory_bytes=80 * 2**30)
+
+    over = [line for line in report(1536 * 2**30).format().splitlines() if "DOES NOT FIT" in line]
+    assert over == ["  per-device memory   1,649,267,441,664 bytes  DOES NOT FIT: 1,536.0 GiB "
+                    "per device, the h100 has 80.0 GiB"]
+    assert "DOES NOT FIT" not in report(80 * 2**30).format()
