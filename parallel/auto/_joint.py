@@ -101,40 +101,53 @@ class AutoParallel(Method):
                          batch_argnums: Sequence[int], donate_argnums: Sequence[int],
                          devices: Sequence[jax.Device]):
         """The pipelined step when the search chose a pipeline; ``None`` for an SPMD plan
-        (``parallelize`` then asks ``make_plan``)."""
+        (``parallelize`` then asks ``make_plan``). With several processes, process 0 searches
+        alone and hands its choice to the others (as ``parallelize`` does with plans)."""
+        choice = _from_process_0(lambda: self._choose(fn, abstract_args, batch_argnums,
+                                                      donate_argnums, devices))
+        if choice["kind"] == "spmd":
+            return None
+        from parallel.pipeline._dp import StageLayout
+        from parallel.pipeline._method import PipeshardParallel
+
+        layout = StageLayout(choice["num_layers"], tuple(choice["starts"]),
+                             tuple(choice["sizes"]), tuple(choice["mesh_shapes"]),
+                             tuple(choice["stage_times_s"]), choice["cost_s"])
+        method = PipeshardParallel(choice["num_micro_batches"], stage_option=layout,
+                                   remat=choice["remat"], profile=self.device_profile(devices))
+        method.num_hosts, method.devices_per_host = self.num_hosts, self.devices_per_host
+        step = method.build_executable(fn, abstract_args, batch_argnums=batch_argnums,
+                                       donate_argnums=donate_argnums, devices=devices)
+        extras = step.plan.extras
+        extras["explanation"] = choice["explanation"] + "\n" + extras.get("explanation", "")
+        extras["planner"] = choice["planner"]
+        return step
+
+    def _choose(self, fn, abstract_args, batch_argnums, donate_argnums, devices) -> dict:
+        """The search's choice as JSON-friendly data; an SPMD plan is made (and checked on
+        XLA's compiled memory) here and kept for ``make_plan``."""
         decision = self.decide(fn, abstract_args, batch_argnums, donate_argnums, devices)
         if decision.pipeline is None:
-            from parallel._parallelize import _made_by_process_0
-
             key = self._key(fn, abstract_args, batch_argnums, donate_argnums, devices)
             try:  # the SPMD plan, checked on XLA's compiled memory: it may not fit after all
-                self._plans[key] = _made_by_process_0(lambda: self._spmd_plan(
-                    decision, fn, abstract_args, batch_argnums, donate_argnums, devices))
-                return None
+                self._plans[key] = self._spmd_plan(decision, fn, abstract_args, batch_argnums,
+                                                   donate_argnums, devices)
+                return {"kind": "spmd"}
             except MemoryBudgetError as error:
                 # Searched again without SPMD plans: micro-batches and pipelines.
                 decision = self.decide(fn, abstract_args, batch_argnums, donate_argnums,
                                        devices, spmd_refused=str(error))
                 if decision.pipeline is None:
                     raise
-        from parallel.pipeline._method import PipeshardParallel
-        from parallel.pipeline._dp import StageLayout
-
         chosen = decision.pipeline
-        layout = StageLayout(
-            decision.num_layers, tuple(s.first for s in chosen.stages),
-            tuple(s.devices for s in chosen.stages),
-            tuple({"data": s.mesh[0], "model": s.mesh[1]} for s in chosen.stages),
-            tuple(s.time_s for s in chosen.stages), chosen.step_time_s)
-        method = PipeshardParallel(chosen.num_micro_batches, stage_option=layout,
-                                   remat=chosen.remat, profile=self.device_profile(devices))
-        method.num_hosts, method.devices_per_host = self.num_hosts, self.devices_per_host
-        step = method.build_executable(fn, abstract_args, batch_argnums=batch_argnums,
-                                       donate_argnums=donate_argnums, devices=devices)
-        extras = step.plan.extras
-        extras["explanation"] = decision.explanation + "\n" + extras.get("explanation", "")
-        extras["planner"] = _stats(decision)
-        return step
+        return {"kind": "pipeline", "num_layers": decision.num_layers,
+                "starts": [s.first for s in chosen.stages],
+                "sizes": [s.devices for s in chosen.stages],
+                "mesh_shapes": [{"data": s.mesh[0], "model": s.mesh[1]} for s in chosen.stages],
+                "stage_times_s": [s.time_s for s in chosen.stages],
+                "cost_s": chosen.step_time_s, "num_micro_batches": chosen.num_micro_batches,
+                "remat": chosen.remat, "explanation": decision.explanation,
+                "planner": _stats(decision)}
 
     def make_plan(self, fn: Callable, abstract_args: Sequence[Any], *,
                   batch_argnums: Sequence[int], donate_argnums: Sequence[int],
@@ -436,6 +449,22 @@ def _stats(d: Decision) -> dict:
                            "layers": [[s.first, s.last] for s in p.stages],
                            "meshes": [list(s.mesh) for s in p.stages]} for p in d.pipelines],
             "chosen": "spmd" if d.pipeline is None else "pipeline"}
+
+
+def _from_process_0(make: Callable[[], dict]) -> dict:
+    """``make()`` (JSON-friendly) run by process 0 alone and handed to every process."""
+    if jax.process_count() == 1:
+        return make()
+    import json
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    text = json.dumps(make()).encode() if jax.process_index() == 0 else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(len(text))))
+    buffer = np.zeros(size, np.uint8)
+    buffer[:len(text)] = np.frombuffer(text, np.uint8)
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
 
 
 def _factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1, profile=None):
