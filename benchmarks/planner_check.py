@@ -5,7 +5,7 @@ hand pipelines, and how long the search took.
 
 Prints the planner's account, then the hand pipelines of 2, 4 and 8 stages (equal layer ranges,
 Megatron inside each stage: the model axis over a host's devices, the micro-batches the search
-used) priced on the same cost model, and one verdict line: whether the chosen plan's estimated
+used, rematerialized if they do not fit otherwise) priced on the same cost model, and one verdict line: whether the chosen plan's estimated
 step time is no worse than the best SPMD plan and every hand pipeline that fits. Nothing is
 allocated or compiled. Run it on an idle machine for the search time.
 """
@@ -52,9 +52,14 @@ def main(argv=None) -> int:
             if args.devices % stages or stages > layers or n % min(per_host, n):
                 continue
             model = min(per_host, n)
-            hand = found.best(stages, meshes=(n // model, model),
-                              starts=[k * layers // stages for k in range(stages)])
-            label = f"hand {stages} stages x {m} micro-batches (data {n // model} x model {model})"
+            starts = [k * layers // stages for k in range(stages)]
+            hand = remat = None
+            for remat in (False, True):  # rematerialized only when memory needs it
+                hand = found.best(stages, remat=remat, meshes=(n // model, model), starts=starts)
+                if hand is not None:
+                    break
+            label = (f"hand {stages} stages x {m} micro-batches (data {n // model} x model "
+                     f"{model}{', remat' if remat else ''})")
             if hand is None:
                 print(f"{label}: does not fit the budget")
             else:
