@@ -217,7 +217,8 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
       memory_budget_bytes: bytes per device every candidate must fit.
       num_micro_batches: ``1``: searched; more: only plans with that many micro-batches.
       max_stages: pipelines up to this many stages.
-      mesh_shape: SPMD plans on this mesh only, and no pipeline.
+      mesh_shape: SPMD plans on this mesh only; micro-batches and pipelines (which choose
+        their own sub-meshes) only when no plan on it fits.
       spmd_refused: no SPMD plan is searched, for this reason (the one the solver chose did
         not fit once compiled).
 
