@@ -15,20 +15,25 @@ import optax
 from flax import nnx
 import flax.linen as nn
 
+from trainer import _linen
 from trainer._errors import ConfigError, DataError, ModelError
 
 
-def as_nnx(model: Any, example_inputs) -> nnx.Module:
-    """Returns ``model`` as an NNX module; a linen module is wrapped and initialized lazily.
+def as_nnx(model: Any, key, loss_fn, example_batch) -> nnx.Module:
+    """Returns ``model`` as an NNX module; a linen module is wrapped (``_linen.LinenModule``)
+    and initialized with ``key`` by running ``loss_fn`` once on zeros like ``example_batch``.
 
     Raises:
-      ModelError: ``model`` is not a Flax module (a class, a tuple, a function...).
+      ModelError: ``model`` is not a Flax module (a class, a tuple, a function...), or a linen
+        module that ``loss_fn`` does not call.
     """
     if isinstance(model, nnx.Module):
         return model
     if isinstance(model, nn.Module):
-        wrapped = nnx.bridge.ToNNX(model, rngs=nnx.Rngs(0))
-        nnx.bridge.lazy_init(wrapped, example_inputs)
+        wrapped = _linen.wrap(model, key, loss_fn, example_batch)
+        if not jax.tree.leaves(nnx.state(wrapped)):
+            raise ModelError(f"the linen module {type(model).__name__} has no variables after "
+                             "loss_fn ran once to initialize it; loss_fn must call the model")
         return wrapped
     if isinstance(model, type):
         got = f"the class {model.__name__}"
@@ -74,7 +79,7 @@ class StepFunctions:
 
 
 def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedule,
-                        example_inputs, compute_dtype, grad_accum_steps: int) -> StepFunctions:
+                        example_batch, compute_dtype, grad_accum_steps: int) -> StepFunctions:
     """Builds init/train/eval functions from the Trainer's hooks.
 
     Args:
@@ -83,13 +88,14 @@ def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedu
       eval_metrics_fn: ``(model, batch) -> metrics``.
       optimizer: an optax transformation over the params.
       schedule: step -> learning rate, reported as a metric.
-      example_inputs: an array like one batch's inputs, for lazily initialized linen modules.
+      example_batch: a batch (arrays or ``jax.ShapeDtypeStruct``) the loss of a linen module
+        runs on once to initialize it; unused for NNX modules.
       compute_dtype: dtype the forward and backward passes run in; params stay float32.
       grad_accum_steps: micro-batches per step whose gradients are summed before the update.
     """
     def build(key):
         with nnx.use_eager_sharding(False):
-            return as_nnx(build_model(nnx.Rngs(key)), example_inputs)
+            return as_nnx(build_model(nnx.Rngs(key)), key, loss_fn, example_batch)
 
     try:
         abstract = nnx.eval_shape(lambda: build(jax.random.key(0)))
@@ -106,7 +112,7 @@ def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedu
             f"the model's state {what}, not an array; keep strings and other settings as plain "
             "attributes (not nnx.Variable), and numbers as jnp arrays") from None
     graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
-    model = abstract.module if isinstance(abstract, nnx.bridge.ToNNX) else abstract
+    model = abstract.to_nnx__module if isinstance(abstract, nnx.bridge.ToNNX) else abstract
 
     def init(key):
         init_key, rng = jax.random.split(key)
@@ -122,7 +128,8 @@ def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedu
 
     def loss_and_state(params, model_state, batch, rng):
         model = nnx.merge(graphdef, cast_floating(params, compute_dtype), model_state)
-        loss, metrics = loss_fn(model, batch, rng)
+        with _linen.calls(train=True, rng=rng):
+            loss, metrics = loss_fn(model, batch, rng)
         new_model_state = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
         loss, count = split_loss(loss)  # a (sum, count) loss: differentiate the sum
         return loss.astype(jnp.float32), (metrics, new_model_state, count)
@@ -174,7 +181,8 @@ def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedu
 
     def eval_step(state, batch):
         model = nnx.merge(graphdef, cast_floating(state["params"], compute_dtype), state["model_state"])
-        metrics = eval_metrics_fn(model, batch)  # a (sum, count) pair is a mean
+        with _linen.calls(train=False):
+            metrics = eval_metrics_fn(model, batch)  # a (sum, count) pair is a mean
         metrics = {k: v[0] / v[1] if isinstance(v, tuple) else v for k, v in metrics.items()}
         return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
@@ -186,7 +194,8 @@ def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedu
     def apply(state, inputs):
         model = nnx.merge(graphdef, cast_floating(state["params"], compute_dtype),
                           state["model_state"])
-        return forward(model, inputs, True)[0]
+        with _linen.calls(train=True, rng=state["rng"]):
+            return forward(model, inputs, True)[0]
 
     axes = {"step": None, "params": logical_axes_of(abstract_params), "opt_state": None,
             "model_state": None, "rng": None}

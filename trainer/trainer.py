@@ -192,7 +192,7 @@ class Trainer:
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
         self.fns = _steps.make_step_functions(
             self.build_model, self.loss_fn, self.eval_step, self.build_optimizer(), self.schedule,
-            _first_leaf(example.get("inputs", example))[:1], DTYPES[cfg.train.compute_dtype],
+            self.batch_spec, DTYPES[cfg.train.compute_dtype],
             cfg.train.grad_accum_steps)
         self.abstract_state = jax.eval_shape(self.fns.init, jax.random.key(cfg.train.seed))
         self._check_data(example)
@@ -469,10 +469,6 @@ class Trainer:
                     return None
             self._peak = get_profile(name, jax.device_count()).peak_flops_for(dtype)
         return self._peak
-
-
-def _first_leaf(tree):
-    return jax.tree.leaves(tree)[0]
 
 
 def _batch_spec(example: dict, batch_size: int, name: str) -> dict:
