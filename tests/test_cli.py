@@ -43,10 +43,14 @@ def test_invalid_yaml_through_a_subprocess(tmp_path):
     assert result.stderr.startswith("error: invalid YAML in") and "Traceback" not in result.stderr
 
 
-def test_tiny_gpt_trains_and_its_loss_falls(tmp_path):
+def test_tiny_gpt_trains_and_its_loss_falls(tmp_path, capsys):
     workdir = tmp_path / "run"
     assert train_script.main(["--config", "tiny/gpt.yaml", f"workdir={workdir}", "train.steps=40",
                               "train.checkpoint_every=0"]) == 0
+    out = capsys.readouterr()
+    sample = (out.out + out.err).split("sample:\n", 1)[1]  # printable: no raw control bytes
+    assert len(sample) >= 16 and not any(ord(c) < 32 and c not in "\n\t" or 127 <= ord(c) < 160
+                                         for c in sample)
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [l for l in lines if "loss" in l]
     assert [l["step"] for l in train] == [5, 10, 15, 20, 25, 30, 35, 40]

@@ -1,6 +1,8 @@
 """Autoregressive sampling for the end-of-training text sample (no KV cache: small models)."""
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,3 +33,15 @@ def generate(graphdef, state, prompt: np.ndarray, num_tokens: int, window: int,
         key, sub = jax.random.split(key)
         out.append(int(next_token(state["params"], state["model_state"], tokens, len(context) - 1, sub)))
     return np.asarray(out[len(prompt):])
+
+
+# C0 and C1 control characters and DEL, but tab and newline: what a terminal would act on
+# (escape sequences, carriage return, backspace, bell) rather than show.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to write to a terminal: control characters other than tab and newline
+    become U+FFFD (the replacement character)."""
+    return _CONTROL.sub("\ufffd", text)
+

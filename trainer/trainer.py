@@ -430,7 +430,7 @@ class Trainer:
         prompt = self.eval_set.batch(0, 1)["inputs"][0, : self.config.data.seq_len // 2]
         tokens = _sample.generate(self.fns.graphdef, self.state, prompt, num_tokens,
                                   self.config.data.seq_len, temperature, self.config.train.seed)
-        return _tokenizer.decode(self.config.data.tokenizer, tokens)
+        return _sample.printable(_tokenizer.decode(self.config.data.tokenizer, tokens))
 
     def num_params(self) -> int:
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.abstract_state["params"])))
