@@ -131,21 +131,29 @@ def rope_inverse_frequencies(head_dim: int, theta: float, rope_type: str = "defa
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def apply_rotary(x, inv_freq: np.ndarray, offset: int = 0):
+def apply_rotary(x, inv_freq, offset: int = 0):
     """Rotates ``x`` ``[B, T, heads, head_dim]`` by its positions ``offset .. offset + T - 1``.
 
     Hugging Face's layout ("rotate half"): dimension ``i`` pairs with ``i + head_dim / 2``.
-    The angles and the rotation are computed in float32; the result has ``x``'s dtype.
+    The rotation is computed in float32; the result has ``x``'s dtype. The angles
+    (``position * inv_freq`` in float32, as Hugging Face computes them) and their cosines and
+    sines are constants of the program when ``inv_freq`` is (a tuple, a numpy array or a concrete
+    JAX array): computed once on the host, not per element and per step on the device.
     """
-    t = x.shape[1]
-    positions = jnp.arange(offset, offset + t, dtype=jnp.float32)
-    angles = positions[:, None] * jnp.asarray(inv_freq)[None, :]  # (T, D/2)
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, None, :]  # (T, 1, D)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    t, half = x.shape[1], x.shape[-1] // 2
+    if isinstance(inv_freq, jax.core.Tracer):  # frequencies computed inside the program
+        positions = jnp.arange(offset, offset + t, dtype=jnp.float32)
+        angles = positions[:, None] * inv_freq.astype(jnp.float32)[None, :]  # (T, D/2)
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+    else:
+        positions = np.arange(offset, offset + t, dtype=np.float32)
+        angles = positions[:, None] * np.asarray(inv_freq, np.float32)[None, :]  # (T, D/2)
+        cos = jnp.asarray(np.cos(angles.astype(np.float64)), jnp.float32)
+        sin = jnp.asarray(np.sin(angles.astype(np.float64)), jnp.float32)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2)
     x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def causal_attention(q, k, v, window: Optional[int] = None, implementation: str = "auto"):

@@ -134,8 +134,7 @@ class CausalSelfAttention(nnx.Module):
             qkv = qkv + value(self.qkv_bias, self.dtype)[:, None, None]
         q, k, v = qkv[0], qkv[1], qkv[2]
         if self.inv_freq is not None:
-            inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-            q, k = _layers.apply_rotary(q, inv_freq), _layers.apply_rotary(k, inv_freq)
+            q, k = _layers.apply_rotary(q, self.inv_freq), _layers.apply_rotary(k, self.inv_freq)
         y = _layers.causal_attention(q, k, v)  # (B, T, N, D)
         y = jnp.einsum("btnd,nde->bte", y, value(self.out_kernel, self.dtype))  # (B, T, E)
         if self.out_bias is not None:

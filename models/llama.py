@@ -173,11 +173,10 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(d, config.norm_eps, pd, rngs, names=("kv",)) if norm else None
 
     def __call__(self, x):
-        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
         q = self._heads(x, self.q_kernel, self.q_bias, self.q_norm)  # (B, T, N, D)
         k = self._heads(x, self.k_kernel, self.k_bias, self.k_norm)  # (B, T, K, D)
         v = self._heads(x, self.v_kernel, self.v_bias, None)  # (B, T, K, D)
-        q, k = _layers.apply_rotary(q, inv_freq), _layers.apply_rotary(k, inv_freq)
+        q, k = _layers.apply_rotary(q, self.inv_freq), _layers.apply_rotary(k, self.inv_freq)
         y = _layers.causal_attention(q, k, v, self.window, self.implementation)  # (B, T, N, D)
         y = jnp.einsum("btnd,nde->bte", y, value(self.o_kernel, self.dtype))  # (B, T, E)
         if self.o_bias is not None:
