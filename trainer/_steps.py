@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable
 
@@ -78,6 +79,36 @@ class StepFunctions:
     unrolled_train_step: Callable
 
 
+def _build(build_model, loss_fn, example_batch, key) -> nnx.Module:
+    with nnx.use_eager_sharding(False):
+        return as_nnx(build_model(nnx.Rngs(key)), key, loss_fn, example_batch)
+
+
+def _abstract_model(build) -> nnx.Module:
+    """``build(key)`` with abstract arrays; a state leaf that is not an array is a ModelError."""
+    try:
+        return nnx.eval_shape(lambda: build(jax.random.key(0)))
+    except TypeError as e:
+        if "not a valid JAX type" not in str(e):
+            raise
+        # JAX names the leaf: "... returned a value of type <class 'str'> at output component
+        # .states[0]['tag'][0], which is not a valid JAX type"
+        found = re.search(r"of type <class '([\w.]+)'> at output component \.states\[0\](\S*?)"
+                          r"(\[0\])?,", str(e))
+        what = (f"leaf {found.group(2)} holds a {found.group(1)}" if found else
+                f"holds a leaf that is not an array ({_first_line(e)})")
+        raise ModelError(
+            f"the model's state {what}, not an array; keep strings and other settings as plain "
+            "attributes (not nnx.Variable), and numbers as jnp arrays") from None
+
+
+def param_axes(build_model, loss_fn, example_batch):
+    """The logical axis names of the params ``build_model`` makes (see ``logical_axes_of``),
+    from an abstract build: nothing is allocated."""
+    abstract = _abstract_model(functools.partial(_build, build_model, loss_fn, example_batch))
+    return logical_axes_of(nnx.state(abstract, nnx.Param))
+
+
 def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedule,
                         example_batch, compute_dtype, grad_accum_steps: int) -> StepFunctions:
     """Builds init/train/eval functions from the Trainer's hooks.
@@ -93,24 +124,8 @@ def make_step_functions(build_model, loss_fn, eval_metrics_fn, optimizer, schedu
       compute_dtype: dtype the forward and backward passes run in; params stay float32.
       grad_accum_steps: micro-batches per step whose gradients are summed before the update.
     """
-    def build(key):
-        with nnx.use_eager_sharding(False):
-            return as_nnx(build_model(nnx.Rngs(key)), key, loss_fn, example_batch)
-
-    try:
-        abstract = nnx.eval_shape(lambda: build(jax.random.key(0)))
-    except TypeError as e:
-        if "not a valid JAX type" not in str(e):
-            raise
-        # JAX names the leaf: "... returned a value of type <class 'str'> at output component
-        # .states[0]['tag'][0], which is not a valid JAX type"
-        found = re.search(r"of type <class '([\w.]+)'> at output component \.states\[0\](\S*?)"
-                          r"(\[0\])?,", str(e))
-        what = (f"leaf {found.group(2)} holds a {found.group(1)}" if found else
-                f"holds a leaf that is not an array ({_first_line(e)})")
-        raise ModelError(
-            f"the model's state {what}, not an array; keep strings and other settings as plain "
-            "attributes (not nnx.Variable), and numbers as jnp arrays") from None
+    build = functools.partial(_build, build_model, loss_fn, example_batch)
+    abstract = _abstract_model(build)
     graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
     model = abstract.to_nnx__module if isinstance(abstract, nnx.bridge.ToNNX) else abstract
 

@@ -63,8 +63,9 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    name: str = "adamw"  # adamw | adam | sgd | momentum | lion
+    name: str = "adamw"  # adamw | adam | sgd | momentum | lion | muon
     learning_rate: float = 3e-3
+    adam_learning_rate: Optional[float] = None  # muon: of the non-matrix params; None: learning_rate
     schedule: str = "cosine"  # constant | cosine | linear
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
@@ -164,7 +165,7 @@ _SECTIONS = {
 }
 _CHOICES = {
     ("data", "source"): ("stdlib", "text", "tokens", "synthetic"),
-    ("optimizer", "name"): ("adamw", "adam", "sgd", "momentum", "lion"),
+    ("optimizer", "name"): ("adamw", "adam", "sgd", "momentum", "lion", "muon"),
     ("optimizer", "schedule"): ("constant", "cosine", "linear"),
     ("train", "compute_dtype"): ("float32", "bfloat16", "float16"),
     ("parallel", "method"): ("auto", "data", "zero2", "zero3", "manual", "shard", "pipeshard"),
@@ -183,6 +184,7 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     ("optimizer", "learning_rate"),  # 0: the params stay as they are (an evaluation run)
+    ("optimizer", "adam_learning_rate"),
     ("optimizer", "warmup_steps"), ("optimizer", "weight_decay"), ("optimizer", "min_lr_ratio"),
     ("train", "eval_every"), ("train", "checkpoint_every"), ("train", "sample_tokens"),
     ("data", "eval_fraction"), ("cluster", "gpus_per_host"), ("cluster", "max_restarts"),
@@ -369,6 +371,10 @@ def _check_relations(config: Config) -> None:
             f"({train.grad_accum_steps}); change one of them"
         )
     _check_pipeline(config)
+    opt = config.optimizer
+    if opt.adam_learning_rate is not None and opt.name != "muon":
+        raise ConfigError(f"optimizer.adam_learning_rate only applies to optimizer.name=muon (got "
+                          f"{opt.name}); drop it or use optimizer.learning_rate")
     if not 0 <= config.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {config.data.eval_fraction}")
     block_size = config.model.options.get("block_size")

@@ -96,7 +96,11 @@ class Trainer:
         return {"loss": loss, **metrics}
 
     def build_optimizer(self) -> optax.GradientTransformation:
-        return build_optimizer(self.config.optimizer, self.config.train.steps)
+        """The config's optimizer; ``muon`` finds its matrices by the params' logical axes."""
+        opt = self.config.optimizer
+        axes = (_steps.param_axes(self.build_model, self.loss_fn, getattr(self, "batch_spec", None))
+                if opt.name == "muon" else None)
+        return build_optimizer(opt, self.config.train.steps, axes)
 
     def train_data(self):
         """An object with ``batch(index, batch_size) -> dict of numpy arrays``.
