@@ -131,3 +131,17 @@ def test_modern_counts_and_names():
 def test_bad_options_name_the_key(options, message):
     with pytest.raises(ValueError, match=message):
         models.make_config("gpt", dict(MODERN, **options))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(MODERN, use_bias=True), "a GPT with position=rotary has no Hugging Face GPT-2 equivalent"),
+    (dict(MODERN, use_bias=True, position="learned"),
+     "a GPT with norm=rmsnorm has no Hugging Face GPT-2 equivalent"),
+    (dict(MODERN, use_bias=True, position="learned", norm="layernorm"),
+     "a GPT with activation=swiglu has no Hugging Face GPT-2 equivalent"),
+])
+def test_export_refuses_what_gpt2_cannot_express(options, message):
+    import models.hf
+
+    with pytest.raises(models.hf.HFError, match=message):
+        models.hf.hf_config("gpt", models.make_config("gpt", options))

@@ -258,6 +258,13 @@ def _gpt2_json(config, dtype: str) -> dict:
     inverse = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
     if not config.use_bias:
         raise HFError("a GPT without biases (use_bias=false) has no Hugging Face GPT-2 equivalent")
+    for key, gpt2 in (("position", "learned"), ("norm", "layernorm")):
+        if getattr(config, key) != gpt2:
+            raise HFError(f"a GPT with {key}={getattr(config, key)} has no Hugging Face GPT-2 "
+                          f"equivalent (GPT-2 has {key}={gpt2})")
+    if config.activation not in inverse:
+        raise HFError(f"a GPT with activation={config.activation} has no Hugging Face GPT-2 "
+                      f"equivalent (GPT-2's are {', '.join(inverse)})")
     return dict(architectures=[ARCHITECTURES["gpt2"]], model_type="gpt2",
                 vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.hidden_size,
                 n_layer=config.num_layers, n_head=config.num_heads,
