@@ -12,12 +12,12 @@ import pytest
 from parallel._roles import STATE, find_roles
 from trainer import Callback, ModelError, Trainer, load_config
 
-STEPS, BATCH = 6, 16
+STEPS, BATCH = 3, 16
 
 
 class CNN(nn.Module):
     @nn.compact
-    def __call__(self, x, train: bool):  # (B, 8, 8, 3) -> (B, 4)
+    def __call__(self, x, train: bool):  # (B, 8, 8, 1) -> (B, 2)
         x = nn.Conv(8, (3, 3), use_bias=False)(x)  # (B, 8, 8, 8); a bias would be cancelled by BN
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
         x = nn.relu(x).mean(axis=(1, 2))  # (B, 8)
@@ -27,7 +27,7 @@ class CNN(nn.Module):
             if not self.is_initializing():
                 calls.value += 1
         x = nn.Dropout(0.5, deterministic=not train)(x)
-        return nn.Dense(4)(x)
+        return nn.Dense(2)(x)
 
 
 class Images:
@@ -36,7 +36,7 @@ class Images:
 
     def batch(self, index, batch_size):
         rng = np.random.default_rng([self.seed, index])
-        x = rng.normal(size=(batch_size, 8, 8, 3)).astype(np.float32) + 0.5
+        x = rng.normal(size=(batch_size, 8, 8, 1)).astype(np.float32) + 0.5
         return {"image": x, "label": (x.mean(axis=(1, 2, 3)) > 0.5).astype(np.int32)}
 
 
@@ -71,11 +71,15 @@ class CNNTrainer(Trainer):
     def flops_per_step(self):  # no mfu: spares lowering the step once more
         return None
 
+    def save(self, step, metrics):  # only the zero3 run's checkpoint is read (saves compile slices)
+        if self.config.parallel.method == "zero3":
+            super().save(step, metrics)
+
 
 def make(workdir, method, *extra):
     trainer = CNNTrainer(load_config("tiny/custom.yaml", [
         f"workdir={workdir}", f"parallel.method={method}", f"train.steps={STEPS}",
-        f"train.batch_size={BATCH}", "train.log_every=3",
+        f"train.batch_size={BATCH}", f"train.log_every={STEPS}",
         "train.eval_batches=2", *extra]))
     trainer.recorder = Recorder()
     return trainer
@@ -98,7 +102,7 @@ def reference(runs):
     trainer = runs["data"]
     module, tx = CNN(), trainer.build_optimizer()
     init_key, rng = jax.random.split(jax.random.key(trainer.config.train.seed))
-    variables = module.init({"params": init_key}, jnp.zeros((BATCH, 8, 8, 3)), train=True)
+    variables = module.init({"params": init_key}, jnp.zeros((BATCH, 8, 8, 1)), train=True)
     variables = {k: v for k, v in variables.items() if k != "intermediates"}
     params, opt_state = variables["params"], tx.init(variables["params"])
     state = {k: v for k, v in variables.items() if k != "params"}
@@ -144,7 +148,7 @@ def test_training_equals_plain_flax_and_updates_running_statistics(runs, referen
     final = jax.device_get(trainer.state)
     assert int(final["model_state"]["calls"]) == STEPS
     stats, expected = final["model_state"]["BatchNorm_0"], reference["state"]["batch_stats"]["BatchNorm_0"]
-    assert np.abs(stats["mean"]).max() > 0.05  # moved from 0 by 6 updates with momentum 0.9
+    assert np.abs(stats["mean"]).max() > 0.05  # moved from 0 by 3 updates with momentum 0.9
     np.testing.assert_allclose(stats["mean"], expected["mean"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats["var"], expected["var"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(final["params"]), jax.tree.leaves(reference["params"])):

@@ -76,9 +76,8 @@ def llama_with_the_weights_of(gpt):
     return nnx.merge(graphdef, params, rest)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_rotary_rmsnorm_swiglu_gpt_equals_llama_with_its_weights(tie):
-    gpt = random_model("gpt", dict(MODERN, tie_embeddings=tie))
+def test_rotary_rmsnorm_swiglu_gpt_equals_llama_with_its_weights():
+    gpt = random_model("gpt", dict(MODERN, tie_embeddings=False))  # untied: the head maps too
     tokens = np.random.default_rng(3).integers(0, 50, size=(2, 16)).astype(np.int32)
     expected = np.asarray(call(llama_with_the_weights_of(gpt), tokens))
     logits = np.asarray(call(gpt, tokens))
