@@ -49,6 +49,9 @@ class MoEConfig(gpt.GPTConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.activation == "swiglu":
+            raise ValueError("activation must be one of " + ", ".join(_layers.ACTIVATIONS)
+                             + " for moe (its experts are two-matrix MLPs); got 'swiglu'")
         _layers.check_positive(num_experts=self.num_experts, expert_group_size=self.expert_group_size,
                                capacity_factor=self.capacity_factor, moe_every=self.moe_every)
         if self.num_experts < 2:

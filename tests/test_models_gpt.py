@@ -132,6 +132,12 @@ def test_bad_options_name_the_key(options, message):
         models.make_config("gpt", dict(MODERN, **options))
 
 
+def test_moe_refuses_swiglu_experts():
+    with pytest.raises(ValueError, match="activation must be one of gelu_tanh, gelu, relu, silu for "
+                                         "moe .its experts are two-matrix MLPs.; got 'swiglu'"):
+        models.make_config("moe", dict(activation="swiglu"))
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(MODERN, use_bias=True), "a GPT with position=rotary has no Hugging Face GPT-2 equivalent"),
     (dict(MODERN, use_bias=True, position="learned"),
