@@ -116,8 +116,8 @@ class CausalSelfAttention(nnx.Module):
         e, n = config.hidden_size, config.num_heads
         d = e // n
         pd = _layers.DTYPES[config.param_dtype]
-        normal = nnx.initializers.normal(config.init_std)
-        out_normal = nnx.initializers.normal(config.init_std / math.sqrt(2 * config.num_layers))
+        normal = _layers.normal(config.init_std)
+        out_normal = _layers.normal(config.init_std / math.sqrt(2 * config.num_layers))
         self.dtype = _layers.to_dtype(config.dtype)
         self.qkv_kernel = param(rngs, normal, (e, 3, n, d), ("embed", None, "heads", "kv"), pd)
         self.out_kernel = param(rngs, out_normal, (n, d, e), ("heads", "kv", "embed"), pd)
@@ -150,8 +150,8 @@ class Mlp(nnx.Module):
         pd = _layers.DTYPES[config.param_dtype]
         self.dtype = _layers.to_dtype(config.dtype)
         self.act = _layers.ACTIVATIONS[config.activation]
-        normal = nnx.initializers.normal(config.init_std)
-        out_normal = nnx.initializers.normal(config.init_std / math.sqrt(2 * config.num_layers))
+        normal = _layers.normal(config.init_std)
+        out_normal = _layers.normal(config.init_std / math.sqrt(2 * config.num_layers))
         self.fc_kernel = param(rngs, normal, (e, m), ("embed", "mlp"), pd)
         self.proj_kernel = param(rngs, out_normal, (m, e), ("mlp", "embed"), pd)
         bias = config.use_bias
@@ -201,7 +201,7 @@ class GPT(nnx.Module):
         e = config.hidden_size
         self.config = config
         self.dtype = _layers.to_dtype(config.dtype)
-        normal = nnx.initializers.normal(config.init_std)
+        normal = _layers.normal(config.init_std)
         self.wte = param(rngs, normal, (config.vocab_size, e), ("vocab", "embed"), pd)
         self.wpe = (param(rngs, normal, (config.block_size, e), (None, "embed"), pd)
                     if config.position == "learned" else None)

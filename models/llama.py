@@ -152,8 +152,8 @@ class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, layer: int, rngs: nnx.Rngs):
         e, n, k, d = config.hidden_size, config.num_heads, config.kv_heads, config.heads_dim
         pd = _layers.DTYPES[config.param_dtype]
-        normal = nnx.initializers.normal(config.init_std)
-        out_normal = nnx.initializers.normal(config.init_std / math.sqrt(2 * config.num_layers))
+        normal = _layers.normal(config.init_std)
+        out_normal = _layers.normal(config.init_std / math.sqrt(2 * config.num_layers))
         zeros = nnx.initializers.zeros
         self.dtype = _layers.to_dtype(config.dtype)
         self.window = config.window(layer)
@@ -216,7 +216,7 @@ class Llama(nnx.Module):
         e = config.hidden_size
         self.config = config
         self.dtype = _layers.to_dtype(config.dtype)
-        normal = nnx.initializers.normal(config.init_std)
+        normal = _layers.normal(config.init_std)
         self.embed = param(rngs, normal, (config.vocab_size, e), ("vocab", "embed"), pd)
         self.blocks = nnx.List([Block(config, i, rngs) for i in range(config.num_layers)])
         self.norm = RMSNorm(e, config.norm_eps, pd, rngs)

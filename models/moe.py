@@ -120,8 +120,8 @@ class MoEMlp(nnx.Module):
         self.config = config
         self.dtype = _layers.to_dtype(config.dtype)
         self.act = _layers.ACTIVATIONS[config.activation]
-        normal = nnx.initializers.normal(config.init_std)
-        out_normal = nnx.initializers.normal(config.init_std / math.sqrt(2 * config.num_layers))
+        normal = _layers.normal(config.init_std)
+        out_normal = _layers.normal(config.init_std / math.sqrt(2 * config.num_layers))
         zeros = nnx.initializers.zeros
         self.router = param(rngs, normal, (e, x), ("embed", None), pd)
         self.wi = param(rngs, normal, (x, e, m), ("expert", "embed", "mlp"), pd)

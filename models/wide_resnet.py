@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Optional
 
 import jax
@@ -72,14 +73,23 @@ class WideResNetConfig:
             _layers.check_choice("dtype", self.dtype, _layers.DTYPES)
 
 
+def he_normal_fan_out(key, shape, dtype=jnp.float32):
+    """``variance_scaling(2.0, "fan_out", "normal")`` of a kernel ``(kh, kw, c_in, c_out)``: normal
+    with variance ``2 / (kh * kw * c_out)``, the same values drawn as one flat vector and reshaped
+    (see ``_layers.normal``: the tiny Wide-ResNet's initialization compiled in 30 s of CPU with
+    4-D draws, 10 s flat)."""
+    fan_out = math.prod(shape[:-2]) * shape[-1]
+    std = jnp.sqrt(jnp.array(2.0 / fan_out, dtype))  # as variance_scaling computes it
+    return (jax.random.normal(key, (math.prod(shape),), dtype) * std).reshape(shape)
+
+
 class Conv(nnx.Module):
     """2-D convolution without bias, NHWC, 'SAME'-style symmetric padding."""
 
     def __init__(self, c_in: int, c_out: int, size: int, stride: int, config, rngs: nnx.Rngs):
         self.stride, self.dtype = stride, _layers.to_dtype(config.dtype)
-        init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
-        self.kernel = param(rngs, init, (size, size, c_in, c_out), (None, None, "conv_in", "conv_out"),
-                            _layers.DTYPES[config.param_dtype])
+        self.kernel = param(rngs, he_normal_fan_out, (size, size, c_in, c_out),
+                            (None, None, "conv_in", "conv_out"), _layers.DTYPES[config.param_dtype])
 
     def __call__(self, x):
         pad = (self.kernel.shape[0] - 1) // 2
