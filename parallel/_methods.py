@@ -64,6 +64,9 @@ class Method:
     # host per process). ``make_method`` sets them from the config's ``cluster`` section.
     num_hosts: int | None = None
     devices_per_host: int | None = None
+    # Per-device bytes the plan's arguments may take (``parallel.memory_budget_bytes``);
+    # ``None``: no limit. Fixed layouts are checked in ``make_plan``.
+    memory_budget_bytes: float | None = None
 
     def __init__(self, mesh: Mapping[str, int] | None = None):
         self.mesh = dict(mesh) if mesh is not None else None
@@ -133,8 +136,27 @@ class Method:
 
             inputs.append(make_leaf_plans(arg, spec_fn))
         outputs = plan_outputs(fn, abstract_args, inputs, donate_argnums)
-        return Plan(self.name, mesh_shape, tuple(inputs), outputs,
+        plan = Plan(self.name, mesh_shape, tuple(inputs), outputs,
                     batch_argnums=tuple(batch_argnums), donate_argnums=tuple(donate_argnums))
+        self.check_budget(plan)
+        return plan
+
+    def check_budget(self, plan: Plan) -> None:
+        """Refuses a plan whose arguments alone (state and batch, laid out as it says) take
+        more bytes per device than ``memory_budget_bytes``.
+
+        Raises:
+          PlanError: naming the bytes, the budget and the methods that split the state.
+        """
+        if self.memory_budget_bytes is None:
+            return
+        needed = sum(leaf.bytes_per_device(plan.mesh_shape) for arg in plan.inputs for leaf in arg)
+        if needed > self.memory_budget_bytes:
+            raise PlanError(
+                f"method {self.name!r} needs {needed:,} bytes per device for the step's "
+                f"arguments alone (state and batch as it lays them out), over "
+                f"parallel.memory_budget_bytes={int(self.memory_budget_bytes):,}; use a method "
+                f"that splits the state (zero3, shard, pipeshard) or a larger budget")
 
     def prepare(self, abstract_args: Sequence[Any], mesh_shape: dict[str, int],
                 logical_axes: Sequence[Any] | None, roles: Roles) -> Any:
@@ -298,6 +320,7 @@ def make_method(
     stages: int | str | None = None,
     schedule: str | None = None,
     remat: bool = False,
+    virtual_stages: int = 1,
     num_hosts: int | None = None,
     devices_per_host: int | None = None,
 ) -> Method:
@@ -315,6 +338,7 @@ def make_method(
       stages, schedule, remat: pipeline options (``"auto"`` or a number of stages, ``"1f1b"``
         or ``"gpipe"``, recompute forwards in the backward); pipeline methods only, passed
         only when set.
+      virtual_stages: model chunks per stage (interleaved 1F1B; pipeline methods only).
       num_hosts, devices_per_host: the cluster's topology (``cluster.num_hosts``...); ``None``:
         one host per process, as JAX sees the devices.
 
@@ -329,6 +353,8 @@ def make_method(
     extra = {} if profile is None else {"profile": profile}
     pipeline = {k: v for k, v in (("stages", stages), ("schedule", schedule), ("remat", remat))
                 if v not in (None, False)}
+    if virtual_stages != 1:
+        pipeline["virtual_stages"] = virtual_stages
     if pipeline and not getattr(_REGISTRY[name], "pipeline", False):
         given = ", ".join(f"parallel.{k}={v}" for k, v in pipeline.items())
         raise PlanError(f"{given} only apply to pipeline methods ('pipeshard'); method {name!r} "
@@ -352,11 +378,9 @@ def _placement_factory(cls: type[Method], name: str) -> Callable[..., Method]:
             raise PlanError(f"parallel.num_micro_batches={num_micro_batches} applies to "
                              f"pipeline methods; method {name!r} runs the whole batch at once. "
                              f"Use train.grad_accum_steps for accumulation, or set it to 1")
-        if memory_budget_bytes is not None:
-            warn_once(f"method {name!r} does not search plans, so parallel.memory_budget_bytes="
-                      f"{memory_budget_bytes} is not enforced; use method 'shard' to plan "
-                      f"within a budget")
-        return cls(mesh=mesh)
+        method = cls(mesh=mesh)
+        method.memory_budget_bytes = memory_budget_bytes  # checked against the fixed layout
+        return method
 
     return factory
 

@@ -295,7 +295,9 @@ class FollowPlan(Method):
 
     For a companion of a train step taking the same arguments, such as an eval step
     ``(state, batch) -> metrics``: the state stays where training keeps it and only the batch
-    is placed. Outputs mirroring an argument take its specs; others are replicated.
+    is placed. Outputs mirroring an argument take its specs; others are replicated. A
+    pipelined step's companion runs on the pipeline's stages (forward only, micro-batch by
+    micro-batch; ``PipelinedStep.follow``).
 
     Args:
       step: the ``ParallelStep`` whose plan (for the same abstract arguments) is followed.
@@ -310,11 +312,20 @@ class FollowPlan(Method):
     def __repr__(self) -> str:
         return f"FollowPlan({self.step!r})"
 
+    def build_executable(self, fn, abstract_args, *, batch_argnums, donate_argnums, devices):
+        """A followed pipeline runs ``fn`` on its stages (``None``: follow the plan as data)."""
+        del devices
+        followed = self.step._entry(abstract_args).compiled
+        if not hasattr(followed, "follow"):
+            return None
+        return followed.follow(fn, abstract_args, batch_argnums=batch_argnums,
+                               donate_argnums=donate_argnums)
+
     def make_plan(self, fn, abstract_args, *, batch_argnums, donate_argnums, devices,
                   logical_axes) -> Plan:
         source = self.step.plan(*abstract_args)
-        if "stages" in source.extras:  # a pipeline (method "auto" may choose one): as pipeshard's
-            return DataParallel().make_plan(  # evaluation runs today, data parallel
+        if "stages" in source.extras:  # a pipeline whose step build_executable did not
+            return DataParallel().make_plan(  # follow: data parallel (else: on its stages)
                 fn, abstract_args, batch_argnums=batch_argnums, donate_argnums=donate_argnums,
                 devices=devices, logical_axes=logical_axes)
         del logical_axes

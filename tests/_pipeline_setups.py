@@ -18,16 +18,16 @@ PROFILE = parallel.DeviceProfile(
 VOCAB, SEQ, WIDTH, DEPTH = 32, 8, 16, 4
 
 
-def gpt_init(key):
+def gpt_init(key, width: int = WIDTH):
     keys = jax.random.split(key, 2 + DEPTH)
 
     def normal(k, i, shape):
         return jax.random.normal(jax.random.fold_in(k, i), shape) * 0.1
 
-    blocks = [{"qkv": normal(k, 0, (WIDTH, 3 * WIDTH)), "out": normal(k, 1, (WIDTH, WIDTH)),
-               "up": normal(k, 2, (WIDTH, 4 * WIDTH)), "down": normal(k, 3, (4 * WIDTH, WIDTH)),
-               "scale": jnp.ones((WIDTH,))} for k in keys[2:]]
-    return {"embed": normal(keys[0], 0, (VOCAB, WIDTH)), "pos": normal(keys[1], 0, (SEQ, WIDTH)),
+    blocks = [{"qkv": normal(k, 0, (width, 3 * width)), "out": normal(k, 1, (width, width)),
+               "up": normal(k, 2, (width, 4 * width)), "down": normal(k, 3, (4 * width, width)),
+               "scale": jnp.ones((width,))} for k in keys[2:]]
+    return {"embed": normal(keys[0], 0, (VOCAB, width)), "pos": normal(keys[1], 0, (SEQ, width)),
             "blocks": blocks}
 
 
@@ -37,7 +37,7 @@ def _norm(x, scale):
 
 def _block(p, x):  # x: (B, T, C)
     q, k, v = jnp.split(_norm(x, p["scale"]) @ p["qkv"], 3, -1)
-    att = jnp.einsum("btc,bsc->bts", q, k) / np.sqrt(WIDTH)
+    att = jnp.einsum("btc,bsc->bts", q, k) / np.sqrt(x.shape[-1])
     att = jnp.where(jnp.tril(jnp.ones((SEQ, SEQ), bool)), att, -1e9)
     x = x + jax.nn.softmax(att) @ v @ p["out"]
     return x + jax.nn.gelu(_norm(x, p["scale"]) @ p["up"]) @ p["down"]
@@ -67,8 +67,8 @@ def gpt_step(markers: bool):
     return step
 
 
-def gpt_state(key):
-    weights = gpt_init(key)
+def gpt_state(key, width: int = WIDTH):
+    weights = gpt_init(key, width)
     return {"weights": weights, "moments": OPTIMIZER.init(weights),
             "count": jnp.zeros((), jnp.int32)}
 

@@ -53,6 +53,8 @@ def test_pipeshard_trains_like_data_and_resumes_on_any_plan(tmp_path, data_losse
      "parallel.stages only apply to parallel.method=pipeshard"),
     (["parallel.method=pipeshard", "parallel.stages=16"],
      "stage_option=16 stages but only 8 devices"),
+    (["parallel.method=pipeshard", "parallel.stages=2", "parallel.virtual_stages=2"],
+     "virtual_stages=2 needs schedule='interleaved'"),
 ])
 def test_bad_pipeline_options_exit_2(tmp_path, capsys, extra, message):
     assert _train(tmp_path / "bad", 1, *extra) == 2

@@ -106,7 +106,8 @@ class ParallelConfig:
     memory_budget_bytes: Optional[int] = None
     profile: Optional[str] = None  # the device plans are made for: cpu | h100 | a100 | v100
     stages: Any = None  # pipeshard: "auto" (default) or a number of stages
-    schedule: Optional[str] = None  # pipeshard: 1f1b (default) | gpipe
+    schedule: Optional[str] = None  # pipeshard: 1f1b (default) | gpipe | interleaved
+    virtual_stages: int = 1  # pipeshard, schedule=interleaved: model chunks per stage (>= 2)
     remat: bool = False  # pipeshard: recompute each stage's forward in its backward
 
 
@@ -170,7 +171,7 @@ _CHOICES = {
     ("train", "compute_dtype"): ("float32", "bfloat16", "float16"),
     ("parallel", "method"): ("auto", "data", "zero2", "zero3", "manual", "shard", "pipeshard"),
     ("parallel", "profile"): ("cpu", *sorted(PUBLISHED)),
-    ("parallel", "schedule"): ("1f1b", "gpipe"),
+    ("parallel", "schedule"): ("1f1b", "gpipe", "interleaved"),
 }
 _POSITIVE = {
     ("data", "seq_len"), ("data", "image_size"), ("data", "num_classes"), ("data", "max_bytes"),
@@ -458,9 +459,13 @@ def _check_pipeline(config: Config) -> None:
             not isinstance(stages, int) or isinstance(stages, bool) or stages < 1):
         raise ConfigError(f"parallel.stages must be 'auto' or a positive number of stages, got "
                           f"{stages!r}")
+    v = par.virtual_stages
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"parallel.virtual_stages must be a positive integer, got {v!r}")
     if par.method != "pipeshard":
         given = [f"parallel.{k}" for k in ("stages", "schedule") if getattr(par, k) is not None]
         given += ["parallel.remat"] if par.remat else []
+        given += ["parallel.virtual_stages"] if v != 1 else []
         if given:
             raise ConfigError(f"{', '.join(given)} only apply to parallel.method=pipeshard (got "
                               f"{par.method}); drop them or set parallel.method=pipeshard")

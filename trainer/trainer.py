@@ -205,18 +205,16 @@ class Trainer:
             memory_budget_bytes=cfg.parallel.memory_budget_bytes,
             num_micro_batches=cfg.parallel.num_micro_batches, profile=cfg.parallel.profile,
             stages=cfg.parallel.stages, schedule=cfg.parallel.schedule, remat=cfg.parallel.remat,
+            virtual_stages=cfg.parallel.virtual_stages,
             num_hosts=cfg.cluster.num_hosts, devices_per_host=cfg.cluster.devices_per_host)
         # Only rule-based methods read the models' logical axis names.
         axes = (self.fns.logical_axes, None) if cfg.parallel.method == "manual" else None
         self.step_fn = parallel.parallelize(
             self.fns.train_step, method=method, batch_argnums=(1,), donate_argnums=(0,),
             logical_axes=axes)
-        # Eval runs on the train step's plan: the state stays where training keeps it. A
-        # pipeline runs training steps; evaluation (no backward) runs data parallel.
-        eval_method = (parallel.DataParallel() if cfg.parallel.method == "pipeshard"
-                       else parallel.FollowPlan(self.step_fn))
-        self.eval_fn = parallel.parallelize(
-            self.fns.eval_step, method=eval_method, batch_argnums=(1,), donate_argnums=())
+        # Eval runs on the train step's plan (a pipeline's stages): the state stays put.
+        self.eval_fn = parallel.parallelize(self.fns.eval_step, method=parallel.FollowPlan(
+            self.step_fn), batch_argnums=(1,), donate_argnums=())
         self._reuse_saved_plan()
         self.plan = self.step_fn.plan(self.abstract_state, self.batch_spec)
         if jax.process_count() > 1:  # each process builds only the rows its devices hold

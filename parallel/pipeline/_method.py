@@ -16,7 +16,8 @@ from parallel.pipeline._intra import stage_plan
 from parallel.pipeline._regions import split_regions
 from parallel.pipeline._runtime import StageRunner
 from parallel.pipeline._schedule import SCHEDULES
-from parallel.pipeline._stages import backward_flags, balanced_stages, find_layers, place
+from parallel.pipeline._stages import (backward_flags, balanced_stages, find_layers, place,
+                                      virtual_stage_starts)
 from parallel.pipeline._step import PipelinedStep
 from parallel.pipeline._trace import trace_step
 from parallel.profiles import DeviceProfile, resolve_profile
@@ -43,8 +44,9 @@ class PipeshardParallel(Method):
       stage_option: ``"auto"``: the number of stages, the layers of each and each stage's number
         of devices by dynamic programming over Alpa's latency objective; an int ``N``: ``N``
         stages of ``devices / N`` devices with balanced FLOPs.
-      schedule: ``"1f1b"`` (at most ``S - s`` micro-batches alive on stage ``s``) or
-        ``"gpipe"`` (all forwards, then all backwards).
+      schedule: ``"1f1b"`` (at most ``S - s`` micro-batches alive on stage ``s``),
+        ``"gpipe"`` (all forwards, then all backwards) or ``"interleaved"`` (1F1B over
+        ``virtual_stages`` model chunks per stage: bubble ``(S - 1) / (v M + S - 1)``).
       layers: how many layers to cut the forward into when it has no
         ``mark_pipeline_boundary``; ``None``: the number of stages (int option) or 8 (auto).
       intra_op: ``"solver"``: each stage's sub-mesh shape (``data`` x ``model``) and parameter
@@ -55,6 +57,12 @@ class PipeshardParallel(Method):
         activation.
       mesh: must be ``None``; stages pick their own sub-meshes.
       profile: device profile the automatic stages are priced with; ``None``: the running device.
+      virtual_stages: model chunks per stage (``v``) with ``schedule="interleaved"``: the
+        layers are cut into ``S * v`` equal groups, group ``k`` on stage ``k % S``; needs an
+        int ``stage_option`` and layers dividing into ``S * v``.
+      memory_budget_bytes: per-device limit; a stage split whose most loaded device needs more
+        (``parallel.pipeline._memory``: state, accumulators, batch, in-flight activations and
+        XLA's temporaries of its programs) is refused with a ``PlanError``.
     """
 
     name = "pipeshard"
@@ -62,7 +70,8 @@ class PipeshardParallel(Method):
     def __init__(self, num_micro_batches: int = 1, stage_option: int | str = "auto",
                  schedule: str = "1f1b", layers: int | None = None, remat: bool = False,
                  intra_op: str = "solver", mesh: Mapping[str, int] | None = None,
-                 profile: str | DeviceProfile | None = None):
+                 profile: str | DeviceProfile | None = None,
+                 memory_budget_bytes: float | None = None, virtual_stages: int = 1):
         super().__init__(None)
         if mesh is not None:
             raise PlanError(f"parallel.mesh={dict(mesh)} does not apply to method 'pipeshard': "
@@ -77,6 +86,20 @@ class PipeshardParallel(Method):
                 or isinstance(stage_option, _dp.StageLayout)):
             raise PlanError(f"stage_option={stage_option!r} must be 'auto' or a positive number "
                             f"of stages")
+        if (not isinstance(virtual_stages, int) or isinstance(virtual_stages, bool)
+                or virtual_stages < 1):
+            raise PlanError(f"virtual_stages={virtual_stages!r} must be a positive integer")
+        if schedule == "interleaved" and virtual_stages < 2:
+            raise PlanError(f"schedule='interleaved' needs virtual_stages >= 2 (got "
+                            f"{virtual_stages}); set virtual_stages or use schedule='1f1b'")
+        if virtual_stages > 1 and schedule != "interleaved":
+            raise PlanError(f"virtual_stages={virtual_stages} needs schedule='interleaved' (got "
+                            f"{schedule!r}); set the schedule or virtual_stages=1")
+        if virtual_stages > 1 and not isinstance(stage_option, int):
+            raise PlanError(f"virtual_stages={virtual_stages} needs a number of stages "
+                            f"(stage_option={stage_option!r}): the automatic stage search does "
+                            f"not place virtual stages")
+        self.virtual_stages = virtual_stages
         self.num_micro_batches = num_micro_batches
         self.stage_option = stage_option
         self.schedule = schedule
@@ -86,10 +109,12 @@ class PipeshardParallel(Method):
             raise PlanError(f"intra_op={intra_op!r} must be 'solver' or 'data'")
         self.intra_op = intra_op
         self.profile = profile
+        self.memory_budget_bytes = memory_budget_bytes
 
     def __repr__(self) -> str:
         return (f"PipeshardParallel(num_micro_batches={self.num_micro_batches}, "
                 f"stage_option={self.stage_option!r}, schedule={self.schedule!r}"
+                + (f", virtual_stages={self.virtual_stages}" if self.virtual_stages > 1 else "")
                 + (", remat=True)" if self.remat else ")"))
 
     def make_plan(self, fn, abstract_args, *, batch_argnums, donate_argnums, devices,
@@ -123,8 +148,9 @@ class PipeshardParallel(Method):
             raise PlanError(f"{num_devices} devices do not split into {stages} equal stages; use "
                             f"a number of stages dividing {num_devices}, or stage_option='auto'")
         layout = stages if isinstance(stages, _dp.StageLayout) else None
+        virtual = self.virtual_stages
         num_layers = (layout.num_layers if layout else self.layers
-                      or (stages if isinstance(stages, int) else DEFAULT_AUTO_LAYERS))
+                      or (stages * virtual if isinstance(stages, int) else DEFAULT_AUTO_LAYERS))
         layers = find_layers(program, regions, backward, num_layers)
         costs = _dp.LayerCosts(layers.flops, _weight_bytes(program, regions, layers),
                                layers.cut_bytes)
@@ -133,26 +159,33 @@ class PipeshardParallel(Method):
         if layout is not None:  # a layout a search priced: run it as it is
             choice = layout.choice(layers.count, num_devices)
         elif isinstance(stages, int):
-            if stages > layers.count:
+            if stages * virtual > layers.count:
                 raise PlanError(
-                    f"stage_option={stages} stages but the step has {layers.count} layers"
+                    f"stage_option={stages} stages"
+                    + (f" x {virtual} virtual stages" if virtual > 1 else "")
+                    + f" but the step has {layers.count} layers"
                     + (" (from its mark_pipeline_boundary calls)" if layers.from_markers else "")
                     + f"; use at most {layers.count} stages"
                     + ("" if layers.from_markers else " or more layers (layers=...)"))
-            starts = balanced_stages([f * 1.0 for f in layers.flops], stages)
-            sizes = [num_devices // stages] * stages
-            choice = _dp.price(costs, starts, sizes, m, profile)
+            if virtual > 1:  # equal layer groups, virtual stage k on stage k % S
+                starts = virtual_stage_starts(layers, stages, virtual)
+            else:
+                starts = balanced_stages([f * 1.0 for f in layers.flops], stages)
+            choice = _dp.price(costs, starts, [num_devices // stages] * len(starts), m, profile)
         else:
             choice = _dp.search(costs, num_devices, m, profile, micro_batch)
-        equal = _equal_split(costs, len(choice.starts), num_devices, m, profile)
-        num_stages = len(choice.starts)
+        equal = None if virtual > 1 else _equal_split(costs, len(choice.starts), num_devices,
+                                                      m, profile)
+        num_stages = len(choice.starts)  # virtual stages included
+        groups = num_stages // virtual
         stage_of_layer = []
         for k, start in enumerate(choice.starts):
             end = choice.starts[k + 1] if k + 1 < num_stages else layers.count
             stage_of_layer += [k] * (end - start)
         mirrors = _mirrors(fn, abstract_args, donate_argnums)
         placement = place(program, regions, backward, layers, stage_of_layer, num_stages, mirrors)
-        offsets = np.cumsum([0] + list(choice.sizes))
+        sizes = list(choice.sizes[:groups])
+        offsets = np.cumsum([0] + sizes)
         shapes = [{"data": int(d)} for d in choice.sizes]
         specs: dict[int, dict[int, Any]] = {}
         if self.intra_op == "solver":
@@ -161,9 +194,13 @@ class PipeshardParallel(Method):
                     shapes[k], specs[k] = stage_plan(
                         program, regions, placement, k, int(d), profile,
                         mesh_shape=layout.mesh_shapes[k] if layout else None,
-                        first_device=int(offsets[k]))
-        meshes = [mesh_lib.make_mesh(shape, list(devices)[offsets[k]:offsets[k + 1]])
-                  for k, shape in enumerate(shapes)]
+                        first_device=int(offsets[k % groups]))
+        for k in range(groups, num_stages):  # a virtual stage runs on its group's mesh
+            if shapes[k] != shapes[k % groups]:
+                shapes[k], specs[k] = shapes[k % groups], {}  # data parallel on that mesh
+        group_meshes = [mesh_lib.make_mesh(shapes[k], list(devices)[offsets[k]:offsets[k + 1]])
+                        for k in range(groups)]
+        meshes = [group_meshes[k % groups] for k in range(num_stages)]
         same_as = {program.outputs[pos]: program.inputs[i] for pos, i in mirrors.items()
                    if isinstance(program.outputs[pos], int)
                    and program.outputs[pos] not in program.inputs}
@@ -174,7 +211,8 @@ class PipeshardParallel(Method):
             else:
                 output_stage.append(placement.value_stage.get(v, 0) if isinstance(v, int) else 0)
         runner = StageRunner(program, regions, placement, meshes, m, self.schedule,
-                             output_stage, remat=self.remat, specs=specs, same_as=same_as)
+                             output_stage, remat=self.remat, specs=specs, same_as=same_as,
+                             virtual_stages=virtual)
         search = {"cost_s": choice.cost_s, "stage_times_s": list(choice.stage_times_s)}
         if equal is not None:
             search.update(equal_layers_starts=list(equal.starts), equal_layers_cost_s=equal.cost_s)
@@ -230,17 +268,16 @@ def _mirrors(fn, abstract_args, donate_argnums) -> dict[int, int]:
 
 
 def _factory(mesh=None, rules=None, memory_budget_bytes=None, num_micro_batches=1,
-             profile=None, stages=None, schedule=None, remat=False):
+             profile=None, stages=None, schedule=None, remat=False, virtual_stages=1):
     if rules:
         raise PlanError(f"parallel.rules={dict(rules)} only applies to method 'manual'; "
                         f"method 'pipeshard' places each stage itself. Drop the rules")
-    if memory_budget_bytes is not None:
-        warn_once(f"method 'pipeshard' does not plan within a memory budget yet, so "
-                  f"parallel.memory_budget_bytes={memory_budget_bytes} is not enforced")
     return PipeshardParallel(num_micro_batches=num_micro_batches,
+                             memory_budget_bytes=memory_budget_bytes,
                              stage_option="auto" if stages is None else stages,
                              schedule="1f1b" if schedule is None else schedule,
-                             remat=remat, mesh=mesh, profile=profile)
+                             remat=remat, mesh=mesh, profile=profile,
+                             virtual_stages=virtual_stages)
 
 
 _factory.pipeline = True

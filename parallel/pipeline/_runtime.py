@@ -11,6 +11,7 @@ the host.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,6 +27,8 @@ from parallel.pipeline._tasks import (Accumulator, Task, accumulators, add_to, b
                                       combine_of, finalize, made_by, primary_kind,
                                       weights_read)
 
+# Leaves smaller than this stay whole (splitting them saves little and costs a collective).
+_SPLIT_MIN_ELEMENTS = 1024
 # Compiled task programs, shared by every pipelined step of the process: the same stage of the
 # same step with the same shardings (another schedule, another ParallelStep) compiles once.
 _PROGRAMS: dict[str, Any] = {}
@@ -80,24 +83,51 @@ class StageRunner:
         self.per_micro_batch.update(self.batch_inputs)
         self.crossing = set(regions.crossing)
         self._output_ids = {v for v in program.outputs if isinstance(v, int)}
-        self._uses: dict[int, int] = {}
+        # Stored leaves that only the update reads (an optimizer's moments): no micro-batch
+        # task and no per-step work before them needs them whole.
+        before_update = {v for k, t in self.tasks.items() if k[0] in "NFB" for v in t.inputs}
+        self._update_only = {v for v in program.inputs
+                             if v not in regions.batch_dim and v not in before_update}
+        # A per-step value made from a stored leaf of the same shape (the decayed moments, the
+        # update, a cast) takes that leaf's layout rather than a replicated one.
+        self._like: dict[int, int] = {}
+        stored = {v for v in program.inputs if v not in regions.batch_dim}
+        for i, op in enumerate(program.ops):
+            if placement.phase[i] in "FB":
+                continue
+            sources = [self._like.get(v, v) for v in op.value_inputs()
+                       if v in stored or v in self._like]
+            for out in op.outputs:
+                shape = program.avals[out].shape
+                match = [v for v in sources if program.avals[v].shape == shape]
+                if match and len(shape) and out not in self.same_as:
+                    self._like[out] = match[0]
+        # Per (per-micro-batch value, stage): how many times its copy there is read before it
+        # can go (each task on that stage reading it; for the original, also each copy made
+        # from it for another stage).
+        self._reads: dict[tuple[int, int], int] = {}
         for key, task in self.tasks.items():
             if key[0] in "FB":
                 for v in task.inputs:
                     if v in self.per_micro_batch:
-                        self._uses[v] = self._uses.get(v, 0) + 1
+                        source = placement.value_stage.get(v, placement.home.get(v))
+                        self._reads[(v, task.stage)] = self._reads.get((v, task.stage), 0) + 1
+                        if task.stage != source and (v, task.stage, "copy") not in self._reads:
+                            self._reads[(v, task.stage, "copy")] = 1
+                            self._reads[(v, source)] = self._reads.get((v, source), 0) + 1
+        self._reads = {k: n for k, n in self._reads.items() if len(k) == 2}
         self._splits: dict[int, list[int]] = {}
         for v in self.batch_inputs:
             self._splits.setdefault(placement.home[v], []).append(v)
         self._accs: dict[int, list[Accumulator]] = {}
         for key in sorted(k for k in self.tasks if k[0] in "FB"):
-            self._accs.setdefault(key[1], []).extend(self.tasks[key].accumulates)
+            if self.tasks[key].accumulates:
+                self._accs.setdefault(key[1], []).extend(self.tasks[key].accumulates)
         # Per stage, the crossing values its accumulators finish into (in the finish's order).
         self._finished = {s: [a.value for a in accs if a.value in self.crossing
                               and a.kind == primary_kind(combine_of(regions, a.value))]
                           for s, accs in self._accs.items()}
-        self._per_step = sorted(k for k in self.tasks if k[0] == "N") + sorted(
-            (k for k in self.tasks if k[0] == "A"), key=lambda k: (k[1], k[2]))
+        self._per_step = sorted((k for k in self.tasks if k[0] in "NLA"), key=_rank)
         self._const_cache: dict[tuple[int, int], Any] = {}
         self._index_cache: dict[tuple[int, int], Any] = {}
         self._jitted: dict[tuple, Any] = {}
@@ -112,6 +142,10 @@ class StageRunner:
         # Of the last step: programs and transfers issued, seconds issuing them (Python) and
         # seconds waiting for programs to finish (CPU devices only).
         self.last_step: dict[str, float] = {}
+
+    # Called with no arguments after each program finished (CPU devices), e.g. to sample the
+    # arrays alive on the devices during a step.
+    after_program: Callable[[], None] | None = None
 
     # ----- counts ---------------------------------------------------------------------------
     def programs_per_step(self) -> dict[str, int]:
@@ -132,12 +166,29 @@ class StageRunner:
         planned = self.specs.get(stage, {}).get(v)
         if planned is not None:
             return planned
+        if v in self._update_only:
+            return self._split_over_stage(v, stage)
+        if v in self._like:  # made per step from a stored leaf of its shape: its layout
+            return self.spec(self._like[v], stage)
         dim = self.regions.batch_dim.get(v)
         size = self.meshes[stage].shape.get("data", 1)
         shape = self.program.avals[v].shape
         if dim is None or size == 1 or v in self.crossing or shape[dim] % size:
             return PartitionSpec()
         return PartitionSpec(*([None] * dim), "data")
+
+    def _split_over_stage(self, v: int, stage: int) -> PartitionSpec:
+        """A stored leaf only the update reads (optimizer state), split over all the stage's
+        devices along its largest dimension that divides (as ZeRO does within the stage)."""
+        mesh = self.meshes[stage]
+        axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+        shape = self.program.avals[v].shape
+        ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        dims = [d for d, n in enumerate(shape) if ways > 1 and n % ways == 0]
+        if not dims or int(np.prod(shape)) < _SPLIT_MIN_ELEMENTS:
+            return PartitionSpec()
+        dim = max(dims, key=lambda d: shape[d])
+        return PartitionSpec(*([None] * dim), axes if len(axes) > 1 else axes[0])
 
     def sharding(self, v: int, stage: int) -> NamedSharding:
         return NamedSharding(self.meshes[stage], self.spec(v, stage))
@@ -206,7 +257,7 @@ class StageRunner:
                 (self._finished_shape(v), self.program.avals[v].dtype, s)
                 for v, s in zip(self._finished[stage], outs)])
         task = self.tasks[key]
-        per_step = key[0] in "NA"
+        per_step = key[0] in "NLA"
         args = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type,
                                      sharding=self.input_sharding(v, task.stage, per_step))
                 for v, a in ((v, self._aval(v, per_step)) for v in task.inputs)]
@@ -222,7 +273,7 @@ class StageRunner:
             if any(a.kind == "concat" for a in task.accumulates):
                 args.append(jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(
                     self.meshes[task.stage], PartitionSpec())))
-        elif key[0] in "NA":
+        elif key[0] in "NLA":
             dead = [k for k, v in enumerate(task.inputs) if self._dies_in(v, key)]
             candidates = [args[k] for k in dead]
             alias = _aliasable(candidates, [(self.program.avals[v].shape,
@@ -297,7 +348,7 @@ class StageRunner:
         task = self.tasks[key]
         ops = [self.program.ops[i] for i in task.ops]
         inputs, outputs, accs = list(task.inputs), list(task.outputs), list(task.accumulates)
-        per_step = key[0] in "NA"
+        per_step = key[0] in "NLA"
         moved = {k: self.sharding(v, task.stage) for k, v in enumerate(inputs)
                  if self.input_sharding(v, task.stage, per_step) != self.sharding(v, task.stage)}
 
@@ -349,7 +400,21 @@ class StageRunner:
         counts = {"programs": 0, "transfers": 0}
         step: dict[int, dict[int, Any]] = {}
         micro: list[dict[int, dict[int, Any]]] = [{} for _ in range(m)]
-        uses = [dict(self._uses) for _ in range(m)]
+        reads = [dict(self._reads) for _ in range(m)]
+
+        def read(v: int, stage: int, i: int) -> None:
+            """One read of micro-batch ``i``'s copy of ``v`` on ``stage`` is done."""
+            left = reads[i].get((v, stage))
+            if left is None:
+                return
+            if left == 1:
+                del reads[i][(v, stage)]
+                copies = micro[i].get(v, {})
+                copies.pop(stage, None)
+                if not copies:
+                    micro[i].pop(v, None)
+            else:
+                reads[i][(v, stage)] = left - 1
 
         def launch(key, args):
             nonlocal waited
@@ -359,6 +424,8 @@ class StageRunner:
                 began = time.perf_counter()
                 jax.block_until_ready(outs)
                 waited += time.perf_counter() - began
+                if self.after_program is not None:
+                    self.after_program()
             return outs
 
         def get(v: int, stage: int, i: int | None):
@@ -372,12 +439,14 @@ class StageRunner:
                 return self._const_cache[(v, stage)]
             copies = table[v]
             if stage not in copies:
-                source = copies[self.source_stage(v)]
+                origin = self.source_stage(v)
                 if jax.process_count() > 1:
-                    copies[stage] = transfer(source, self.sharding(v, stage))
+                    copies[stage] = transfer(copies[origin], self.sharding(v, stage))
                 else:
-                    copies[stage] = copy_to(source, self.meshes[stage])
+                    copies[stage] = copy_to(copies[origin], self.meshes[stage])
                 counts["transfers"] += 1
+                if table is not step:
+                    read(v, origin, i)
             return copies[stage]
 
         for v, arg in zip(program.inputs, flat_args):  # batch leaves whole: per-step tasks
@@ -388,6 +457,7 @@ class StageRunner:
             for i in range(m):
                 for k, v in enumerate(vs):
                     micro[i][v] = {stage: pieces[i * len(vs) + k]}
+            del pieces  # each micro-batch's piece goes once its last reader ran
         del by_value
         for key in self._per_step:
             if key[0] == "N":
@@ -407,16 +477,15 @@ class StageRunner:
             if any(a.kind == "concat" for a in task.accumulates):
                 args.append(self._index(stage, i))
             outs = launch(key, args)
+            del args  # no reference here keeps a micro-batch's values beyond their last reader
             n = len(task.outputs)
             for v, x in zip(task.outputs, outs[:n]):
                 micro[i][v] = {stage: x}
             for k, x in zip(own, outs[n:]):
                 totals[stage][k] = x
+            outs = x = None
             for v in task.inputs:
-                if v in uses[i]:
-                    uses[i][v] -= 1
-                    if uses[i][v] == 0:
-                        micro[i].pop(v, None)
+                read(v, stage, i)
             if self.peak_live_bytes is not None:
                 self._record_live(micro)
         for stage in self._accs:
@@ -424,7 +493,7 @@ class StageRunner:
             for v, x in zip(self._finished[stage], finished):
                 step[v] = {stage: x}
         for key in self._per_step:
-            if key[0] == "A":
+            if key[0] in "LA":
                 task = self.tasks[key]
                 outs = launch(key, [get(v, task.stage, None) for v in task.inputs])
                 for v, x in zip(task.outputs, outs):
@@ -470,10 +539,12 @@ class StageRunner:
 
 
 def _rank(key: tuple) -> tuple:
-    """Execution order of tasks: per-step work, then every micro-batch task, then the update
-    level by level."""
+    """Execution order of tasks: per-step work, every micro-batch task, the per-step work only
+    the update reads, then the update level by level."""
     if key[0] == "N":
         return (0, key[1], 0)
+    if key[0] == "L":
+        return (2, -1, key[1])
     if key[0] == "A":
         return (2, key[1], key[2])
     return (1, 0, 0)

@@ -1,6 +1,7 @@
 """The pipelined step ``parallelize`` runs: placement of arguments, the run, and its report."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -13,9 +14,14 @@ from parallel import profiles
 from parallel._errors import PlanError
 from parallel._hlo import collective_bytes
 from parallel._transfer import transfer
-from parallel.pipeline._schedule import bubble_fraction, max_in_flight
+from parallel.pipeline._memory import StageMemory, check_budget, runner_memory
+from parallel.pipeline._schedule import bubble_fraction
 from parallel.plan import LeafPlan, Plan
-from parallel.report import Report, cost_figures, memory_bytes
+from parallel.report import Report, cost_figures
+
+
+# Per (init function, leaves, shardings): the jitted program making one stage's state.
+_INIT_PROGRAMS: dict[tuple, Any] = {}
 
 
 class PipelinedStep:
@@ -28,6 +34,7 @@ class PipelinedStep:
     def __init__(self, fn, method, runner, abstract_args, flat_args, global_batch, layers,
                  choice, search, mirrors, batch_argnums, donate_argnums):
         self.fn, self.method, self.runner = fn, method, runner
+        self.abstract_args = tuple(abstract_args)
         self.layers, self.choice = layers, choice
         self.compile_time_s = 0.0
         self.measured_stage_times_s: list[float] | None = None  # set by time_stages()
@@ -57,14 +64,15 @@ class PipelinedStep:
         unflat = jax.tree.unflatten(self.in_treedef, flat_in)
         self.in_shardings = tuple(unflat)
         self.out_shardings = jax.tree.unflatten(self.out_treedef, flat_out)
-        num_devices = sum(choice.sizes)
-        num_stages = len(choice.sizes)
+        virtual = runner.virtual_stages
+        num_stages = len(choice.sizes) // virtual  # groups of devices (virtual stages share one)
+        num_devices = sum(choice.sizes[:num_stages])
         shapes = [dict(mesh.shape) for mesh in runner.meshes]
         if all(shape == shapes[0] for shape in shapes):
             mesh_shape = {"stage": num_stages, **shapes[0]}
         else:
             mesh_shape = {"devices": num_devices}
-        devices = [d for mesh in runner.meshes for d in mesh.devices.flat]
+        devices = [d for mesh in runner.meshes[:num_stages] for d in mesh.devices.flat]
         self.mesh = mesh_lib.make_mesh(mesh_shape, devices)
         stage_of_flat = [placement.home[v] for v in program.inputs]
         inputs, k = [], 0
@@ -83,12 +91,29 @@ class PipelinedStep:
             for (kp, leaf), sh in zip(out_flat, flat_out))
         self.stage_info = self._stage_info(global_batch)
         extras = {"num_micro_batches": runner.num_micro_batches, "schedule": runner.schedule,
-                  "bubble_fraction": bubble_fraction(num_stages, runner.num_micro_batches),
+                  "bubble_fraction": bubble_fraction(num_stages, runner.num_micro_batches,
+                                                     virtual),
+                  "virtual_stages": virtual,
                   "stages": self.stage_info, "leaf_stages": leaf_stages, "search": search}
         extras["explanation"] = format_stages(extras)
         self.plan = Plan("pipeshard", mesh_shape, tuple(inputs), outputs,
                          batch_argnums=tuple(batch_argnums), donate_argnums=tuple(donate_argnums),
                          extras=extras)
+        self.check_memory(getattr(method, "memory_budget_bytes", None))
+
+    def check_memory(self, budget: float | None) -> None:
+        """Refuses (``PlanError``, one line) a split whose most loaded device needs more than
+        ``budget`` bytes: first by the placed pipeline's bytes, then with XLA's temporaries of
+        every compiled stage program (so a budget compiles the programs at plan time)."""
+        if budget is None:
+            return
+        sizes = sorted(set(self.choice.sizes))
+        v = self.runner.virtual_stages
+        what = (f"{len(self.choice.sizes) // v} stages"
+                + (f" x {v} virtual stages" if v > 1 else "") + " of "
+                f"{' or '.join(map(str, sizes))} device{'s' if sizes != [1] else ''}")
+        check_budget(runner_memory(self.runner), budget, what)
+        check_budget(runner_memory(self.runner, self.compile_all()), budget, what)
 
     def _stage_info(self, global_batch: int) -> list[dict]:
         info = []
@@ -142,15 +167,29 @@ class PipelinedStep:
             key = rng_key
             if isinstance(key, jax.Array) and key.committed:
                 key = transfer(key, NamedSharding(mesh, PartitionSpec()))
+            shardings = tuple(targets[i] for i in positions)
 
             def part(k, positions=positions):
                 flat = jax.tree.leaves(init_fn(k))
                 return tuple(flat[i] for i in positions)
 
-            made = jax.jit(part, out_shardings=tuple(targets[i] for i in positions))(key)
+            try:  # another step of the same layout reuses the compiled program
+                cache_key = (init_fn, tuple(positions), shardings)
+                program = _INIT_PROGRAMS.setdefault(
+                    cache_key, jax.jit(part, out_shardings=shardings))
+            except TypeError:  # an unhashable callable: compiled for this call
+                program = jax.jit(part, out_shardings=shardings)
+            made = program(key)
             for i, x in zip(positions, made):
                 leaves[i] = x
         return jax.tree.unflatten(treedef, leaves)
+
+    def follow(self, fn, abstract_args, *, batch_argnums, donate_argnums):
+        """``fn`` (a step without backward pass, e.g. evaluation) on this pipeline's stages,
+        its state where training keeps it (``parallel.FollowPlan`` of a pipelined step)."""
+        from parallel.pipeline._forward import ForwardStep
+
+        return ForwardStep(self, fn, abstract_args, batch_argnums, donate_argnums)
 
     def lower(self, *args):
         raise PlanError("a pipelined step is one program per stage and task, not one lowered "
@@ -197,15 +236,17 @@ class PipelinedStep:
         compiled = self.compile_all()
         runner = self.runner
         m = runner.num_micro_batches
-        num_stages = len(self.choice.sizes)
-        device_profile = profiles.get_profile(profile, sum(self.choice.sizes))
+        num_stages = len(self.choice.sizes)  # virtual stages included
+        groups = num_stages // runner.virtual_stages
+        device_profile = profiles.get_profile(profile, sum(self.choice.sizes[:groups]))
+        memories = {mem.stage: mem for mem in runner_memory(runner, compiled)}
         per_stage = []
         total_flops = total_bytes = 0.0
         for s in range(num_stages):
             flops = accessed = 0.0
             micro_flops = micro_time = 0.0
-            temp = activation = 0
             sent = 0.0
+            forward_output = 0
             for key, program in compiled.items():
                 if runner.tasks[key].stage != s:
                     continue
@@ -216,22 +257,24 @@ class PipelinedStep:
                 if key[0] in "FB":
                     micro_flops += f
                     micro_time += device_profile.compute_time(f, b)
-                temp = max(temp, memory_bytes(program))
                 sent += times * sum(c["sent_bytes"] for c in collective_bytes(
                     program.as_text(), self.choice.sizes[s]).values())
                 if key[0] == "F":
-                    activation = _kept_bytes(program)
-            in_flight = max_in_flight(runner.schedule, s, num_stages, m)
+                    forward_output = _output_bytes(program)
+            # Virtual stages sharing devices: the group's bytes (all of its virtual stages).
+            memory = memories.get(s % groups) or StageMemory(s, 0, 0, 0, 0, 0, 0)
             entry = dict(self.stage_info[s])
             entry.update(
                 flops_per_micro_batch=micro_flops,
                 estimated_time_per_micro_batch_s=micro_time,
                 measured_time_per_micro_batch_s=(None if self.measured_stage_times_s is None
                                                  else self.measured_stage_times_s[s]),
-                activation_bytes_per_micro_batch=activation,
-                max_micro_batches_in_flight=in_flight,
-                peak_activation_bytes=activation * in_flight,
-                memory_bytes=temp + activation * in_flight,
+                activation_bytes_per_micro_batch=memory.activations_per_micro_batch,
+                forward_output_bytes_per_micro_batch=forward_output,
+                max_micro_batches_in_flight=memory.in_flight,
+                peak_activation_bytes=memory.activations,
+                memory=dataclasses.asdict(memory),
+                memory_bytes=memory.total,
                 communication_bytes=sent,
             )
             per_stage.append(entry)
@@ -240,7 +283,8 @@ class PipelinedStep:
         times = [e["estimated_time_per_micro_batch_s"] for e in per_stage]
         step_time = sum(times) + (m - 1) * max(times)
         stages = {"schedule": runner.schedule, "num_micro_batches": m,
-                  "bubble_fraction": bubble_fraction(num_stages, m), "stages": per_stage,
+                  "bubble_fraction": bubble_fraction(groups, m, runner.virtual_stages),
+                  "virtual_stages": runner.virtual_stages, "stages": per_stage,
                   "table": format_stages(self.plan.extras, per_stage)}
         shardings = jax.tree.map(lambda sh: sh.spec, self.in_shardings)
         return Report(
@@ -256,7 +300,9 @@ class PipelinedStep:
 def format_stages(extras: dict, report_stages: list[dict] | None = None) -> str:
     """The stage table ``scripts/plan.py`` prints."""
     stages = report_stages or extras["stages"]
-    lines = [f"pipeline: {len(stages)} stages, schedule {extras['schedule']}, "
+    virtual = extras.get("virtual_stages", 1)
+    lines = [f"pipeline: {len(stages) // virtual} stages"
+             + (f" x {virtual} virtual stages" if virtual > 1 else "") + f", schedule {extras['schedule']}, "
              f"{extras['num_micro_batches']} micro-batches, bubble "
              f"{100 * extras['bubble_fraction']:.1f}% (predicted step "
              f"{1e3 * extras['search']['cost_s']:.3f} ms)"]
@@ -286,8 +332,8 @@ def format_stages(extras: dict, report_stages: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
-def _kept_bytes(program) -> int:
-    """Bytes a forward task hands on per micro-batch per device (the activations kept)."""
+def _output_bytes(program) -> int:
+    """Bytes per device a compiled program writes (XLA's memory analysis)."""
     stats = program.memory_analysis()
     if isinstance(stats, (list, tuple)):
         stats = stats[0]

@@ -22,7 +22,9 @@ class Task:
     """Operations run together as one jitted program on one stage.
 
     Attributes:
-      key: ``("N", stage)``, ``("F", stage)``, ``("B", stage)`` or ``("A", level, stage)``.
+      key: ``("N", stage)`` (per-step work before the micro-batches), ``("F", stage)``,
+        ``("B", stage)``, ``("L", stage)`` (per-step work only the update reads, after the
+        micro-batches) or ``("A", level, stage)`` (the update).
       stage: the stage whose sub-mesh runs it.
       ops: op indices in program order.
       inputs: value ids read (made elsewhere).
@@ -176,10 +178,16 @@ def build_tasks(program: Program, regions: Regions, placement: Placement,
     crossing value is handed on only if another micro-batch task reads it; the rest of its
     uses read its accumulator.
     """
+    early = _needed_by_micro_batches(program, placement)
     groups: dict[tuple, list[int]] = {}
     for i, phase in enumerate(placement.phase):
         s = placement.stage[i]
-        key = ("A", placement.level[i], s) if phase == "A" else (phase, s)
+        if phase == "A":
+            key = ("A", placement.level[i], s)
+        elif phase == "N" and i not in early:
+            key = ("L", s)  # per-step work only the update reads: run after the micro-batches
+        else:
+            key = (phase, s)
         groups.setdefault(key, []).append(i)
     made_in = {}
     for key, ops in groups.items():
@@ -199,6 +207,7 @@ def build_tasks(program: Program, regions: Regions, placement: Placement,
                     wanted.update(program.ops[i].value_inputs())
             groups[key] = sorted(again) + groups[key]
             recomputed[key] = {v for i in again for v in program.ops[i].outputs}
+    _copy_layout_ops(program, placement, groups, made_in, recomputed)
     crossing = set(regions.crossing)
     read_by: dict[int, set[tuple]] = {}
     tasks = {}
@@ -224,6 +233,59 @@ def build_tasks(program: Program, regions: Regions, placement: Placement,
                 handed.append(v)
         task.outputs = handed
     return tasks
+
+
+# Operations that only lay out or convert what they read: a per-step task that reads their
+# result computes it again itself rather than receiving a (possibly large) array.
+_LAYOUT_OPS = {"transpose", "reshape", "broadcast_in_dim", "convert_element_type", "squeeze",
+               "expand_dims", "iota", "copy", "copy_p"}
+
+
+def _copy_layout_ops(program: Program, placement: Placement, groups: dict[tuple, list[int]],
+                     made_in: dict[int, tuple], recomputed: dict[tuple, set[int]]) -> None:
+    """Adds to each per-step task (``N``, ``L``, ``A``) the layout operations, and those
+    computing from literals alone, of its stage's other per-step tasks whose results it reads
+    (and theirs, recursively): the update then transposes a gradient itself, or makes its own
+    zeros, instead of receiving a (possibly large) array made for it."""
+    producer = {v: i for i, op in enumerate(program.ops) for v in op.outputs}
+    constant = set()  # per-step ops computing from literals alone (instantiated zeros, ...)
+    for i, op in enumerate(program.ops):
+        if placement.phase[i] in ("N", "L") and all(producer.get(v) in constant
+                                                    for v in op.value_inputs()):
+            constant.add(i)
+    for key in [k for k in groups if k[0] in "NLA"]:
+        ops = set(groups[key])
+        own = {v for i in ops for v in program.ops[i].outputs}
+        pending = [v for i in ops for v in program.ops[i].value_inputs() if v not in own]
+        pulled = set()
+        while pending:
+            v = pending.pop()
+            i = producer.get(v)
+            cheap = program.ops[i].prim.name in _LAYOUT_OPS if i is not None else False
+            if (i is None or i in ops or i in pulled or not (cheap or i in constant)
+                    or made_in.get(v, ("",))[0] not in ("N", "L", "A")
+                    or placement.stage[i] != key[-1]):
+                continue
+            pulled.add(i)
+            pending.extend(program.ops[i].value_inputs())
+        if pulled:
+            groups[key] = sorted(ops | pulled)
+            recomputed.setdefault(key, set()).update(
+                v for i in pulled for v in program.ops[i].outputs)
+
+
+def _needed_by_micro_batches(program: Program, placement: Placement) -> set[int]:
+    """Per-step (``N``) ops whose results the micro-batch tasks read, directly or through
+    other such ops. The others (e.g. an optimizer's decay of its moments, which needs no
+    batch) run after the micro-batches, so their results do not sit in memory meanwhile."""
+    wanted = {v for i, p in enumerate(placement.phase) if p in "FB"
+              for v in program.ops[i].value_inputs()}
+    early = set()
+    for i in range(len(program.ops) - 1, -1, -1):
+        if placement.phase[i] == "N" and any(v in wanted for v in program.ops[i].outputs):
+            early.add(i)
+            wanted.update(program.ops[i].value_inputs())
+    return early
 
 
 def made_by(program: Program, tasks: dict[tuple, Task]) -> dict[int, tuple]:
