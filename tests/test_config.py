@@ -70,7 +70,7 @@ def test_resolved_config_round_trips(name, tmp_path):
     (["train.steps=0"], "train.steps must be positive, got 0"),
     (["train.batch_size=-4"], "train.batch_size must be positive, got -4"),
     (["optimizer.learning_rate=-0.1"], "optimizer.learning_rate must be zero or positive, got -0.1"),
-    (["optimizer.name=adamm"], "optimizer.name must be one of adamw, adam, sgd, momentum, lion; got 'adamm'"),
+    (["optimizer.name=adamm"], "optimizer.name must be one of adamw, adam, sgd, momentum, lion, muon; got 'adamm'"),
     (["data.seq_len=64"], "data.seq_len (64) is longer than model.block_size (32)"),
     (["data.source=text"], "data.source=text needs data.path"),
     (["model.name=gtp"], "model.name 'gtp' is not a known model"),
