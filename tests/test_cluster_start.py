@@ -90,8 +90,11 @@ def _ray_processes() -> set:
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            elsewhere = os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
         except OSError:
             continue
+        if elsewhere:
+            continue  # another network namespace: the two-node cluster of test_cluster_nodes.py
         if re.search(r"ray::|/raylet|/gcs_server", cmd) and state != "Z":
             found.add(int(pid))
     return found
