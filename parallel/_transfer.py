@@ -132,3 +132,16 @@ def on_all_devices_sharding() -> NamedSharding:
 def on_all_devices(x: jax.Array) -> jax.Array:
     """``x`` replicated over every device of every process."""
     return transfer(x, on_all_devices_sharding())
+
+
+def place_outputs(results, shardings, mesh: Mesh, spread=None) -> list:
+    """A pipelined step's outputs moved to their planned ``shardings``; with several processes,
+    each replicated one (a metric on one stage's devices) spread over the whole ``mesh`` so every
+    process reads it. ``spread``: per output, whether it may be spread (default: all)."""
+    placed = [x if x.sharding == sh else transfer(x, sh) for x, sh in zip(results, shardings)]
+    if jax.process_count() == 1:
+        return placed
+    everywhere = NamedSharding(mesh, PartitionSpec())
+    spread = [True] * len(placed) if spread is None else spread
+    return [transfer(x, everywhere) if ok and x.sharding.is_fully_replicated else x
+            for x, ok in zip(placed, spread)]

@@ -19,7 +19,7 @@ import jax
 
 from parallel._errors import PlanError
 from parallel._methods import Method, register_method
-from parallel.auto._layers import LayerPricer, pipeline_program
+from parallel.auto._layers import LayerPricer, _nbytes, pipeline_program
 from parallel.auto._method import ShardParallel
 from parallel.auto._pipelines import PipelinePrice, PipelineSearch, stage_counts
 from parallel.auto._search import (AXIS_NAMES, TIE, MemoryBudgetError, Solution, model_limit,
@@ -363,16 +363,6 @@ def _activations_per_device(smallest_spmd: float, state: float, n: int) -> float
     if math.isinf(smallest_spmd):
         return math.inf
     return max(smallest_spmd - 2 * state / n, 0.0)
-
-
-def _nbytes(x) -> float:
-    import numpy as np
-
-    try:
-        itemsize = np.dtype(x.dtype).itemsize
-    except TypeError:
-        itemsize = 8
-    return float(np.prod(x.shape, dtype=np.int64)) * itemsize
 
 
 def _batch_size(abstract_args, batch_argnums) -> int:

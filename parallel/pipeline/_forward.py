@@ -17,7 +17,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from parallel._errors import PlanError
-from parallel._transfer import transfer
+from parallel._transfer import place_outputs
 from parallel.pipeline._regions import split_regions
 from parallel.pipeline._runtime import StageRunner
 from parallel.pipeline._stages import Placement
@@ -158,13 +158,7 @@ class ForwardStep:
         if treedef != self.in_treedef:
             raise PlanError(f"arguments have structure {treedef}, the plan was made for "
                             f"{self.in_treedef}")
-        results = self.runner(flat)
-        placed = [x if x.sharding == sh else transfer(x, sh)
-                  for x, sh in zip(results, self.flat_out_shardings)]
-        if jax.process_count() > 1:  # a metric on one stage's devices: every process reads it
-            everywhere = NamedSharding(self.mesh, PartitionSpec())
-            placed = [transfer(x, everywhere) if x.sharding.is_fully_replicated else x
-                      for x in placed]
+        placed = place_outputs(self.runner(flat), self.flat_out_shardings, self.mesh)
         return jax.tree.unflatten(self.out_treedef, placed)
 
     def lower(self, *args):

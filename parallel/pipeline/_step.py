@@ -13,7 +13,7 @@ from parallel import mesh as mesh_lib
 from parallel import profiles
 from parallel._errors import PlanError
 from parallel._hlo import collective_bytes
-from parallel._transfer import transfer
+from parallel._transfer import place_outputs, transfer
 from parallel.pipeline._memory import StageMemory, check_budget, runner_memory
 from parallel.pipeline._schedule import bubble_fraction
 from parallel.plan import LeafPlan, Plan
@@ -141,13 +141,8 @@ class PipelinedStep:
         if treedef != self.in_treedef:
             raise PlanError(f"arguments have structure {treedef}, the plan was made for "
                             f"{self.in_treedef}")
-        results = self.runner(flat)
-        placed = [x if x.sharding == sh else transfer(x, sh)
-                  for x, sh in zip(results, self.flat_out_shardings)]
-        if jax.process_count() > 1:  # a metric on one stage's devices: every process reads it
-            everywhere = NamedSharding(self.mesh, PartitionSpec())
-            placed = [transfer(x, everywhere) if fresh and x.sharding.is_fully_replicated else x
-                      for x, fresh in zip(placed, self._fresh_outputs)]
+        placed = place_outputs(self.runner(flat), self.flat_out_shardings, self.mesh,
+                               spread=self._fresh_outputs)
         return jax.tree.unflatten(self.out_treedef, placed)
 
     def init_state(self, init_fn, rng_key):
