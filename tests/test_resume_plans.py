@@ -150,10 +150,20 @@ def test_a_killed_run_reruns_on_its_saved_plan_with_identical_losses(method, pla
     assert plans == [] and solves == []
 
 
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+    """A finished 16-step zero3 run on 8 devices (in this process): its step-4 checkpoint is
+    what a run stopped after step 4 leaves."""
+    workdir = tmp_path_factory.mktemp("zero3")
+    Trainer(load_config("tiny/gpt.yaml", [*ARGS, "parallel.method=zero3",
+                                          f"workdir={workdir}"])).fit()
+    return workdir
+
+
 @pytest.fixture
-def resumable(killed, tmp_path):
+def resumable(zero3_run, tmp_path):
     """A workdir holding the zero3 run's step-4 checkpoint (16 steps, 8 devices)."""
-    shutil.copytree(killed["zero3"][0] / "checkpoints" / "4", tmp_path / "checkpoints" / "4")
+    shutil.copytree(zero3_run / "checkpoints" / "4", tmp_path / "checkpoints" / "4")
     return tmp_path
 
 
