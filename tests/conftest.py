@@ -6,6 +6,27 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# JAX's persistent compilation cache, one per test session, shared by this process, the xdist
+# workers and every subprocess the tests start (they inherit the environment): many tests compile
+# the same programs (tiny/gpt.yaml under the same plans, in-process and through scripts/train.py).
+# A size limit turns on JAX's file lock, so two processes never read a half-written entry.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="shardax-tests-jax-cache-")
+    os.environ["SHARDAX_TESTS_OWN_JAX_CACHE"] = "1"
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_unconfigure(config):
+    """The session's compilation cache goes with the process that made it."""
+    if not hasattr(config, "workerinput") and os.environ.pop("SHARDAX_TESTS_OWN_JAX_CACHE", None):
+        import shutil
+
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 
 def pytest_collection_modifyitems(config, items):
     """Groups for pytest-xdist's ``--dist loadgroup`` (the README's test command runs two
