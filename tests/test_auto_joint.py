@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import parallel
 from parallel import auto
@@ -59,8 +60,8 @@ def test_without_a_budget_no_pipeline_is_chosen_on_cpu_devices(setup):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, batch))
     profile = parallel.get_profile("cpu", 8)
     decision = auto.search(train_step, abstract, num_devices=8, profile=profile,
-                           memory_budget_bytes=profile.memory_bytes)
-    assert decision.pipeline is None and decision.pipelines == []
+                           memory_budget_bytes=profile.memory_bytes, tiny_step_s=0)
+    assert decision.pipeline is None and decision.pipelines == [] and decision.spmd is not None
     assert decision.explanation.splitlines()[2] == (
         "why: pipelines were not searched: the devices share one host, so stages cannot overlap")
     assert isinstance(parallel.make_method("auto"), parallel.AutoParallel)
@@ -95,6 +96,34 @@ def test_a_budget_no_spmd_plan_meets_gets_a_plan_that_fits_and_trains_the_same(s
         np.testing.assert_allclose(float(have["loss"]), float(want["loss"]), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  got, expected)
+
+
+def test_a_tiny_step_is_data_parallel_without_a_search(monkeypatch):
+    # Widths 8 and 16, batch 32: the whole step unsplit costs less than launching a program on
+    # 8 simulated devices (15 us each); no split can save more, so nothing is searched.
+    params = [{"up": jax.ShapeDtypeStruct((8, 16), jnp.float32),
+               "down": jax.ShapeDtypeStruct((16, 8), jnp.float32)}]
+    x = jax.ShapeDtypeStruct((32, 8), jnp.float32)
+    args = ({"params": params, "opt": jax.eval_shape(OPTIMIZER.init, params)}, {"x": x, "y": x})
+    profile = parallel.get_profile("cpu", 8)
+    searched = auto.search(train_step, args, num_devices=8, profile=profile,
+                           memory_budget_bytes=profile.memory_bytes, tiny_step_s=0)
+    assert searched.tiny is None and searched.spmd is not None  # 0: the search runs
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a tiny step was searched")
+
+    monkeypatch.setattr(auto._joint, "solve", no_search)
+    monkeypatch.setattr(auto._joint, "pipeline_program", no_search)
+    plan = parallel.parallelize(train_step, method=parallel.make_method("auto")).plan(*args)
+    assert plan.method == "auto" and plan.mesh_shape == {"data": 8}
+    assert set(jax.tree.leaves(plan.input_specs(args)[0])) == {P()}  # the state replicated
+    assert jax.tree.leaves(plan.input_specs(args)[1]) == [P("data"), P("data")]
+    lines = plan.extras["explanation"].splitlines()
+    assert lines[1] == "chosen: data parallelism, mesh {'data': 8}"
+    assert lines[2].startswith("why: tiny model: the whole step unsplit on one device is "
+                               "estimated at ") and "under the 120 us a step program" in lines[2]
+    assert plan.extras["planner"]["chosen"] == "data (tiny model)"
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -24,6 +24,7 @@ from parallel.auto._method import ShardParallel
 from parallel.auto._pipelines import PipelinePrice, PipelineSearch, stage_counts
 from parallel.auto._search import (AXIS_NAMES, TIE, MemoryBudgetError, Solution, model_limit,
                                    solve)
+from parallel.auto._tiny import step_size, tiny_account
 from parallel.plan import Plan
 from parallel.profiles import DeviceProfile
 
@@ -45,6 +46,8 @@ class Decision:
       searches: the pipeline searches by micro-batch count (their priced layers; for pricing
         other layouts of the same step).
       spmd_refused: why no SPMD plan was searched (the solver's did not fit once compiled).
+      tiny: why nothing was searched: the step is tiny (``parallel.auto._tiny``), and the plan
+        is data parallelism.
     """
 
     spmd: Solution | None
@@ -56,6 +59,7 @@ class Decision:
     search_time_s: float = 0.0
     searches: dict[int, PipelineSearch] = dataclasses.field(default_factory=dict)
     spmd_refused: str | None = None
+    tiny: str | None = None
 
 
 class AutoParallel(Method):
@@ -69,6 +73,9 @@ class AutoParallel(Method):
         micro-batches (it must divide the batch).
       max_stages: pipelines are searched up to this many stages.
       time_limit_s, validate, measure: as for ``ShardParallel`` (SPMD plans).
+      tiny_step_s: a step whose whole work unsplit on one device is estimated below this many
+        seconds is planned as data parallelism without a search (``parallel.auto._tiny``);
+        ``None``: the profile's ``program_overhead_s``; ``0``: always search.
     """
 
     name = "auto"
@@ -76,7 +83,8 @@ class AutoParallel(Method):
     def __init__(self, memory_budget_bytes: float | None = None,
                  profile: str | DeviceProfile | None = None, num_micro_batches: int = 1,
                  max_stages: int = MAX_STAGES, time_limit_s: float = 30.0, validate: int = 4,
-                 measure: bool = False, mesh: Mapping[str, int] | None = None):
+                 measure: bool = False, mesh: Mapping[str, int] | None = None,
+                 tiny_step_s: float | None = None):
         super().__init__(mesh)
         if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
             raise PlanError(f"num_micro_batches={num_micro_batches!r} must be a positive integer")
@@ -84,6 +92,7 @@ class AutoParallel(Method):
         self.profile = profile
         self.num_micro_batches = num_micro_batches
         self.max_stages = max_stages
+        self.tiny_step_s = tiny_step_s
         self.shard = ShardParallel(memory_budget_bytes, mesh, profile, time_limit_s, validate,
                                    measure)
         self._decisions: dict[tuple, Decision] = {}
@@ -127,8 +136,12 @@ class AutoParallel(Method):
         """The search's choice as JSON-friendly data; an SPMD plan is made (and checked on
         XLA's compiled memory) here and kept for ``make_plan``."""
         decision = self.decide(fn, abstract_args, batch_argnums, donate_argnums, devices)
+        key = self._key(fn, abstract_args, batch_argnums, donate_argnums, devices)
+        if decision.tiny is not None:
+            self._plans[key] = self._tiny_plan(decision, fn, abstract_args, batch_argnums,
+                                               donate_argnums, devices)
+            return {"kind": "spmd"}
         if decision.pipeline is None:
-            key = self._key(fn, abstract_args, batch_argnums, donate_argnums, devices)
             try:  # the SPMD plan, checked on XLA's compiled memory: it may not fit after all
                 self._plans[key] = self._spmd_plan(decision, fn, abstract_args, batch_argnums,
                                                    donate_argnums, devices)
@@ -157,6 +170,9 @@ class AutoParallel(Method):
         if key in self._plans:
             return self._plans.pop(key)
         decision = self.decide(fn, abstract_args, batch_argnums, donate_argnums, devices)
+        if decision.tiny is not None:
+            return self._tiny_plan(decision, fn, abstract_args, batch_argnums, donate_argnums,
+                                   devices)
         if decision.pipeline is not None:
             return self.build_executable(fn, abstract_args, batch_argnums=batch_argnums,
                                          donate_argnums=donate_argnums, devices=devices).plan
@@ -171,6 +187,18 @@ class AutoParallel(Method):
         extras = dict(plan.extras)
         extras["explanation"] = decision.explanation + "\n" + extras.get("explanation", "")
         extras["planner"] = _stats(decision)
+        return dataclasses.replace(plan, method=self.name, extras=extras)
+
+    def _tiny_plan(self, decision, fn, abstract_args, batch_argnums, donate_argnums,
+                   devices) -> Plan:
+        """Data parallelism (``DataParallel``'s plan), for a tiny step."""
+        from parallel._methods import DataParallel
+
+        plan = DataParallel().make_plan(fn, abstract_args, batch_argnums=batch_argnums,
+                                        donate_argnums=donate_argnums, devices=devices,
+                                        logical_axes=None)
+        extras = {**plan.extras, "explanation": decision.explanation,
+                  "planner": _stats(decision)}
         return dataclasses.replace(plan, method=self.name, extras=extras)
 
     def device_profile(self, devices: Sequence[jax.Device]) -> DeviceProfile:
@@ -199,7 +227,8 @@ class AutoParallel(Method):
                 batch_argnums=batch_argnums, donate_argnums=donate_argnums,
                 num_micro_batches=self.num_micro_batches, max_stages=self.max_stages,
                 mesh_shape=None if self.mesh is None else self.resolve_mesh_shape(len(devices)),
-                time_limit_s=self.shard.time_limit_s, spmd_refused=spmd_refused)
+                time_limit_s=self.shard.time_limit_s, spmd_refused=spmd_refused,
+                tiny_step_s=self.tiny_step_s)
         return self._decisions[key]
 
 def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
@@ -207,7 +236,7 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
            batch_argnums: Sequence[int] = (1,), donate_argnums: Sequence[int] = (0,),
            num_micro_batches: int = 1, max_stages: int = MAX_STAGES,
            mesh_shape: dict[str, int] | None = None, time_limit_s: float = 30.0,
-           spmd_refused: str | None = None) -> Decision:
+           spmd_refused: str | None = None, tiny_step_s: float | None = None) -> Decision:
     """The joint search on abstract shapes: SPMD plans and pipelines priced by the solver.
 
     Args:
@@ -221,6 +250,9 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
         their own sub-meshes) only when no plan on it fits.
       spmd_refused: no SPMD plan is searched, for this reason (the one the solver chose did
         not fit once compiled).
+      tiny_step_s: a step whose whole work unsplit on one device is estimated below this is
+        planned as data parallelism without a search (``Decision.tiny``); ``None``: the
+        profile's ``program_overhead_s``; ``0``: always search.
 
     Raises:
       PlanError: ``num_micro_batches`` does not divide the batch.
@@ -233,6 +265,16 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
     if num_micro_batches > 1 and batch % num_micro_batches:
         raise PlanError(f"parallel.num_micro_batches={num_micro_batches} does not divide the "
                         f"batch of {batch}; use a divisor of {batch} (or 1 to let auto choose)")
+    limit = profile.program_overhead_s if tiny_step_s is None else tiny_step_s
+    if (limit > 0 and num_micro_batches == 1 and spmd_refused is None and mesh_shape is None
+            and batch % n == 0):
+        size = step_size(fn, abstract_args, donate_argnums, profile, n)
+        if size.time_s < limit and size.bytes_accessed <= budget:
+            decision = Decision(None, None, [], budget, 0,
+                                tiny=tiny_account(size, profile, limit))
+            decision.search_time_s = time.perf_counter() - start
+            decision.explanation = _explain(decision, profile, n)
+            return decision
     spmd, smallest_spmd = None, math.inf
     if num_micro_batches == 1 and spmd_refused is None:
         try:
@@ -395,6 +437,9 @@ def _explain(d: Decision, profile: DeviceProfile, n: int) -> str:
                 if profile.devices_per_host else f"1 host x {n}")
     lines = [f"auto: {n} devices ({topology}), '{profile.name}' profile, budget "
              f"{_gib(d.budget)} per device"]
+    if d.tiny is not None:
+        return "\n".join(lines + [f"chosen: data parallelism, mesh {{'data': {n}}}",
+                                  f"why: {d.tiny}"])
     spmd_line = ("SPMD: no plan fits the budget" if d.spmd is None else
                  f"SPMD: mesh {d.spmd.best.mesh_shape}"
                  + (f" ({d.spmd.best.variant})" if d.spmd.best.variant else "")
@@ -439,7 +484,8 @@ def _stats(d: Decision) -> dict:
                            "memory_bytes": p.memory_bytes,
                            "layers": [[s.first, s.last] for s in p.stages],
                            "meshes": [list(s.mesh) for s in p.stages]} for p in d.pipelines],
-            "chosen": "spmd" if d.pipeline is None else "pipeline"}
+            "chosen": ("data (tiny model)" if d.tiny is not None else
+                       "spmd" if d.pipeline is None else "pipeline")}
 
 
 def _from_process_0(make: Callable[[], dict]) -> dict:
