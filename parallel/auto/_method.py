@@ -128,8 +128,16 @@ class ShardParallel(Method):
                 return self._plan(solution, *plan_args)
             finalists = [r for r in solution.tried if r.status != "over_budget"
                          and r.step_time_s <= _FINALIST_RATIO * solution.best.step_time_s]
-            checked = [self._check(fn, solution, r, pin, plan_args, devices, profile)
-                       for r, pin in _checks(finalists, max(self.validate, 1))]
+            checked: list[_Check] = []
+            for r, pin in _checks(finalists, max(self.validate, 1)):
+                # Compiled lazily: a finalist the solver already prices above a compiled plan
+                # that fits cannot win on XLA's figures (they come out above the solver's, which
+                # leaves out what XLA adds: copies, layout changes, unfused traffic); only a
+                # stopwatch (measure=True) could still prefer it.
+                bound = min((c.step_time_s for c in checked if fits(c)), default=float("inf"))
+                if not self.measure and r.step_time_s > bound:
+                    continue
+                checked.append(self._check(fn, solution, r, pin, plan_args, devices, profile))
             fitting = [c for c in checked if fits(c)]
             if fitting:
                 times = self._time(fitting, abstract_args, devices, profile)
