@@ -19,22 +19,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from parallel._transfer import arrival_sharding, copy_to, transfer
+from parallel._transfer import copy_to, transfer
 from parallel.pipeline._program import Program, Regions, evaluate
 from parallel.pipeline._schedule import issue_order
+from parallel.pipeline._layouts import StageLayouts, global_shape
 from parallel.pipeline._stages import Placement
 from parallel.pipeline._tasks import (Accumulator, Task, accumulators, add_to, build_tasks,
                                       combine_of, finalize, made_by, primary_kind,
                                       weights_read)
 
-# Leaves smaller than this stay whole (splitting them saves little and costs a collective).
-_SPLIT_MIN_ELEMENTS = 1024
 # Compiled task programs, shared by every pipelined step of the process: the same stage of the
 # same step with the same shardings (another schedule, another ParallelStep) compiles once.
 _PROGRAMS: dict[str, Any] = {}
 
 
-class StageRunner:
+class StageRunner(StageLayouts):
     """Executes the tasks of a placed program on the stage meshes, per a schedule.
 
     Args:
@@ -157,90 +156,12 @@ class StageRunner:
         return {"per_micro_batch": micro, "per_step": per_step,
                 "total": micro * self.num_micro_batches + per_step}
 
-    # ----- shardings ------------------------------------------------------------------------
-    def spec(self, v: int, stage: int) -> PartitionSpec:
-        """The stage's intra-op spec for the values it plans (parameters, gradients);
-        per-example values split their batch dimension over the stage's ``data`` axis;
-        everything else replicated."""
-        v = self.same_as.get(v, v)
-        planned = self.specs.get(stage, {}).get(v)
-        if planned is not None:
-            return planned
-        if v in self._update_only:
-            return self._split_over_stage(v, stage)
-        if v in self._like:  # made per step from a stored leaf of its shape: its layout
-            return self.spec(self._like[v], stage)
-        dim = self.regions.batch_dim.get(v)
-        size = self.meshes[stage].shape.get("data", 1)
-        shape = self.program.avals[v].shape
-        if dim is None or size == 1 or v in self.crossing or shape[dim] % size:
-            return PartitionSpec()
-        return PartitionSpec(*([None] * dim), "data")
-
-    def _split_over_stage(self, v: int, stage: int) -> PartitionSpec:
-        """A stored leaf only the update reads (optimizer state), split over all the stage's
-        devices along its largest dimension that divides (as ZeRO does within the stage)."""
-        mesh = self.meshes[stage]
-        axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
-        shape = self.program.avals[v].shape
-        ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-        dims = [d for d, n in enumerate(shape) if ways > 1 and n % ways == 0]
-        if not dims or int(np.prod(shape)) < _SPLIT_MIN_ELEMENTS:
-            return PartitionSpec()
-        dim = max(dims, key=lambda d: shape[d])
-        return PartitionSpec(*([None] * dim), axes if len(axes) > 1 else axes[0])
-
-    def sharding(self, v: int, stage: int) -> NamedSharding:
-        return NamedSharding(self.meshes[stage], self.spec(v, stage))
-
-    def input_sharding(self, v: int, stage: int, per_step: bool = False) -> NamedSharding:
-        """How a task on ``stage`` takes ``v``: as the stage lays it out if it is made there;
-        else as it arrives from its stage (``arrival_sharding``), resharded inside the task's
-        program. Across processes it arrives laid out as the stage wants it. A per-step task
-        (``per_step``) reads a batch leaf whole, as the step received it."""
-        want = self.sharding(v, stage)
-        source = self.source_stage(v)
-        if per_step and v in self.batch_inputs and jax.process_count() == 1:
-            have = self.batch_sharding(v, source)
-            return have if self.meshes[source] is self.meshes[stage] else arrival_sharding(
-                have, self.meshes[stage])
-        if (source is None or self.meshes[source] is self.meshes[stage]
-                or jax.process_count() > 1):
-            return want
-        return arrival_sharding(self.source_sharding(v, source), self.meshes[stage])
-
-    def source_stage(self, v: int) -> int | None:
-        """The stage holding the original of ``v`` (``None``: a constant or the index)."""
-        if v == self.index_value or v in self.program.consts:
-            return None
-        return self.placement.value_stage.get(v, self.placement.home.get(v))
-
-    def source_sharding(self, v: int, stage: int) -> NamedSharding:
-        if v in self.program.inputs and v in self.regions.batch_dim:
-            return self.sharding(v, stage)  # a micro-batch, as the split makes it
-        if v in self.crossing and combine_of(self.regions, v) == "concat":
-            return self._finished_sharding(v, stage)
-        return self.sharding(v, stage)
-
-    def _acc_sharding(self, acc: Accumulator, stage: int) -> NamedSharding:
-        if acc.kind == "concat":
-            return NamedSharding(self.meshes[stage], PartitionSpec())
-        return self.sharding(acc.value, stage)
-
-    def _aval(self, v: int, per_step: bool = False):
-        """``v``'s aval; for per-step tasks over the global batch (a batch leaf, a concatenated
-        per-example value)."""
-        aval = self.regions.global_avals.get(v, self.program.avals[v]) if per_step \
-            else self.program.avals[v]
-        return jax.ShapeDtypeStruct(aval.shape, aval.dtype,
-                                    weak_type=getattr(aval, "weak_type", False))
-
     # ----- programs -------------------------------------------------------------------------
     def _signature(self, key: tuple) -> tuple[list, list, list[int]]:
         """Abstract arguments (with shardings), output shardings and donated positions."""
         if key[0] == "split":
             stage = key[1]
-            args = [jax.ShapeDtypeStruct(_global(self._aval(v), self.num_micro_batches),
+            args = [jax.ShapeDtypeStruct(global_shape(self._aval(v), self.num_micro_batches),
                                          self.program.avals[v].dtype,
                                          sharding=self.batch_sharding(v, stage))
                     for v in self._splits[stage]]
@@ -281,24 +202,6 @@ class StageRunner:
                                             for v, s in zip(task.outputs, outs)])
             donate = [dead[k] for k in alias]
         return args, outs, donate
-
-    def _finished_shape(self, v: int) -> tuple:
-        aval = self.program.avals[v]
-        if combine_of(self.regions, v) != "concat":
-            return tuple(aval.shape)
-        return _global(self._aval(v), self.num_micro_batches, self.regions.batch_dim.get(v, 0))
-
-    def _finished_sharding(self, v: int, stage: int) -> NamedSharding:
-        if combine_of(self.regions, v) == "concat":
-            return NamedSharding(self.meshes[stage], PartitionSpec())
-        return self.sharding(v, stage)
-
-    def batch_sharding(self, v: int, stage: int) -> NamedSharding:
-        """How a global batch leaf is laid out on its stage (split over ``data`` if it can)."""
-        size = self.meshes[stage].shape.get("data", 1)
-        batch = self.program.avals[v].shape[0] * self.num_micro_batches
-        spec = PartitionSpec("data") if size > 1 and batch % size == 0 else PartitionSpec()
-        return NamedSharding(self.meshes[stage], spec)
 
     def _dies_in(self, v: int, key: tuple) -> bool:
         """Whether per-step task ``key`` is the last reader of ``v``, on ``v``'s own stage, and
@@ -562,12 +465,6 @@ def _aliasable(args: list, outputs: list[tuple]) -> list[int]:
                 del free[j]
                 break
     return chosen
-
-
-def _global(aval, m: int, axis: int = 0) -> tuple:
-    shape = list(aval.shape)
-    shape[axis] *= m
-    return tuple(shape)
 
 
 def _devices(sharding) -> tuple:
