@@ -23,6 +23,7 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--hosts", type=int, default=1)
     parser.add_argument("--profile", default="h100")
+    parser.add_argument("overrides", nargs="*", help="key.path=value, e.g. model.num_layers=8")
     args = parser.parse_args(argv)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={args.devices}")
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
 
     # The step and its abstract state, from the Trainer; the data-parallel plan it makes is
     # cheap and unused.
-    trainer = Trainer(load_config(args.config, ["parallel.method=data"])).build()
+    trainer = Trainer(load_config(args.config, [*args.overrides, "parallel.method=data"])).build()
     step, abstract = trainer.fns.train_step, (trainer.abstract_state, trainer.batch_spec)
     profile = parallel.get_profile(args.profile, args.devices, num_hosts=args.hosts)
     start = time.perf_counter()

@@ -98,6 +98,28 @@ def test_a_budget_no_spmd_plan_meets_gets_a_plan_that_fits_and_trains_the_same(s
                  got, expected)
 
 
+def test_one_host_of_h100s_gets_no_pipeline_when_memory_does_not_force_one():
+    # A GPT (4 blocks of width 256, vocabulary 8192, 64 x 256 tokens, bfloat16 compute) on
+    # one host of 8 H100s: the pipelines are priced, none is cheaper than the SPMD plan. (When
+    # zeros broadcast into attention- and logits-sized arrays were priced as replicated arrays
+    # written to memory, the full-batch SPMD plan paid for them and a 4-stage pipeline,
+    # whose layers were priced without them, won at 1.18x.)
+    from trainer import Trainer, load_config
+
+    trainer = Trainer(load_config("benchmarks/gpt-350m.yaml", [
+        "parallel.method=data", "model.num_layers=4", "model.hidden_size=256",
+        "model.num_heads=4", "model.vocab_size=8192", "model.block_size=256",
+        "data.seq_len=256", "train.batch_size=64"])).build()
+    profile = parallel.get_profile("h100", 8)
+    decision = auto.search(trainer.fns.train_step, (trainer.abstract_state, trainer.batch_spec),
+                           num_devices=8, profile=profile, memory_budget_bytes=profile.memory_bytes,
+                           max_stages=4)
+    assert decision.pipeline is None and decision.spmd is not None
+    assert sorted(p.num_stages for p in decision.pipelines) == [2, 4]  # priced, not skipped
+    assert all(p.step_time_s > decision.spmd.best.step_time_s for p in decision.pipelines)
+    assert decision.explanation.splitlines()[2] == "why: no pipeline is cheaper"
+
+
 def test_a_tiny_step_is_data_parallel_without_a_search(monkeypatch):
     # Widths 8 and 16, batch 32: the whole step unsplit costs less than launching a program on
     # 8 simulated devices (15 us each); no split can save more, so nothing is searched.

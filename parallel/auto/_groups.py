@@ -393,6 +393,16 @@ class Structure:
                                     0.0, 0.0)]
         eqn = graph.eqns[g.leader]
         found = None
+        if g.kind == "free" and len(eqn.outputs) == 1:
+            # Made from nothing (a broadcast constant, an iota): each device makes the part its
+            # readers need, and XLA fuses it into them unless one must read it from memory.
+            v = eqn.outputs[0]
+            value = graph.values[v]
+            return [dataclasses.replace(
+                        st, kind="free", operands=(None,) * len(eqn.inputs),
+                        traffic=mm.memory_time(value.nbytes / mm.shards(st.outputs[0]), 1)
+                        if self.kept[v] else 0.0)
+                    for st in _rules.input_strategies(value.shape, mm)]
         if g.kind == "dot":
             found = _rules.dot_strategies(eqn, graph, mm, self.batch)
         elif g.kind == "conv":

@@ -154,7 +154,15 @@ class PipelineSearch:
                     found = stage(k, i, j)
                     if found is not None:
                         bounds_seen.add(found.time_s)
-        for bound in sorted(bounds_seen):
+        bounds = sorted(bounds_seen)
+        if self.profile.shared_host:  # the step takes the sum of all work: no bound matters
+            bounds = bounds[-1:]
+        for bound in bounds:
+            # A layout better than the best found so far has its slowest stage at this bound
+            # (one with a faster slowest stage was found at a smaller bound, or a layout at
+            # least as good was), so it takes at least M times the bound.
+            if best is not None and m * bound >= best.step_time_s:
+                break
             memo: dict[tuple[int, int], tuple[float, tuple]] = {}
 
             def cheapest(k: int, i: int) -> tuple[float, tuple]:
