@@ -2,9 +2,9 @@
 
 ``RecordingTrainer`` trains the registry's tiny GPT on a dataset of its own that records every
 call (which process, which method, which rows) in ``<workdir>/calls/``. On a cluster, with
-``FAIL_SAVE_AT`` set, the first attempt stops before saving that step: each worker writes
-``<workdir>/at-save-<process>`` and waits for ``<workdir>/peer-killed``, then the survivor's
-save raises a ``CheckpointError`` (a save failing while a peer dies).
+``FAIL_SAVE_ON`` set to an attempt number, that attempt's first save stops: each worker writes
+``<workdir>/at-save-<process>`` (the step) and waits for ``<workdir>/peer-killed``, then the
+survivor's save raises a ``CheckpointError`` (a save failing while a peer dies).
 
 Run as a script: ``python tests/_cluster_user.py <config> <override>...``.
 """
@@ -25,7 +25,7 @@ from parallel import cluster  # noqa: E402
 from trainer import Trainer, load_config  # noqa: E402
 from trainer.data import TokenDataset  # noqa: E402
 
-FAIL_SAVE_AT = "SHARDAX_TEST_FAIL_SAVE_AT"
+FAIL_SAVE_ON = "SHARDAX_TEST_FAIL_SAVE_ON_ATTEMPT"
 
 
 class RecordingTokens:
@@ -60,7 +60,7 @@ class RecordingTrainer(Trainer):
         import jax
 
         if cluster.worker_info() is not None:  # what reached the worker from the driver
-            seen = {k: os.environ.get(k) for k in ("NCCL_DEBUG", "XLA_FLAGS", FAIL_SAVE_AT)}
+            seen = {k: os.environ.get(k) for k in ("NCCL_DEBUG", "XLA_FLAGS", FAIL_SAVE_ON)}
             (self.workdir / f"environment-{jax.process_index()}.json").write_text(json.dumps(seen))
         return RecordingTokens(str(self.workdir / "calls"), 0, self.config.data.seq_len)
 
@@ -69,10 +69,10 @@ class RecordingTrainer(Trainer):
 
     def save(self, step, metrics):
         info = cluster.worker_info()
-        if info is not None and info.attempt == 0 and str(step) == os.environ.get(FAIL_SAVE_AT):
+        if info is not None and str(info.attempt) == os.environ.get(FAIL_SAVE_ON):
             import jax
 
-            (self.workdir / f"at-save-{jax.process_index()}").write_text(str(os.getpid()))
+            (self.workdir / f"at-save-{jax.process_index()}").write_text(str(step))
             deadline = time.monotonic() + 300
             while not (self.workdir / "peer-killed").exists() and time.monotonic() < deadline:
                 time.sleep(0.1)

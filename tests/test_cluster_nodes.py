@@ -5,14 +5,15 @@ One cluster (``tests/_netns.py``) serves the whole module: ``ray start --head`` 
 from A, as the README's real-cluster steps say. JAX's coordinator, gloo and Ray talk between
 the namespace addresses. Each run is checked against one process with 8 devices (rtol 1e-5) and
 ends with no worker process left; faults are real: SIGSTOP, the link set down, node B's
-processes killed, SIGTERM to the driver. Needs root (skipped with the reason otherwise).
+processes killed, SIGTERM to the driver. The faults share one run (one per attempt), so the
+module pays for three training runs on the cluster and two references. Needs root (skipped
+with the reason otherwise).
 """
 import json
 import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,17 +25,25 @@ import numpy as np
 import pytest
 
 import parallel
+from parallel._checkpoint_files import MANIFEST_NAME
 from trainer import Trainer, load_config
 
-from _cluster_user import FAIL_SAVE_AT, RecordingTrainer
+from _cluster_user import FAIL_SAVE_ON, RecordingTrainer
 from _netns import ROOT, TwoNodes, skip_reason
 
 CONFIG = "tiny/gpt.yaml"
 BASE = ["train.log_every=1", "train.sample_tokens=0", "train.eval_batches=1"]
 CLUSTER = ["cluster.num_hosts=2", "cluster.devices_per_host=4", "cluster.address=auto",
            "cluster.startup_timeout_s=120", "cluster.hang_timeout_s=8"]
+# Every run trains the same 8 steps of a user's script (_cluster_user.py: its own dataset);
+# the data-parallel runs checkpoint at step 4.
+DATA = ["train.steps=8", "train.checkpoint_every=4", "parallel.method=data"]
 HANG_S = 8
 TIMEOUT_S = 600  # a bound for one run on a loaded 2-core machine
+# Passed on to the workers (JAX_*): the compilation cache in the workdir keeps every program,
+# so a restarted attempt's process 0 loads them all (process 1 compiles again on CPU:
+# docs/cluster.md).
+ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +61,21 @@ def nodes():
         shutil.rmtree(workspace, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run in this process with 8 devices: what every cluster run must
+    match (the pipelined one too: its micro-batches and stages change no loss beyond 1e-5)."""
+    workdir = tmp_path_factory.mktemp("reference")
+    RecordingTrainer(load_config(CONFIG, [*BASE, *DATA, f"workdir={workdir}"])).fit()
+    return workdir
+
+
 class Run:
     """A driver in node A's namespace; its output is collected line by line as it comes."""
 
     def __init__(self, nodes: TwoNodes, cmd, cwd=ROOT, env=None):
         self.lines, self.start = [], time.monotonic()
-        self.proc = nodes.popen_on_head(cmd, cwd=cwd, env=env or {})
+        self.proc = nodes.popen_on_head(cmd, cwd=cwd, env={**ENV, **(env or {})})
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -137,47 +155,72 @@ def _assert_no_worker_left(run: Run) -> None:
     assert not [p for p in pids if _alive(p)], run.output[-3000:]
 
 
-def _reference(workdir: Path, overrides, trainer_cls=Trainer) -> Path:
-    trainer_cls(load_config(CONFIG, [*BASE, *overrides, f"workdir={workdir}"])).fit()
-    return workdir
+def _wait_until(condition, run: Run, timeout: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert run.proc.poll() is None and time.monotonic() < deadline, run.output[-4000:]
+        time.sleep(0.1)
+
+
+def _user_script(workdir: Path, *overrides) -> list[str]:
+    return [sys.executable, str(ROOT / "tests" / "_cluster_user.py"), CONFIG, *BASE, *CLUSTER,
+            f"workdir={workdir}", *overrides]
 
 
 # ----- training across the nodes ------------------------------------------------------------
-def test_data_parallel_across_nodes_survives_a_frozen_worker_and_a_cut_link(nodes, tmp_path):
-    """2 nodes x 4 devices == 1 x 8; JAX's coordinator and gloo listen on the namespace
-    addresses; SIGSTOP of the worker on node B, then (after the restart) the link set down:
-    each is detected within hang_timeout_s + 10 s, named, and restarted. A checkpoint of the
-    two processes resumes in one process with the same losses."""
-    steps = ["train.steps=10", "train.checkpoint_every=2", "parallel.method=data"]
-    reference = _reference(tmp_path / "reference", steps)
+def test_data_parallel_across_nodes_survives_a_frozen_worker_a_cut_link_and_a_lost_node(
+        nodes, reference, tmp_path):
+    """2 nodes x 4 devices == 1 x 8, for a user's script with its own dataset; JAX's
+    coordinator and gloo listen on the namespace addresses. Three faults, one per attempt,
+    each detected, named and restarted: SIGSTOP of the worker on node B and the link set down
+    (each within hang_timeout_s + 10 s); then every process of node B killed while the save of
+    the worker on node A fails (injected): the loss outranks the save error (restarted, not
+    fatal), and the driver waits for capacity until a new `ray start` joins. The run ends with
+    the uninterrupted run's losses and no worker left; a checkpoint of the two processes
+    resumes in one process with the same state. The dataset (with batch_rows) is asked for
+    each process's rows only, in every attempt; the driver's XLA_FLAGS and NCCL_* and the
+    config's cluster.env reach every worker."""
     workdir = tmp_path / "run"
-    run = Run(nodes, _train(workdir, *steps))
+    env = {"NCCL_DEBUG": "WARN", "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
+    run = Run(nodes, _user_script(workdir, *DATA, "cluster.capacity_timeout_s=300",
+                                  f"cluster.env={{{FAIL_SAVE_ON}: '2'}}"), env=env)
+    b = re.escape(nodes.address[1])
     try:
-        run.wait_for(r"\[train step 2/10\]")
+        index, _, _ = run.wait_for(r"\[train step 2/8\]")
         _assert_bound_to_namespace_addresses(nodes, run, workdir)
-        # A frozen worker: stopped, it answers nothing (the one on node B, whichever it is).
-        index, _, _ = run.wait_for(r"\[train step 3/10\]")
+        # A frozen worker: stopped, it answers nothing (the one on node B, whichever it is),
+        # once step 4 is committed: the restarted attempts resume from it.
+        _wait_until(lambda: (workdir / "checkpoints" / "4" / MANIFEST_NAME).exists(), run)
         worker, pid, _ = next(w for w in run.workers() if w[2] == nodes.address[1])
         stopped = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
         index, detected, found = run.wait_for(r"cluster: (.*); restarting the workers \(1 of", index)
         assert detected - stopped <= HANG_S + 10, run.output[-6000:]
-        # Named, whatever it was doing when stopped (a step, or already step 4's save: the
-        # line of step 3 reaches the driver late on a loaded machine).
-        assert re.match(rf"worker {worker} \(pid {pid} on {re.escape(nodes.address[1])}\) "
-                        r"(did not answer the driver for \d+ s \(cluster.hang_timeout_s=8; last "
-                        r"seen in phase (step|checkpoint|eval|compile)|stopped answering the driver)",
-                        found.group(1)), found.group(1)
+        # Named, whatever it was doing when stopped (a step, the final eval or save).
+        assert re.match(rf"worker {worker} \(pid {pid} on {b}\) (did not answer the driver for "
+                        r"\d+ s \(cluster.hang_timeout_s=8; last seen in phase (step|checkpoint|eval|"
+                        r"compile)|stopped answering the driver)", found.group(1)), found.group(1)
         # A partition: the link between the nodes goes down mid-step, then comes back.
-        index, _, _ = run.wait_for(r"\[train step 6/10\]", index)
+        index, _, _ = run.wait_for(r"resuming at step 4 -> 8 steps", index)
+        index, _, _ = run.wait_for(r"\[train step \d/8\]", index)
         nodes.link(up=False)
         cut = time.monotonic()
         index, detected, found = run.wait_for(r"cluster: (.*); restarting the workers \(2 of", index)
         nodes.link(up=True)
         assert detected - cut <= HANG_S + 10, run.output[-6000:]
-        assert re.match(rf"worker \d \(pid \d+ on {re.escape(nodes.address[1])}\) "
-                        r"(did not answer|stopped answering)", found.group(1)), found.group(1)
-        run.wait_for(r"cluster: worker 0 is pid \d+ on .* \(attempt 2\)", index)
+        assert re.match(rf"worker \d \(pid \d+ on {b}\) (did not answer|stopped answering)",
+                        found.group(1)), found.group(1)
+        # Node B lost while a save fails: attempt 2's first save waits for it (_cluster_user).
+        _wait_until(lambda: all((workdir / f"at-save-{i}").exists() for i in range(2)), run)
+        nodes.kill_b()
+        (workdir / "peer-killed").write_text("")
+        index, _, found = run.wait_for(r"cluster: (.*); restarting the workers \(3 of", index)
+        assert re.match(rf"worker \d \(pid \d+ on {b}\) ", found.group(1)), found.group(1)
+        assert "raised CheckpointError: injected: saving step" in found.group(1), found.group(1)
+        run.wait_for(r"cluster: waiting up to 300 s \(cluster.capacity_timeout_s\) for room", index)
+        nodes.start_b(wait=False)  # the driver's own wait for capacity is under test
+        index, _, _ = run.wait_for(r"cluster: worker 0 is pid \d+ on .* \(attempt 3\)", index)
+        run.wait_for(r"resuming at step 4 -> 8 steps", index)
         assert run.finish() == 0, run.output[-4000:]
     finally:
         nodes.link(up=True)
@@ -187,12 +230,25 @@ def test_data_parallel_across_nodes_survives_a_frozen_worker_and_a_cut_link(node
     for i in range(2):  # two processes, each holding 4 of the mesh's 8 devices
         log = (workdir / "logs" / f"worker-{i}.log").read_text()
         assert f"[worker {i}/2 pid" in log and "4 of 8 cpu devices" in log
+    for process, rows in enumerate([(0, 8), (8, 16)]):
+        for stream in (0, 1):  # train and eval data
+            for attempt in range(4):
+                path = workdir / "calls" / f"stream{stream}-process{process}-attempt{attempt}"
+                calls = [json.loads(line) for line in path.read_text().splitlines()]
+                assert {tuple(c[3:]) for c in calls if c[0] == "batch_rows"} <= {rows}
+                assert [c for c in calls if c[0] == "batch"] == [["batch", 0, 1]]  # shapes only
+        assert (workdir / "calls" / f"stream0-process{process}-attempt3").read_text()
+        assert (workdir / "calls" / f"stream1-process{process}-attempt3").read_text()
+        seen = json.loads((workdir / f"environment-{process}.json").read_text())
+        assert seen == {"NCCL_DEBUG": "WARN", FAIL_SAVE_ON: "2",
+                        "XLA_FLAGS": "--xla_cpu_enable_fast_math=false "
+                                     "--xla_force_host_platform_device_count=4"}
     # A checkpoint both workers wrote (4 shards each) resumes in one process with 8 devices:
     # the state of step 8 is the one-process run's (gloo sums in another order: parameters of
     # ~1e-2 differ by ~1e-6 after 8 steps; step 6's state fails this check).
     resumed = tmp_path / "resumed"
     shutil.copytree(workdir / "checkpoints" / "8", resumed / "checkpoints" / "8")
-    trainer = Trainer(load_config(CONFIG, [*BASE, *steps, f"workdir={resumed}"])).setup()
+    trainer = Trainer(load_config(CONFIG, [*BASE, *DATA, f"workdir={resumed}"])).setup()
     target = trainer.step_fn.abstract_inputs(trainer.abstract_state, trainer.batch_spec)[0]
     want, _ = parallel.Checkpointer(reference / "checkpoints").restore(8, target)
     assert int(trainer.state["step"]) == 8
@@ -232,80 +288,35 @@ def _assert_bound_to_namespace_addresses(nodes: TwoNodes, run: Run, workdir: Pat
                                                                  peer.rsplit(":", 1)[1])], mine
 
 
-def test_a_pipeline_with_one_stage_per_node_stops_on_sigterm_and_resumes(nodes, tmp_path):
+def test_a_pipeline_with_one_stage_per_node_stops_on_sigterm_and_resumes(nodes, reference,
+                                                                         tmp_path):
     """Stages on different nodes train like one process; SIGTERM to the driver saves the step
     reached on every worker (train.checkpoint_every=0: no other checkpoint exists, and the
     driver warns once), exits 0 with nothing left running; the rerun resumes from it."""
-    pipeline = ["train.steps=6", "parallel.method=pipeshard", "parallel.num_micro_batches=2",
+    pipeline = ["train.steps=8", "parallel.method=pipeshard", "parallel.num_micro_batches=2",
                 "parallel.stages=2"]
-    reference = _reference(tmp_path / "reference", pipeline)
     workdir = tmp_path / "run"
-    run = Run(nodes, _train(workdir, *pipeline))
+    run = Run(nodes, _user_script(workdir, *pipeline))
     try:
-        run.wait_for(r"\[train step 2/6\]")
+        run.wait_for(r"\[train step 2/8\]")
         run.proc.send_signal(signal.SIGTERM)
         _, _, found = run.wait_for(r"every worker stops after step (\d+) and saves it")
         assert run.finish() == 0, run.output[-4000:]
     finally:
         run.finish(timeout=60)
     stopped_at = int(found.group(1))
-    assert 2 <= stopped_at < 6
+    assert 2 <= stopped_at < 8
     assert run.output.count("train.checkpoint_every=0 saves only at the end") == 1
     checkpoints = parallel.Checkpointer(workdir / "checkpoints").list()
     assert [(c.step, c.valid) for c in checkpoints] == [(stopped_at, True)]
     _assert_no_worker_left(run)
     stages = json.loads((workdir / "plan.json").read_text())["extras"]["stages"]
     assert [s["devices"] for s in stages] == [[0, 1, 2, 3], [2048, 2049, 2050, 2051]]
-    rerun = Run(nodes, _train(workdir, *pipeline))
+    rerun = Run(nodes, _user_script(workdir, *pipeline))
     assert rerun.finish() == 0, rerun.output[-4000:]
-    assert f"resuming at step {stopped_at} -> 6 steps" in rerun.output
+    assert f"resuming at step {stopped_at} -> 8 steps" in rerun.output
     _assert_same_losses(workdir, reference)
     _assert_no_worker_left(rerun)
-
-
-def test_node_b_lost_during_a_failing_save_waits_for_a_new_node_and_recovers(nodes, tmp_path):
-    """Every process of node B is killed while the worker on node A's save fails (injected):
-    the loss outranks the save error (restarted, not fatal); the driver waits for capacity
-    until a new `ray start` joins, then resumes and ends with the uninterrupted run's losses.
-    The run's own dataset (with batch_rows) is asked for each process's rows only, and the
-    driver's XLA_FLAGS and NCCL_* and the config's cluster.env reach every worker."""
-    config = ["train.steps=6", "train.checkpoint_every=2", "parallel.method=data"]
-    reference = _reference(tmp_path / "reference", config, RecordingTrainer)
-    workdir = tmp_path / "run"
-    env = {"NCCL_DEBUG": "WARN", "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
-    run = Run(nodes, [sys.executable, str(ROOT / "tests" / "_cluster_user.py"), CONFIG, *BASE,
-                      *CLUSTER, *config, f"workdir={workdir}", "cluster.capacity_timeout_s=300",
-                      f"cluster.env={{{FAIL_SAVE_AT}: '4'}}"], env=env)
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not all((workdir / f"at-save-{i}").exists() for i in range(2)):
-            assert run.proc.poll() is None and time.monotonic() < deadline, run.output[-4000:]
-            time.sleep(0.1)
-        nodes.kill_b()
-        (workdir / "peer-killed").write_text("")
-        index, _, found = run.wait_for(r"cluster: (.*); restarting the workers \(1 of")
-        assert re.match(rf"worker \d \(pid \d+ on {re.escape(nodes.address[1])}\) ", found.group(1))
-        assert "raised CheckpointError: injected: saving step 4 failed" in found.group(1)
-        run.wait_for(r"cluster: waiting up to 300 s \(cluster.capacity_timeout_s\) for room", index)
-        nodes.start_b(wait=False)  # the driver's own wait for capacity is under test
-        run.wait_for(r"cluster: worker 0 is pid \d+ on .* \(attempt 1\)", index)
-        assert run.finish() == 0, run.output[-4000:]
-    finally:
-        run.finish(timeout=60)
-    _assert_same_losses(workdir, reference)
-    _assert_no_worker_left(run)
-    for process, rows in enumerate([(0, 8), (8, 16)]):
-        for stream in (0, 1):  # train and eval data
-            for attempt in (0, 1):
-                path = workdir / "calls" / f"stream{stream}-process{process}-attempt{attempt}"
-                calls = [json.loads(line) for line in path.read_text().splitlines()]
-                assert {tuple(c[3:]) for c in calls if c[0] == "batch_rows"} <= {rows}
-                assert [c for c in calls if c[0] == "batch"] == [["batch", 0, 1]]  # shapes only
-        assert (workdir / "calls" / f"stream0-process{process}-attempt1").read_text()
-        seen = json.loads((workdir / f"environment-{process}.json").read_text())
-        assert seen == {"NCCL_DEBUG": "WARN", FAIL_SAVE_AT: "4",
-                        "XLA_FLAGS": "--xla_cpu_enable_fast_math=false "
-                                     "--xla_force_host_platform_device_count=4"}
 
 
 # ----- start-up checks ----------------------------------------------------------------------

@@ -18,8 +18,7 @@ from trainer import Trainer, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "tiny/gpt.yaml"
-BASE = ["train.steps=6", "train.log_every=1", "train.checkpoint_every=3", "train.sample_tokens=0",
-        "train.eval_batches=1"]
+BASE = ["train.steps=4", "train.log_every=1", "train.sample_tokens=0", "train.eval_batches=1"]
 CLUSTER = ["cluster.num_hosts=2", "cluster.devices_per_host=4", "cluster.startup_timeout_s=120"]
 TIMEOUT_S = 600  # a bound on a loaded 2-core machine; idle runs take well under a minute
 
