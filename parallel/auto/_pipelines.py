@@ -3,7 +3,8 @@
 For ``S`` stages of ``N / S`` devices each (sub-meshes inside a host, or of whole hosts), a
 dynamic program chooses the layer ranges and each stage's intra-op mesh shape. A stage's time per
 micro-batch is the solver's price of its layers on its sub-mesh (``LayerPricer``) plus the
-activations it sends on and the gradients it sends back, over the link the boundary crosses. The
+activations it sends on and the gradients it sends back, over the link the boundary crosses, and
+the launches of its programs (a forward and a backward per micro-batch). The
 step's time is Alpa's pipeline latency ``sum(stage times) + (M - 1) * max(stage time)`` plus the
 slowest stage's update; on a profile whose devices share one host (simulated CPU devices) the
 stages cannot overlap and the step takes the sum of all the work. A stage must fit the memory
@@ -23,6 +24,12 @@ from parallel.profiles import DeviceProfile
 _UPDATE_PASSES = 2.0
 # Recomputing a stage's forward costs about a third of its forward and backward compute.
 _FORWARD_SHARE = 1.0 / 3.0
+# Programs the pipeline runtime launches on a stage per micro-batch (its forward and its
+# backward) and per step (the per-step work, the batch split, creating and finishing the
+# accumulators, the update), each costing the profile's program_overhead_s; an SPMD step
+# launches one program.
+_LAUNCHES_PER_MICRO_BATCH = 2
+_LAUNCHES_PER_STEP = 5
 
 
 @dataclasses.dataclass
@@ -248,7 +255,8 @@ class PipelineSearch:
         best: StagePrice | None = None
         for shape in sorted(shapes):
             parts: list[MeshPrice] = [p[shape] for p in prices]
-            time = sum(p.time_s for p in parts) + transfer
+            time = (sum(p.time_s for p in parts) + transfer
+                    + _LAUNCHES_PER_MICRO_BATCH * profile.program_overhead_s)
             state = sum(p.state_bytes for p in parts)
             grads = sum(p.grad_bytes for p in parts)
             # A micro-batch in flight keeps its residuals (with remat: only the stage's input);
@@ -263,7 +271,8 @@ class PipelineSearch:
                 memory = state + grads + residuals + working + (in_flight - 1) * stash
             else:
                 memory = state + grads + working + in_flight * residuals
-            update = _UPDATE_PASSES * (state + grads) / profile.memory_bandwidth
+            update = (_UPDATE_PASSES * (state + grads) / profile.memory_bandwidth
+                      + _LAUNCHES_PER_STEP * profile.program_overhead_s)
             if memory > self.budget:
                 continue
             candidate = StagePrice(first, last, n, first_device, shape, time, update, memory)
