@@ -99,24 +99,24 @@ def test_a_budget_no_spmd_plan_meets_gets_a_plan_that_fits_and_trains_the_same(s
 
 
 def test_one_host_of_h100s_gets_no_pipeline_when_memory_does_not_force_one():
-    # A GPT (4 blocks of width 256, vocabulary 8192, 32 x 128 tokens, bfloat16 compute) on
-    # one host of 8 H100s: the pipelines are priced, none is cheaper than the SPMD plan. It
-    # used to get a 2-stage pipeline at 1.10x: zeros broadcast into attention- and
+    # A GPT (2 blocks of width 256, vocabulary 8192, 32 x 128 tokens, bfloat16 compute) on
+    # one host of 8 H100s: the 2-stage pipelines are priced, none is cheaper than the SPMD
+    # plan. It used to get a 2-stage pipeline: zeros broadcast into attention- and
     # logits-sized arrays were priced as replicated arrays written to memory (the full-batch
     # SPMD plan paid for them, the layers priced alone did not), and the pipeline's launches,
     # a forward and a backward program per stage and micro-batch, were free.
     from trainer import Trainer, load_config
 
     trainer = Trainer(load_config("benchmarks/gpt-350m.yaml", [
-        "parallel.method=data", "model.num_layers=4", "model.hidden_size=256",
+        "parallel.method=data", "model.num_layers=2", "model.hidden_size=256",
         "model.num_heads=4", "model.vocab_size=8192", "model.block_size=128",
         "data.seq_len=128", "train.batch_size=32"])).build()
     profile = parallel.get_profile("h100", 8)
     decision = auto.search(trainer.fns.train_step, (trainer.abstract_state, trainer.batch_spec),
                            num_devices=8, profile=profile, memory_budget_bytes=profile.memory_bytes,
-                           max_stages=4)
+                           max_stages=2)
     assert decision.pipeline is None and decision.spmd is not None
-    assert sorted(p.num_stages for p in decision.pipelines) == [2, 4]  # priced, not skipped
+    assert [p.num_stages for p in decision.pipelines] == [2]  # priced, not skipped
     assert all(p.step_time_s > decision.spmd.best.step_time_s for p in decision.pipelines)
     assert decision.explanation.splitlines()[2] == "why: no pipeline is cheaper"
 
