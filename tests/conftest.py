@@ -48,7 +48,6 @@ def pytest_collection_modifyitems(config, items):
 # the killed-run resumes under zero3 and auto. The README's test command (CI, 25 minutes) leaves
 # them out with -m "not slow"; run them with -m slow before a release.
 SLOW = (
-    "tests/test_cluster_nodes.py::",
     "tests/test_cluster_train.py::test_a_solver_chosen_plan_on_two_workers_trains_like_one_process",
     "tests/test_train_models.py::test_tiny_model_loss_falls_under_shard[wide_resnet",
     "tests/test_train_models.py::test_tiny_model_loss_falls_under_shard[moe",
