@@ -222,6 +222,7 @@ class Checkpointer:
         if jax.process_count() > 1:  # orbax saves only arrays spread over every process
             state = jax.tree.map(lambda x: x if not isinstance(x, jax.Array) or spans_every_process(x)
                                  else on_all_devices(x), state)
+        _whole_arrays_on_cpu(state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras),
                                   layout=ocp.args.JsonSave({"leaves": files.layout(state)}))
         try:
@@ -463,3 +464,27 @@ def _abstract_target(target: Any) -> Any:
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
     return jax.tree_util.tree_map_with_path(one, target)
+
+
+
+_CPU_HANDLER_SET = False
+
+
+def _whole_arrays_on_cpu(state: Any) -> None:
+    """On CPU devices, orbax writes each replicated array from one device instead of a slice from
+    every replica (its default outside GPUs): on simulated CPU devices the slices share one
+    host's memory and each costs a compile per shape and device at a process's first save
+    (80 replicated leaves on 8 devices: 51 CPU-seconds instead of 0.6). Set once, for jax.Array
+    in orbax's global registry; GPUs and TPUs keep orbax's default."""
+    global _CPU_HANDLER_SET
+    leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+    if _CPU_HANDLER_SET or not leaves or any(
+            d.platform != "cpu" for x in leaves for d in x.sharding.device_set):
+        return
+    from orbax.checkpoint._src.metadata import array_metadata_store
+
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            array_metadata_store=array_metadata_store.Store(), use_replica_parallel=False),
+        override=True)
+    _CPU_HANDLER_SET = True

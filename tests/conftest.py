@@ -43,10 +43,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-# The slowest tests (minutes each on a 2-core machine): the two-namespace cluster's fault
-# injection, the solver-chosen plan on two Ray workers, the Wide-ResNet and MoE training runs and
-# the killed-run resumes under zero3 and auto. The README's test command (CI, 25 minutes) leaves
-# them out with -m "not slow"; run them with -m slow before a release.
+# The slowest tests (minutes each on a 2-core machine): the solver-chosen plan on two Ray workers,
+# the Wide-ResNet and MoE training runs and the killed-run resumes under zero3 and auto. The
+# README's test command (CI, 25 minutes) leaves them out with -m "not slow"; run them with
+# -m slow before a release.
 SLOW = (
     "tests/test_cluster_train.py::test_a_solver_chosen_plan_on_two_workers_trains_like_one_process",
     "tests/test_train_models.py::test_tiny_model_loss_falls_under_shard[wide_resnet",

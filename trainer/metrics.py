@@ -27,15 +27,13 @@ class MetricsLogger:
 
     def __init__(self, workdir: Path, total_steps: int, start_step: int = 0, stream=None,
                  primary: bool = True):
-        from tensorboardX import SummaryWriter
-
         self.primary = primary
         self.stream = stream or sys.stderr
         self.writer, self.jsonl = None, None
         if primary:
             events = workdir / "tensorboard"
             purge = start_step + 1 if events.is_dir() and any(events.iterdir()) else None
-            self.writer = SummaryWriter(str(events), purge_step=purge)
+            self.writer = _summary_writer()(str(events), purge_step=purge)
             _drop_records_after(workdir / "metrics.jsonl", start_step)
             self.jsonl = open(workdir / "metrics.jsonl", "a")
         self.interactive = primary and hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -123,3 +121,18 @@ def _fmt(value: float) -> str:
     if value == 0 or 1e-3 <= abs(value) < 1e5:
         return f"{value:.4g}"
     return f"{value:.3e}"
+
+
+def _summary_writer():
+    """tensorboardX's ``SummaryWriter``, imported without torch unless torch is already loaded:
+    tensorboardX imports torch when it is installed (seconds per process, for the tensors we
+    never log: only numbers go to the events)."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # ``import torch`` raises ImportError, which tensorboardX allows
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
