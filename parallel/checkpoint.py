@@ -466,7 +466,6 @@ def _abstract_target(target: Any) -> Any:
     return jax.tree_util.tree_map_with_path(one, target)
 
 
-
 _CPU_HANDLER_SET = False
 
 
