@@ -480,10 +480,18 @@ def _whole_arrays_on_cpu(state: Any) -> None:
     if _CPU_HANDLER_SET or not leaves or any(
             d.platform != "cpu" for x in leaves for d in x.sharding.device_set):
         return
+    import logging
+
     from orbax.checkpoint._src.metadata import array_metadata_store
 
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(
-            array_metadata_store=array_metadata_store.Store(), use_replica_parallel=False),
-        override=True)
+    absl = logging.getLogger("absl")  # orbax warns of the override on every process's output
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(
+                array_metadata_store=array_metadata_store.Store(), use_replica_parallel=False),
+            override=True)
+    finally:
+        absl.setLevel(level)
     _CPU_HANDLER_SET = True
