@@ -19,39 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAYERS, WIDTH, HIDDEN, BATCH = 32, 1024, 4096, 64
 
 
-def swiglu_stack():
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    optimizer = optax.adam(1e-3)
-
-    def train_step(state, batch):
-        def loss_fn(params):
-            h = batch["x"]  # (B, D)
-            for layer in params:
-                gate, up = jax.nn.silu(h @ layer["gate"]), h @ layer["up"]  # (B, F)
-                h = h + (gate * up) @ layer["down"]  # (B, D)
-            return jnp.mean((h - batch["y"]) ** 2)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates),
-                "opt_state": opt_state}, {"loss": loss}
-
-    up = jax.ShapeDtypeStruct((WIDTH, HIDDEN), jnp.float32)
-    down = jax.ShapeDtypeStruct((HIDDEN, WIDTH), jnp.float32)
-    params = [{"gate": up, "up": up, "down": down} for _ in range(LAYERS)]
-    x = jax.ShapeDtypeStruct((BATCH, WIDTH), jnp.float32)
-    return train_step, ({"params": params, "opt_state": jax.eval_shape(optimizer.init, params)},
-                        {"x": x, "y": x})
-
-
 def main() -> int:
     import parallel
+    from benchmarks._swiglu import swiglu_stack
 
     imported = time.perf_counter()
-    step, args = swiglu_stack()
+    step, args = swiglu_stack(LAYERS, WIDTH, HIDDEN, BATCH)
     parallel_step = parallel.parallelize(step, method=parallel.make_method("auto"))
     plan = parallel_step.plan(*args)
     planned = time.perf_counter()

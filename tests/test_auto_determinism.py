@@ -9,11 +9,10 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
-import optax
 import pytest
 
 import parallel
+from benchmarks._swiglu import swiglu_stack
 from parallel import auto
 from parallel.auto import _method
 
@@ -42,36 +41,12 @@ def test_plan_script_prints_the_same_plan_twice():
     assert plan(first) == plan(second)
 
 
-def _swiglu_stack(num_layers, width, hidden, batch_size):
-    optimizer = optax.adam(1e-3)
-
-    def train_step(state, batch):
-        def loss_fn(params):
-            h = batch["x"]  # (B, D)
-            for layer in params:
-                gate, up = jax.nn.silu(h @ layer["gate"]), h @ layer["up"]  # (B, F)
-                h = h + (gate * up) @ layer["down"]  # (B, D)
-            return jnp.mean((h - batch["y"]) ** 2)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates),
-                "opt_state": opt_state}, {"loss": loss}
-
-    up = jax.ShapeDtypeStruct((width, hidden), jnp.float32)
-    down = jax.ShapeDtypeStruct((hidden, width), jnp.float32)
-    params = [{"gate": up, "up": up, "down": down} for _ in range(num_layers)]
-    x = jax.ShapeDtypeStruct((batch_size, width), jnp.float32)
-    return train_step, ({"params": params, "opt_state": jax.eval_shape(optimizer.init, params)},
-                        {"x": x, "y": x})
-
-
 def test_analyze_with_default_settings_runs_no_step(monkeypatch):
     def no_timing(*args, **kwargs):
         raise AssertionError("a step was run to time the candidates")
 
     monkeypatch.setattr(_method, "time_compiled", no_timing)
-    step, args = _swiglu_stack(num_layers=4, width=256, hidden=1024, batch_size=64)
+    step, args = swiglu_stack(num_layers=4, width=256, hidden=1024, batch_size=64)
     parallel_step = parallel.parallelize(step, method=parallel.make_method("auto"))
     report = parallel_step.analyze(*args)
     meshes = parallel_step.plan(*args).extras["solver"]["meshes"]
