@@ -29,18 +29,46 @@ def pytest_unconfigure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Groups for pytest-xdist's ``--dist loadgroup`` (the README's test command runs two
-    workers): a module runs whole on one worker, so its module-scoped fixtures are built once,
-    and the modules that start Ray clusters run one after another on the same worker (two local
-    clusters at once would compete for ports, and ``address=auto`` could find the other one)."""
+    """The slowest tests (``SLOW``) are marked ``slow``."""
     import pytest
 
     for item in items:
-        module = item.module.__name__.rpartition(".")[2]
-        group = "ray-clusters" if module.startswith("test_cluster") else module
-        item.add_marker(pytest.mark.xdist_group(group))
         if item.nodeid.startswith(SLOW):
             item.add_marker(pytest.mark.slow)
+
+
+def _scope(nodeid: str) -> str:
+    """The unit of work one xdist worker takes whole: a test module, so its module-scoped
+    fixtures are built once; the modules that start Ray clusters form one unit and run one after
+    another on one worker (two local clusters at once would compete for ports, and
+    ``address=auto`` could find the other one)."""
+    module = nodeid.split("::", 1)[0]
+    return "ray-clusters" if os.path.basename(module).startswith("test_cluster") else module
+
+
+def _make_scheduler(config, log):
+    """pytest-xdist's scheduler for the README's ``-n 2`` run, whatever ``--dist`` says: whole
+    modules (``_scope``) in collection order. xdist's own ``loadgroup`` does not group on pytest
+    9.2 (it renames ``item._nodeid``, which pytest 9.2 no longer reads), so tests of one module
+    ran on both workers and built its fixtures twice."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    config.option.loadscopereorder = False
+    return ModuleScheduling(config, log)
+
+
+try:
+    import xdist  # noqa: F401  (the hook exists only with pytest-xdist installed)
+except ImportError:
+    pass
+else:
+    import pytest as _pytest
+
+    pytest_xdist_make_scheduler = _pytest.hookimpl(optionalhook=True)(_make_scheduler)
 
 
 # The slowest tests (minutes each on a 2-core machine): the solver-chosen plan on two Ray workers,
