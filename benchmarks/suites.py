@@ -12,6 +12,11 @@ Suites (``scripts/benchmark.py --suite NAME``):
 * ``pipeline``: an 8-layer GPT and a Wide-ResNet, the best unpipelined plan (data, ZeRO-2,
   ZeRO-3, auto) against ``pipeshard`` with automatic stages and with 4 stages x 2 devices
   (1F1B and GPipe), 8 micro-batches: step time, the schedule's bubble and the measured one.
+* ``fidelity``: the ``models`` suite's workloads, every hand-written plan and every plan the
+  planner compiled (``auto_timed`` times its finalists): predicted step time (the solver's
+  price, the cost model on the compiled program) against measured, their rank correlation and
+  the worst ratio (``benchmarks._fidelity``); ``auto`` against the best hand plan as in
+  ``models``.
 * ``solver``: the automatic method's solve and compile time against model depth and device
   count (compiled on abstract shapes; nothing is run), and the solver alone on a 24-layer,
   2048-wide GPT on 8 devices and a 48-layer, 8192-wide GPT on 64 (priced for H100s).
@@ -35,16 +40,15 @@ from typing import Any
 
 import yaml
 
+from benchmarks import _fidelity, _report
 from benchmarks._report import can_plot as can_plot
-from benchmarks._report import format_markdown as format_markdown
-from benchmarks._report import plot as plot
 from benchmarks._run import RESULT_MARKER
 from benchmarks._workloads import SEED_WORKLOADS, WorkloadSpec
 
 __all__ = ["SUITES", "can_plot", "format_markdown", "format_result", "merge_rounds", "plot",
            "run_case_subprocess", "run_suite", "suite_cases", "summarize", "write_json"]
 
-SUITES = ("seed", "models", "solver", "pipeline")
+SUITES = ("seed", "models", "solver", "pipeline", "fidelity")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs", "benchmarks")
 SEED_METHODS = ("pmap", "data", "zero2", "zero3", "auto")
@@ -142,6 +146,9 @@ def suite_cases(suite: str, devices: int = 8, steps: int = 5,
                     "num_micro_batches": PIPELINE_MICRO_BATCHES, "stages": stages}}
                     if stages is not None else {}))
                 for spec in PIPELINE_WORKLOADS.values() for label, method, stages in PIPELINE_CASES]
+    if suite == "fidelity":
+        return [case(spec, method) for spec in MODEL_WORKLOADS.values()
+                for method in MEASURED_MODEL_METHODS]
     if suite == "models":
         measured = [case(spec, method, estimate_profiles=[ESTIMATE_PROFILE])
                     for spec in MODEL_WORKLOADS.values() for method in MEASURED_MODEL_METHODS]
@@ -301,6 +308,27 @@ def format_result(result: dict[str, Any]) -> str:
              f"solve {result.get('solve_time_s', 0.0):.2f} s",
              f"compile {compile_s:.2f} s" if compile_s is not None else "compile n/a"]
     return head + " " + "  ".join(parts)
+
+
+def format_markdown(data: dict[str, Any]) -> str:
+    """The suite's results as Markdown tables."""
+    if data["suite"] != "fidelity":
+        return _report.format_markdown(data)
+    models = _report.format_markdown({**data, "suite": "models"})
+    models = models.replace("Suite `models`", "Suite `fidelity`", 1)
+    return models + "\n\n" + "\n".join(
+        ["## Predicted against measured", ""] + _fidelity.tables(data))
+
+
+def plot(data: dict[str, Any], path: str) -> None:
+    """Draws the suite's results to a PNG at ``path`` (``benchmarks._report.plot``; the
+    fidelity suite: predicted against measured step times)."""
+    if data["suite"] == "fidelity":
+        if not can_plot():
+            raise RuntimeError("plotting needs matplotlib: pip install -e '.[bench]'")
+        _fidelity.plot(data, path)
+    else:
+        _report.plot(data, path)
 
 
 def write_json(data: dict[str, Any], path: str) -> None:

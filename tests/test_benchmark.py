@@ -245,3 +245,54 @@ def test_pipeline_case_reports_stages_bubbles_and_trains_like_data(tiny_results)
         (w, label) for w in ("gpt_8_layers", "wide_resnet")
         for label in ("data", "zero2", "zero3", "auto", "pipeshard_auto", "pipeshard_4x2",
                       "pipeshard_4x2_gpipe")]
+
+
+def _fidelity_results():
+    mesh = {"mesh_shape": {"data": 8}, "variant": "", "step_time_s": 0.05,
+            "compiled_step_time_s": 0.3, "measured_step_time_s": 0.15}
+    untimed = {"mesh_shape": {"data": 4, "model": 2}, "variant": "zero3", "step_time_s": 0.04,
+               "compiled_step_time_s": 0.25, "measured_step_time_s": None}
+    return [{"workload": "w", "method": "data", "step_time_s": 0.2, "estimated_step_time_s": 0.1},
+            {"workload": "w", "method": "zero3", "step_time_s": 0.3,
+             "estimated_step_time_s": 0.2},
+            {"workload": "w", "method": "manual", "error": "exit code 1: boom"},
+            {"workload": "w", "method": "auto", "step_time_s": 0.25,
+             "estimated_step_time_s": 0.3},
+            {"workload": "w", "method": "auto_timed", "step_time_s": 0.15,
+             "estimated_step_time_s": 0.3, "solver": {"meshes": [mesh, untimed]}}]
+
+
+def test_fidelity_pairs_every_measured_plan_with_its_predictions():
+    from benchmarks import _fidelity
+
+    results = _fidelity_results()
+    assert [(p["candidate"], p["solver_s"], p["compiled_s"], p["measured_s"])
+            for p in _fidelity.points(results)] == [
+        ("data", None, 0.1, 0.2), ("zero3", None, 0.2, 0.3), ("auto: data=8", 0.05, 0.3, 0.15)]
+    s = _fidelity.summary(results)["w"]
+    # Ranks: predicted 1, 2, 3; measured 2, 3, 1; 1 - 6 * (1 + 1 + 4) / (3 * 8) = -0.5.
+    assert s["spearman_compiled"] == pytest.approx(-0.5)
+    assert s["spearman_solver"] is None  # one timed finalist
+    assert s["measured_over_compiled"] == pytest.approx([0.5, 2.0])
+    assert s["auto_over_fastest"] == pytest.approx(0.25 / 0.15)
+    assert s["auto_over_best_hand"] == pytest.approx(1.25)
+    assert s["auto_timed_over_best_hand"] == pytest.approx(0.75)
+    assert _fidelity.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert _fidelity.spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_fidelity_suite_cases_and_tables():
+    cases = suites.suite_cases("fidelity", 8)
+    assert [(c["workload"]["name"], c["method"], c["measure"]) for c in cases] == [
+        (w, m, True) for w in ("gpt", "moe", "wide_resnet")
+        for m in ("data", "zero2", "zero3", "manual", "auto", "auto_timed")]
+    results = [{**r, "devices": 8, "per_device_memory_bytes": 2**20, "communication_bytes": 0,
+                "plan": {"mesh_shape": {"data": 8}}, "num_params": 1000}
+               for r in _fidelity_results()]
+    table = suites.format_markdown({"suite": "fidelity", "devices": 8, "repeat": 1,
+                                    "results": results, "summary": suites.summarize(results)})
+    assert table.startswith("Suite `fidelity`, 8 devices")
+    assert "| auto: data=8 | 50.00 | 300.00 | 150.00 | 0.50x |" in table
+    assert ("Rank correlation with the measured times: compiled estimate -0.50 (3 plans), "
+            "solver — (1 finalists). Measured / compiled estimate from 0.50x to 2.00x.") in table
+    assert "best hand-written plan: 1.25x (`auto_timed`: 0.75x)" in table
