@@ -19,11 +19,11 @@ import jax
 
 from parallel._errors import PlanError
 from parallel._methods import Method, register_method
-from parallel.auto._layers import LayerPricer, _nbytes, pipeline_program
+from parallel.auto._layers import LayerPricer, _nbytes, global_trace, pipeline_program
 from parallel.auto._method import ShardParallel
 from parallel.auto._pipelines import PipelinePrice, PipelineSearch, stage_counts
 from parallel.auto._search import (AXIS_NAMES, TIE, MemoryBudgetError, Solution, model_limit,
-                                   solve)
+                                   prepare, solve)
 from parallel.auto._tiny import step_size, tiny_account
 from parallel.plan import Plan
 from parallel.profiles import DeviceProfile
@@ -275,13 +275,19 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
             decision.search_time_s = time.perf_counter() - start
             decision.explanation = _explain(decision, profile, n)
             return decision
-    spmd, smallest_spmd = None, math.inf
+    spmd, smallest_spmd, whole = None, math.inf, None
     if num_micro_batches == 1 and spmd_refused is None:
+        # One trace of the step on the global batch serves the SPMD solve and every
+        # micro-batch count the pipelines are priced for.
+        prepared = prepare(fn, abstract_args, donate_argnums=donate_argnums,
+                           batch_argnums=batch_argnums)
+        whole = global_trace(fn, abstract_args, prepared.closed, prepared.out_shape)
         try:
             spmd = solve(fn, abstract_args, num_devices=n, profile=profile,
                          memory_budget_bytes=budget, donate_argnums=donate_argnums,
                          batch_argnums=batch_argnums, time_limit_s=time_limit_s,
-                         mesh_shape=mesh_shape, max_model=model_limit(profile))
+                         mesh_shape=mesh_shape, max_model=model_limit(profile),
+                         prepared=prepared)
         except MemoryBudgetError as error:
             smallest_spmd = error.smallest_bytes or math.inf
     pipelines, num_layers, smallest_pipe, searches = [], 0, math.inf, {}
@@ -290,7 +296,7 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
         pipelines, num_layers, smallest_pipe, searches = _pipelines(
             fn, abstract_args, batch_argnums, donate_argnums, profile, n, budget, batch, spmd,
             num_micro_batches, max_stages, time_limit_s,
-            _activations_per_device(smallest_spmd, state, n), 2 * state / n)
+            _activations_per_device(smallest_spmd, state, n), 2 * state / n, whole)
     chosen = _choose(spmd, [p for p in pipelines if p.memory_bytes <= budget])
     if spmd is None and chosen is None:
         smallest = min(smallest_spmd, smallest_pipe)
@@ -308,8 +314,8 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
 
 
 def _pipelines(fn, abstract_args, batch_argnums, donate_argnums, profile, n, budget, batch, spmd,
-               num_micro_batches, max_stages, time_limit_s, activations, state_per_device
-               ) -> tuple[list[PipelinePrice], int, float, dict[int, PipelineSearch]]:
+               num_micro_batches, max_stages, time_limit_s, activations, state_per_device,
+               whole=None) -> tuple[list[PipelinePrice], int, float, dict[int, PipelineSearch]]:
     """The best pipeline for each stage count (and, when memory needs them, more micro-batches
     and rematerialization), the fewest bytes per device any reached, and the searches."""
     per_host = profile.devices_per_host
@@ -339,8 +345,9 @@ def _pipelines(fn, abstract_args, batch_argnums, donate_argnums, profile, n, bud
         if m < traced:
             break  # fewer micro-batches than a count that traced and did not fit: no help
         try:
+            whole = whole or global_trace(fn, abstract_args)
             pp = pipeline_program(fn, abstract_args, batch_argnums, donate_argnums, m,
-                                  num_layers)
+                                  num_layers, whole)
         except PlanError as error:  # e.g. micro-batches this small do not trace alike
             failed = failed or error
             continue

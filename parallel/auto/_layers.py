@@ -16,8 +16,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from parallel._roles import trace
 from parallel.pipeline._intra import stage_work
 from parallel.pipeline._method import _mirrors
+from parallel.pipeline._program import flatten
 from parallel.pipeline._regions import split_regions
 from parallel.pipeline._trace import trace_step
 from parallel.pipeline._stages import backward_flags, find_layers, place
@@ -96,22 +98,26 @@ class PipelineProgram:
 
 def pipeline_program(fn: Callable, abstract_args: Sequence[Any], batch_argnums: Sequence[int],
                      donate_argnums: Sequence[int], num_micro_batches: int,
-                     num_layers: int) -> PipelineProgram:
+                     num_layers: int, whole: GlobalTrace | None = None) -> PipelineProgram:
     """Traces ``fn`` on one micro-batch and cuts its forward pass into ``num_layers`` layers
     (or the user's ``mark_pipeline_boundary`` layers), as the pipeline runtime does.
+
+    ``whole``: the step traced on the global batch (``global_trace``), shared by the
+    micro-batch counts the planner prices; default: traced here.
 
     Raises:
       PlanError: the batch does not split into ``num_micro_batches``, or the step cannot be
         pipelined (the runtime's own messages).
     """
-    traced = trace_step(fn, abstract_args, batch_argnums, num_micro_batches)
+    whole = whole or global_trace(fn, abstract_args)
+    traced = trace_step(fn, abstract_args, batch_argnums, num_micro_batches, glob=whole.program)
     global_batch = traced.global_batch
-    out_paths, _ = jax.tree_util.tree_flatten_with_path(jax.eval_shape(fn, *abstract_args))
+    out_paths, _ = jax.tree_util.tree_flatten_with_path(whole.out_shape)
     names = [f"output{jax.tree_util.keystr(path)}" for path, _ in out_paths]
     program, regions = split_regions(traced, num_micro_batches, names)
     backward = backward_flags(program, regions)
     layers = find_layers(program, regions, backward, num_layers)
-    mirrors = _mirrors(fn, abstract_args, donate_argnums)
+    mirrors = _mirrors(fn, abstract_args, donate_argnums, out=whole.out_shape)
     apart = place(program, regions, backward, layers, list(range(layers.count)), layers.count,
                   mirrors)
     state = [0.0] * layers.count
@@ -128,6 +134,24 @@ def pipeline_program(fn: Callable, abstract_args: Sequence[Any], batch_argnums: 
                          global_batch // num_micro_batches, state, residuals, [])
     pp.signatures = [_layer_signature(pp, k) for k in range(layers.count)]
     return pp
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalTrace:
+    """The step traced once on the global batch: its program and its output shapes."""
+
+    program: Any
+    out_shape: Any
+
+
+def global_trace(fn: Callable, abstract_args: Sequence[Any],
+                 closed: Any = None, out_shape: Any = None) -> GlobalTrace:
+    """``fn`` traced on ``abstract_args``; ``closed``, ``out_shape``: a trace made already
+    (``parallel._roles.trace``'s jaxpr over the flattened arguments, as the SPMD solver's
+    ``prepare`` makes it), reused rather than traced again."""
+    if closed is None:
+        closed, _, out_shape = trace(fn, tuple(abstract_args))
+    return GlobalTrace(flatten(closed), out_shape)
 
 
 def _nbytes(x) -> float:

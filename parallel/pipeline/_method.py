@@ -243,10 +243,12 @@ def _equal_split(costs, num_stages, num_devices, m, profile):
     return _dp.price(costs, starts, [num_devices // num_stages] * num_stages, m, profile)
 
 
-def _mirrors(fn, abstract_args, donate_argnums) -> dict[int, int]:
+def _mirrors(fn, abstract_args, donate_argnums, out=None) -> dict[int, int]:
     """Flat output position -> flat input position, for outputs that replace an argument
-    (same structure and leaf shapes; donated arguments first)."""
-    out = jax.eval_shape(fn, *abstract_args)
+    (same structure and leaf shapes; donated arguments first). ``out``: ``fn``'s output
+    shapes, when known (else traced)."""
+    if out is None:
+        out = jax.eval_shape(fn, *abstract_args)
     entries = list(out) if isinstance(out, (tuple, list)) else [out]
     offsets = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in abstract_args])
     order = list(donate_argnums) + [i for i in range(len(abstract_args))

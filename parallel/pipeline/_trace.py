@@ -92,8 +92,12 @@ def _batch_dims(small: Program, big: Program) -> dict[int, tuple[int, ...]]:
     return dims
 
 
-def trace_step(fn, abstract_args, batch_argnums, num_micro_batches: int) -> Traced:
+def trace_step(fn, abstract_args, batch_argnums, num_micro_batches: int,
+               glob: Program | None = None) -> Traced:
     """Traces ``fn`` on the global batch and builds the program of one micro-batch.
+
+    ``glob``: the step already traced on the global batch (``flatten`` of its jaxpr), reused
+    rather than traced again (the planner prices several micro-batch counts of one step).
 
     Raises:
       PlanError: the batch does not split; the step's operations depend on the batch size; an
@@ -102,7 +106,8 @@ def trace_step(fn, abstract_args, batch_argnums, num_micro_batches: int) -> Trac
     m = num_micro_batches
     batch = batch_size(abstract_args, batch_argnums, m)
     micro_size = batch // m
-    glob = _trace(fn, abstract_args, batch_argnums, batch)
+    if glob is None:
+        glob = _trace(fn, abstract_args, batch_argnums, batch)
     inputs = _batch_input_ids(abstract_args, batch_argnums, glob.inputs)
     micro = glob if m == 1 else _trace(fn, abstract_args, batch_argnums, micro_size)
     if m > 1 and same_structure(micro, glob):
