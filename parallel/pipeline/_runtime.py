@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from parallel._transfer import copy_to, transfer
+from parallel._transfer import arrival_sharding, copy_to, reshard, transfer
 from parallel.pipeline._program import Program, Regions, evaluate
 from parallel.pipeline._schedule import issue_order
 from parallel.pipeline._layouts import StageLayouts, global_shape
 from parallel.pipeline._stages import Placement
-from parallel.pipeline._tasks import (Accumulator, Task, accumulators, add_to, build_tasks,
+from parallel.pipeline._tasks import (Accumulator, accumulators, add_to, build_tasks,
                                       combine_of, finalize, made_by, primary_kind,
                                       weights_read)
 
@@ -132,18 +132,22 @@ class StageRunner(StageLayouts):
         self._jitted: dict[tuple, Any] = {}
         # XLA's CPU client runs the collectives of simulated devices on a shared thread pool:
         # many multi-device programs in flight at once can starve a rendezvous until XLA aborts
-        # the process. Simulated devices share the host's cores and cannot overlap anyway, so
-        # on CPUs each task finishes before the next is issued.
-        self.synchronous = meshes[0].devices.flat[0].platform == "cpu"
+        # the process (seen with a 1-stage x 8-device run issued without waiting). On CPUs at
+        # most ``in_flight`` programs run while the next is issued: Python prepares and issues
+        # a task while the previous one computes, and the program issued ``in_flight`` launches
+        # earlier is waited for. ``None``: no wait (other platforms); ``0``: wait for each.
+        self.in_flight: int | None = 1 if meshes[0].devices.flat[0].platform == "cpu" else None
         # Set to a list to record, per stage, the most bytes per device of per-micro-batch values
         # (activations and their gradients) alive at once during a step.
         self.peak_live_bytes: list[int] | None = None
         # Of the last step: programs and transfers issued, seconds issuing them (Python) and
         # seconds waiting for programs to finish (CPU devices only).
         self.last_step: dict[str, float] = {}
+        # Per F/B task key, what issuing it needs, worked out once (``_issue_plan``).
+        self._issue: dict[tuple, tuple] = {}
 
-    # Called with no arguments after each program finished (CPU devices), e.g. to sample the
-    # arrays alive on the devices during a step.
+    # Called with no arguments after each program finished (CPU devices; each program is then
+    # waited for before the next is issued), e.g. to sample the arrays alive during a step.
     after_program: Callable[[], None] | None = None
 
     # ----- counts ---------------------------------------------------------------------------
@@ -319,17 +323,39 @@ class StageRunner(StageLayouts):
             else:
                 reads[i][(v, stage)] = left - 1
 
+        window = 0 if self.after_program is not None else self.in_flight
+        pending: list = []
+
         def launch(key, args):
             nonlocal waited
             outs = self.jitted(key)(*args)
             counts["programs"] += 1
-            if self.synchronous:
-                began = time.perf_counter()
-                jax.block_until_ready(outs)
-                waited += time.perf_counter() - began
-                if self.after_program is not None:
-                    self.after_program()
+            if window is not None:  # (outputs donated to a later program since are skipped)
+                pending.append(outs)
+                if len(pending) > window:
+                    began = time.perf_counter()
+                    jax.block_until_ready([x for x in pending.pop(0) if not x.is_deleted()])
+                    waited += time.perf_counter() - began
+                    if self.after_program is not None:
+                        self.after_program()
             return outs
+
+        def bring(vs: list[int], stage: int, i: int) -> None:
+            """Micro-batch ``i``'s values ``vs`` made on other stages, copied onto ``stage`` in
+            one batched device-to-device transfer (one process)."""
+            table, xs, origins = micro[i], [], []
+            for v in vs:
+                copies = table.get(v)
+                if copies is not None and stage not in copies:
+                    origins.append(self.source_stage(v))
+                    xs.append((v, copies[origins[-1]]))
+            if not xs:
+                return
+            moved = _copy_all([x for _, x in xs], self.meshes[stage])
+            counts["transfers"] += len(xs)
+            for (v, _), y, origin in zip(xs, moved, origins):
+                table[v][stage] = y
+                read(v, origin, i)
 
         def get(v: int, stage: int, i: int | None):
             if v == self.index_value:
@@ -369,15 +395,18 @@ class StageRunner(StageLayouts):
                 for v, x in zip(task.outputs, outs):
                     step[v] = {task.stage: x}
         totals = {stage: list(launch(("zeros", stage), [])) for stage in self._accs}
+        one_process = jax.process_count() == 1
         for kind, stage, i in self.order:
             key = (kind, stage)
-            task = self.tasks.get(key)
-            if task is None:
+            plan = self._issue.get(key) or self._issue_plan(key)
+            if plan is None:
                 continue
+            task, own, concat, incoming, dropped = plan
+            if one_process and incoming:
+                bring(incoming, stage, i)
             args = [get(v, stage, i) for v in task.inputs]
-            own = self._own_accs(stage, task)
             args += [totals[stage][k] for k in own]
-            if any(a.kind == "concat" for a in task.accumulates):
+            if concat:
                 args.append(self._index(stage, i))
             outs = launch(key, args)
             del args  # no reference here keeps a micro-batch's values beyond their last reader
@@ -387,7 +416,7 @@ class StageRunner(StageLayouts):
             for k, x in zip(own, outs[n:]):
                 totals[stage][k] = x
             outs = x = None
-            for v in task.inputs:
+            for v in dropped:
                 read(v, stage, i)
             if self.peak_live_bytes is not None:
                 self._record_live(micro)
@@ -412,10 +441,23 @@ class StageRunner(StageLayouts):
                           "host_s": time.perf_counter() - start - waited}
         return results
 
-    def _own_accs(self, stage: int, task: Task) -> list[int]:
-        """Positions in the stage's accumulator list of the task's accumulators."""
-        accs = self._accs[stage] if task.accumulates else []
-        return [accs.index(a) for a in task.accumulates]
+    def _issue_plan(self, key: tuple) -> tuple | None:
+        """For F/B task ``key``: the task, the positions of its accumulators in its stage's
+        list, whether it takes the micro-batch index, the per-micro-batch inputs made on other
+        stages (copied in before it runs) and those whose copy on its stage it reads (one
+        read each, done once it ran). ``None``: the schedule names a task the program lacks."""
+        task = self.tasks.get(key)
+        if task is None:
+            self._issue[key] = None
+            return None
+        accs = self._accs[task.stage] if task.accumulates else []
+        own = [accs.index(a) for a in task.accumulates]
+        concat = any(a.kind == "concat" for a in task.accumulates)
+        incoming = [v for v in task.inputs if v in self.per_micro_batch
+                    and v != self.index_value and self.source_stage(v) != task.stage]
+        dropped = [v for v in task.inputs if (v, task.stage) in self._reads]
+        self._issue[key] = (task, own, concat, incoming, dropped)
+        return self._issue[key]
 
     def _index(self, stage: int, i: int):
         """Micro-batch index ``i`` as an int32 scalar on the stage (made once)."""
@@ -439,6 +481,14 @@ class StageRunner(StageLayouts):
                 for stage, x in copies.items():
                     live[stage] += _per_device_bytes(x)
         self.peak_live_bytes = [max(a, b) for a, b in zip(self.peak_live_bytes, live)]
+
+
+def _copy_all(xs: list, mesh: Mesh) -> list:
+    """``copy_to`` of each of ``xs`` onto ``mesh``, issued as one batched ``device_put``."""
+    targets = [arrival_sharding(x.sharding, mesh) for x in xs]
+    xs = [x if x.sharding.mesh.size == mesh.size or x.sharding.is_fully_replicated
+          else reshard(x, NamedSharding(x.sharding.mesh, PartitionSpec())) for x in xs]
+    return jax.device_put(xs, targets)
 
 
 def _rank(key: tuple) -> tuple:

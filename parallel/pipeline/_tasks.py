@@ -208,6 +208,7 @@ def build_tasks(program: Program, regions: Regions, placement: Placement,
             groups[key] = sorted(again) + groups[key]
             recomputed[key] = {v for i in again for v in program.ops[i].outputs}
     _copy_layout_ops(program, placement, groups, made_in, recomputed)
+    _local_constants(program, placement, groups, recomputed)
     crossing = set(regions.crossing)
     read_by: dict[int, set[tuple]] = {}
     tasks = {}
@@ -265,6 +266,33 @@ def _copy_layout_ops(program: Program, placement: Placement, groups: dict[tuple,
             if (i is None or i in ops or i in pulled or not (cheap or i in constant)
                     or made_in.get(v, ("",))[0] not in ("N", "L", "A")
                     or placement.stage[i] != key[-1]):
+                continue
+            pulled.add(i)
+            pending.extend(program.ops[i].value_inputs())
+        if pulled:
+            groups[key] = sorted(ops | pulled)
+            recomputed.setdefault(key, set()).update(
+                v for i in pulled for v in program.ops[i].outputs)
+
+
+def _local_constants(program: Program, placement: Placement, groups: dict[tuple, list[int]],
+                     recomputed: dict[tuple, set[int]]) -> None:
+    """Adds to each micro-batch task (``F``, ``B``) the operations computing from literals
+    alone (the zeros a ReLU's backward selects, an iota) that another stage's task makes and it
+    reads: it makes them itself instead of receiving a copy every micro-batch."""
+    producer = {v: i for i, op in enumerate(program.ops) for v in op.outputs}
+    constant = set()
+    for i, op in enumerate(program.ops):
+        if placement.phase[i] in "FB" and all(producer.get(v) in constant
+                                              for v in op.value_inputs()):
+            constant.add(i)
+    for key in [k for k in groups if k[0] in "FB"]:
+        ops = set(groups[key])
+        pending = [v for i in ops for v in program.ops[i].value_inputs()]
+        pulled = set()
+        while pending:
+            i = producer.get(pending.pop())
+            if i is None or i not in constant or i in ops or i in pulled:
                 continue
             pulled.add(i)
             pending.extend(program.ops[i].value_inputs())
