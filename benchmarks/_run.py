@@ -56,8 +56,10 @@ def make_method(name: str, profile: str | None = None,
                      f"('pmap' runs the jax.pmap baseline instead of a parallel.Method)")
 
 
-def _time_steps(step, state, batch, warmup: int, steps: int) -> tuple[list[float], list[float]]:
-    """Runs ``warmup + steps`` steps; returns the timed steps' seconds and every step's loss."""
+def _time_steps(step, state, batch, warmup: int, steps: int,
+                after_step=None) -> tuple[list[float], list[float]]:
+    """Runs ``warmup + steps`` steps; returns the timed steps' seconds and every step's loss.
+    ``after_step`` (if given) is called with no arguments after each timed step."""
     times, losses = [], []
     for i in range(warmup + steps):
         start = time.perf_counter()
@@ -65,6 +67,8 @@ def _time_steps(step, state, batch, warmup: int, steps: int) -> tuple[list[float
         jax.block_until_ready((state, metrics))
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            if after_step is not None:
+                after_step()
         losses.append(float(metrics["loss"]))
     return times, losses
 
@@ -153,20 +157,27 @@ def run_parallel(workload: Workload, method_name: str, devices: list, warmup: in
                            "tflops": workload.flops_per_step / seconds / 1e12}
     if estimates:
         result["estimates"] = estimates
+    issued: list[dict] = []  # pipelines: the runner's account of each timed step
     if measure:
         state = step.init_state(workload.init, jax.random.key(0), abstract_batch)
         batch = jax.device_put(workload.batch, step.input_shardings(state, abstract_batch)[1])
-        result["step_times_s"], result["losses"] = _time_steps(step, state, batch, warmup, steps)
+        runner = (step.compile(state, abstract_batch).runner if report.stages is not None
+                  else None)
+        record = (lambda: issued.append(dict(runner.last_step))) if runner else None
+        result["step_times_s"], result["losses"] = _time_steps(step, state, batch, warmup, steps,
+                                                               record)
     if report.stages is not None:
         result["pipeline"] = _pipeline_figures(step.compile(state if measure else abstract_state,
                                                             abstract_batch),
-                                               report, result.get("step_times_s"))
+                                               report, result.get("step_times_s"), issued)
     return result
 
 
-def _pipeline_figures(pipelined, report, step_times) -> dict[str, Any]:
-    """The stages, the schedule's bubble, and the bubble measured: the share of device time
-    idle in a step, from each stage's forward and backward programs timed alone."""
+def _pipeline_figures(pipelined, report, step_times, issued=()) -> dict[str, Any]:
+    """The stages, the schedule's bubble, the bubble measured (the share of device time idle in
+    a step, from each stage's forward and backward programs timed alone) and the host's issue
+    time: the median over the timed steps of the seconds Python spent issuing one step's
+    programs and transfers (``host_s``, waits excluded), also per (stage, micro-batch)."""
     busy = pipelined.time_stages()
     m = report.stages["num_micro_batches"]
     figures = {"stages": [{k: s[k] for k in ("layers", "devices", "max_micro_batches_in_flight",
@@ -180,6 +191,13 @@ def _pipeline_figures(pipelined, report, step_times) -> dict[str, Any]:
         sizes = [len(s["devices"]) for s in report.stages["stages"]]
         used = sum(m * t * n for t, n in zip(busy, sizes))
         figures["measured_bubble_fraction"] = max(0.0, 1.0 - used / (sum(sizes) * step))
+    if issued:
+        tasks = len(report.stages["stages"]) * m
+        host = statistics.median(s["host_s"] for s in issued)
+        figures["issue"] = {"host_s": host, "wait_s": statistics.median(s["wait_s"] for s in issued),
+                            "programs": issued[-1]["programs"],
+                            "transfers": issued[-1]["transfers"], "stage_micro_batches": tasks,
+                            "issue_ms_per_task": host / tasks * 1e3}
     return figures
 
 

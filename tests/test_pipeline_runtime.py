@@ -11,7 +11,7 @@ from jax._src.array import ArrayImpl
 from jax._src.interpreters import pxla
 
 import parallel
-from parallel.pipeline import _runtime
+from parallel.pipeline import _task_programs
 from tests import _pipeline_setups as setups
 
 
@@ -32,7 +32,7 @@ class Executions:
         monkeypatch.setattr(pjit, "_get_fastpath_data", lambda *args, **kwargs: None)
         monkeypatch.setattr(pxla.ExecuteReplicated, "__call__", counted)
         # Programs compiled by earlier tests (shared by content) would keep their fast path.
-        monkeypatch.setattr(_runtime, "_PROGRAMS", {})
+        monkeypatch.setattr(_task_programs, "_PROGRAMS", {})
 
 
 class HostReads:

@@ -220,7 +220,7 @@ def build_tasks(program: Program, regions: Regions, placement: Placement,
                 if v not in own:
                     inputs.append(v)
                     read_by.setdefault(v, set()).add(key)
-        tasks[key] = Task(key, placement.stage[ops[0]], ops, list(dict.fromkeys(inputs)), [])
+        tasks[key] = Task(key, key[-1], ops, list(dict.fromkeys(inputs)), [])
     outputs = {v for v in program.outputs if isinstance(v, int)}
     for key, task in tasks.items():
         again = recomputed.get(key, set())
