@@ -2,6 +2,7 @@
 schedule's memory: 1F1B keeps fewer micro-batches of activations alive than GPipe."""
 import jax
 import numpy as np
+import pytest
 
 import parallel
 from tests import _pipeline_setups as setups
@@ -43,27 +44,27 @@ def test_one_f_one_b_keeps_fewer_activations_than_gpipe():
         state = step.init_state(setups.gpt_state, jax.random.key(0), batch)
         report = step.analyze(state, batch)
         stages = report.stages["stages"]
-        assert report.stages["bubble_fraction"] == (num_stages - 1) / (micro_batches + num_stages - 1)
+        assert report.stages["bubble_fraction"] == pytest.approx(3 / 11)  # 4 stages, 8 micro
         in_flight = [s["max_micro_batches_in_flight"] for s in stages]
         assert in_flight == ([8, 8, 8, 8] if schedule == "gpipe" else [4, 3, 2, 1])
-        # XLA's memory analysis of each stage's forward program: the bytes it hands on per
-        # micro-batch (kept until that micro-batch's backward), times the micro-batches in flight.
-        for s in stages:
-            assert s["activation_bytes_per_micro_batch"] > 0
-            assert s["peak_activation_bytes"] == s["activation_bytes_per_micro_batch"] * s[
-                "max_micro_batches_in_flight"]
+        # Predicted: XLA's memory analysis of each stage's forward program (the bytes it hands
+        # on per micro-batch, kept until that micro-batch's backward) for the micro-batches in
+        # flight.
+        assert all(s["activation_bytes_per_micro_batch"] > 0 for s in stages)
         predicted[schedule] = [s["peak_activation_bytes"] for s in stages]
-        # Measured: the per-micro-batch arrays the runtime holds on each stage during a step.
+        # Measured: the per-micro-batch arrays alive on each stage's devices during a step,
+        # summed from the arrays themselves after every program the runtime issued.
         runner = step.compile(state, batch).runner
         runner.peak_live_bytes = [0] * num_stages
         step(state, batch)
         measured[schedule] = runner.peak_live_bytes
-    # Stage s: GPipe keeps all 8 micro-batches, 1F1B at most S - s (4 on the first stage).
-    for s in range(num_stages):
-        factor = micro_batches / (num_stages - s)
-        assert predicted["gpipe"][s] >= factor * predicted["1f1b"][s] * 0.999
-    assert max(predicted["gpipe"]) >= 2 * max(predicted["1f1b"])
-    assert measured["gpipe"][0] >= 1.8 * measured["1f1b"][0]
+        # The prediction holds what a step keeps alive, within 5% (seen: 0-3% more measured,
+        # the arriving copy of a stage's input).
+        np.testing.assert_allclose(measured[schedule], predicted[schedule], rtol=0.05)
+    # Stage s: GPipe keeps all 8 micro-batches alive, 1F1B at most S - s; the live bytes counted
+    # in the two steps keep those ratios (seen 1.98, 2.64, 3.92, 7.91).
+    ratios = [g / o for g, o in zip(measured["gpipe"], measured["1f1b"])]
+    np.testing.assert_allclose(ratios, [8 / 4, 8 / 3, 8 / 2, 8 / 1], rtol=0.03)
 
 
 def test_remat_keeps_only_stage_inputs_and_trains_the_same():
