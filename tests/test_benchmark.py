@@ -232,6 +232,9 @@ def test_pipeline_case_reports_stages_bubbles_and_trains_like_data(tiny_results)
     assert figures["bubble_fraction"] == pytest.approx(1 / 5)  # (S - 1) / (M + S - 1)
     assert 0.0 <= figures["measured_bubble_fraction"] < 1.0
     assert len(figures["stage_time_per_micro_batch_s"]) == 2
+    issue = figures["issue"]  # the host's issue time of a timed step, per (stage, micro-batch)
+    assert issue["stage_micro_batches"] == 2 * 4 and issue["host_s"] > 0
+    assert issue["programs"] > 2 * 2 * 4 and issue["transfers"] >= 2 * 4  # one cut, both ways
     np.testing.assert_allclose(pipe["losses"], tiny_results["data"]["losses"], rtol=1e-5)
     results = [tiny_results["data"], pipe]
     table = suites.format_markdown({"suite": "pipeline", "devices": 8, "repeat": 1,
@@ -240,6 +243,7 @@ def test_pipeline_case_reports_stages_bubbles_and_trains_like_data(tiny_results)
     assert "vs best unpipelined (data)" in table
     row = next(line for line in table.splitlines() if line.startswith("| pipeshard_2x4 |"))
     assert " 0-0 @ 4 / 1-1 @ 4 " in row and "| 20% |" in row
+    assert f"({issue['programs']} programs, {issue['transfers']} transfers)" in row
     cases = suites.suite_cases("pipeline", 8)
     assert [(c["workload"]["name"], c["label"]) for c in cases] == [
         (w, label) for w in ("gpt_8_layers", "wide_resnet")
