@@ -176,3 +176,42 @@ def test_a_plan_over_the_device_memory_says_so_in_one_line():
     assert over == ["  per-device memory   1,649,267,441,664 bytes  DOES NOT FIT: 1,536.0 GiB "
                     "per device, the h100 has 80.0 GiB"]
     assert "DOES NOT FIT" not in report(80 * 2**30).format()
+
+
+def test_a_pipeline_over_the_budget_once_compiled_is_searched_again_for_less(setup, monkeypatch):
+    """XLA's compiled bytes can exceed the search's estimate: the plan that runs must fit."""
+    from parallel.auto import _joint
+
+    state, batch, smallest_spmd = setup
+    budget = 0.9 * smallest_spmd
+    peaks = []
+
+    def first_over(step):  # XLA's bytes, faked: the first pipeline 5% over, the next one fits
+        peaks.append(1.05 * budget if not peaks else 0.5 * budget)
+        return peaks[-1]
+
+    monkeypatch.setattr(_joint, "_compiled_peak", first_over)
+    step = parallel.parallelize(train_step,
+                                method=parallel.make_method("auto", memory_budget_bytes=budget))
+    plan = step.plan(state, batch)
+    assert len(peaks) == 2
+    notes = [line for line in plan.extras["explanation"].splitlines()
+             if line.startswith("compiled: ")]
+    assert len(notes) == 1 and f"needs {1.05 * budget / 2**20:.2f} MiB" in notes[0]
+    # Searched again for at least the overshoot less, and the plan chosen fits that.
+    planning = plan.extras["planner"]["memory_budget_bytes"]
+    assert planning <= 0.95 * budget + 1
+    chosen = [p for p in plan.extras["planner"]["pipelines"]
+              if p["stages"] == len(plan.extras["stages"])
+              and p["num_micro_batches"] == plan.extras["num_micro_batches"]]
+    assert chosen and min(p["memory_bytes"] for p in chosen) <= planning
+
+    monkeypatch.setattr(_joint, "_compiled_peak", lambda step: 1.01 * budget)
+    step = parallel.parallelize(train_step,
+                                method=parallel.make_method("auto", memory_budget_bytes=budget))
+    with pytest.raises(auto.MemoryBudgetError, match="once compiled") as error:
+        step.plan(state, batch)
+    message = str(error.value)  # three searches, each for less, none fitting once compiled
+    assert "\n" not in message and (
+        f"on 8 devices fits {budget:.0f} bytes per device once compiled: " in message)
+    assert f"needs {1.01 * budget / 2**20:.2f} MiB per device once compiled (XLA)" in message

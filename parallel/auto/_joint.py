@@ -30,6 +30,8 @@ from parallel.profiles import DeviceProfile
 
 # Pipelines are searched up to this many stages, over twice as many layers.
 MAX_STAGES = 8
+# Searches for a pipeline that fits once compiled (each lowers the budget by the overshoot).
+_COMPILED_ROUNDS = 3
 
 
 @dataclasses.dataclass
@@ -112,10 +114,49 @@ class AutoParallel(Method):
         """The pipelined step when the search chose a pipeline; ``None`` for an SPMD plan
         (``parallelize`` then asks ``make_plan``). With several processes, process 0 searches
         alone and hands its choice to the others (as ``parallelize`` does with plans)."""
-        choice = _from_process_0(lambda: self._choose(fn, abstract_args, batch_argnums,
-                                                      donate_argnums, devices))
-        if choice["kind"] == "spmd":
-            return None
+        budget = self._budget(devices)
+        planning, notes = None, []
+        for _ in range(_COMPILED_ROUNDS):
+            try:
+                choice = _from_process_0(lambda: self._choose(
+                    fn, abstract_args, batch_argnums, donate_argnums, devices, planning))
+            except MemoryBudgetError as error:
+                if planning is None:
+                    raise
+                raise MemoryBudgetError(
+                    f"no plan of this step on {len(devices)} devices fits {budget:.0f} bytes "
+                    f"per device once compiled: {notes[-1]}, and {error}",
+                    smallest_bytes=peak, budget=budget) from None
+            if choice["kind"] == "spmd":
+                return None
+            step = self._pipeline_step(choice, fn, abstract_args, batch_argnums,
+                                       donate_argnums, devices)
+            # The plan that runs must fit once compiled: XLA's temporaries and buffers can
+            # exceed the search's estimate. Over the budget: searched again for a budget
+            # lowered by the overshoot.
+            peak = _compiled_peak(step)
+            if peak <= budget:
+                break
+            # Lowered by the overshoot, and at least by what the estimate missed.
+            planning = max(min((planning or budget) - (peak - budget),
+                               budget - (peak - choice["memory_bytes"])), 0.0)
+            notes.append(f"compiled: {choice['what']} needs {_gib(peak)} per device once "
+                         f"compiled (XLA), over the budget {_gib(budget)}; searched again "
+                         f"planning for {_gib(planning)}")
+        else:
+            raise MemoryBudgetError(
+                f"no pipelined plan of this step on {len(devices)} devices fits {budget:.0f} "
+                f"bytes per device once compiled: the last needs {peak:.0f} ({notes[-1]}). "
+                "Raise memory_budget_bytes, use more devices, or shrink the model or batch.",
+                smallest_bytes=peak, budget=budget)
+        extras = step.plan.extras
+        extras["explanation"] = "\n".join([choice["explanation"], *notes,
+                                           extras.get("explanation", "")])
+        extras["planner"] = choice["planner"]
+        return step
+
+    def _pipeline_step(self, choice, fn, abstract_args, batch_argnums, donate_argnums,
+                       devices):
         from parallel.pipeline._dp import StageLayout
         from parallel.pipeline._method import PipeshardParallel
 
@@ -125,17 +166,20 @@ class AutoParallel(Method):
         method = PipeshardParallel(choice["num_micro_batches"], stage_option=layout,
                                    remat=choice["remat"], profile=self.device_profile(devices))
         method.num_hosts, method.devices_per_host = self.num_hosts, self.devices_per_host
-        step = method.build_executable(fn, abstract_args, batch_argnums=batch_argnums,
+        return method.build_executable(fn, abstract_args, batch_argnums=batch_argnums,
                                        donate_argnums=donate_argnums, devices=devices)
-        extras = step.plan.extras
-        extras["explanation"] = choice["explanation"] + "\n" + extras.get("explanation", "")
-        extras["planner"] = choice["planner"]
-        return step
 
-    def _choose(self, fn, abstract_args, batch_argnums, donate_argnums, devices) -> dict:
+    def _budget(self, devices) -> float:
+        return float(self.memory_budget_bytes if self.memory_budget_bytes is not None
+                     else self.shard.default_budget(devices))
+
+    def _choose(self, fn, abstract_args, batch_argnums, donate_argnums, devices,
+                planning: float | None = None) -> dict:
         """The search's choice as JSON-friendly data; an SPMD plan is made (and checked on
-        XLA's compiled memory) here and kept for ``make_plan``."""
-        decision = self.decide(fn, abstract_args, batch_argnums, donate_argnums, devices)
+        XLA's compiled memory) here and kept for ``make_plan``. ``planning``: search for this
+        budget (below the real one: a pipeline chosen before did not fit once compiled)."""
+        decision = self.decide(fn, abstract_args, batch_argnums, donate_argnums, devices,
+                               planning=planning)
         key = self._key(fn, abstract_args, batch_argnums, donate_argnums, devices)
         if decision.tiny is not None:
             self._plans[key] = self._tiny_plan(decision, fn, abstract_args, batch_argnums,
@@ -160,6 +204,7 @@ class AutoParallel(Method):
                 "stage_times_s": [s.time_s for s in chosen.stages],
                 "cost_s": chosen.step_time_s, "num_micro_batches": chosen.num_micro_batches,
                 "remat": chosen.remat, "explanation": decision.explanation,
+                "what": chosen.describe().split(":")[0], "memory_bytes": chosen.memory_bytes,
                 "planner": _stats(decision)}
 
     def make_plan(self, fn: Callable, abstract_args: Sequence[Any], *,
@@ -213,14 +258,16 @@ class AutoParallel(Method):
 
     def decide(self, fn: Callable, abstract_args: Sequence[Any], batch_argnums: Sequence[int],
                donate_argnums: Sequence[int], devices: Sequence[jax.Device],
-               spmd_refused: str | None = None) -> Decision:
+               spmd_refused: str | None = None, planning: float | None = None) -> Decision:
         """The joint search (``search``) for ``fn`` on ``devices``, made once per argument
         signature; ``spmd_refused``: why the SPMD plan chosen before did not fit once
-        compiled (searched again without SPMD plans)."""
+        compiled (searched again without SPMD plans); ``planning``: searched again for this
+        budget (a pipeline chosen before did not fit once compiled)."""
         key = self._key(fn, abstract_args, batch_argnums, donate_argnums, devices)
-        if key not in self._decisions or spmd_refused is not None:
-            budget = (self.memory_budget_bytes if self.memory_budget_bytes is not None
-                      else self.shard.default_budget(devices))
+        if key not in self._decisions or spmd_refused is not None or planning is not None:
+            budget = planning if planning is not None else self._budget(devices)
+            if spmd_refused is None and key in self._decisions:
+                spmd_refused = self._decisions[key].spmd_refused
             self._decisions[key] = search(
                 fn, abstract_args, num_devices=len(devices),
                 profile=self.device_profile(devices), memory_budget_bytes=budget,
@@ -493,6 +540,14 @@ def _stats(d: Decision) -> dict:
                            "meshes": [list(s.mesh) for s in p.stages]} for p in d.pipelines],
             "chosen": ("data (tiny model)" if d.tiny is not None else
                        "spmd" if d.pipeline is None else "pipeline")}
+
+
+def _compiled_peak(step) -> float:
+    """The most loaded device's bytes of a pipelined step, with XLA's compiled temporaries
+    (``parallel.pipeline._memory.runner_memory``); its programs stay compiled for the step."""
+    from parallel.pipeline._memory import runner_memory
+
+    return float(max(m.total for m in runner_memory(step.runner, step.compile_all())))
 
 
 def _from_process_0(make: Callable[[], dict]) -> dict:
