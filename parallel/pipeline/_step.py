@@ -289,7 +289,8 @@ class PipelinedStep:
             collectives={}, flops=total_flops,
             bytes_accessed=total_bytes, estimated_step_time_s=step_time,
             profile=device_profile.name, solve_time_s=solve_time_s,
-            compile_time_s=self.compile_time_s, shardings=shardings, stages=stages)
+            compile_time_s=self.compile_time_s, shardings=shardings, stages=stages,
+            device_memory_bytes=device_profile.memory_bytes)
 
 
 def format_stages(extras: dict, report_stages: list[dict] | None = None) -> str:
