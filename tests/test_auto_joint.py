@@ -178,6 +178,26 @@ def test_a_plan_over_the_device_memory_says_so_in_one_line():
     assert "DOES NOT FIT" not in report(80 * 2**30).format()
 
 
+def test_a_pipelined_plan_over_the_device_memory_says_so_in_one_line(setup, monkeypatch):
+    import dataclasses
+
+    from parallel import profiles
+
+    state, batch, _ = setup
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, batch))
+    step = parallel.parallelize(train_step, method=parallel.make_method(
+        "pipeshard", num_micro_batches=2))
+    step.plan(*abstract)  # planned for the running devices; reported for 1000-byte ones
+    real = profiles.get_profile
+    monkeypatch.setattr(profiles, "get_profile",
+                        lambda *a, **k: dataclasses.replace(real(*a, **k), memory_bytes=1000))
+    report = step.analyze(*abstract, profile="cpu")
+    over = [line for line in report.format().splitlines() if "DOES NOT FIT" in line]
+    assert over == [f"  per-device memory   {report.per_device_memory_bytes:,} bytes  DOES NOT "
+                    f"FIT: {report.per_device_memory_bytes / 2**30:,.1f} GiB per device, the "
+                    f"cpu has 0.0 GiB"]
+
+
 def test_a_pipeline_over_the_budget_once_compiled_is_searched_again_for_less(setup, monkeypatch):
     """XLA's compiled bytes can exceed the search's estimate: the plan that runs must fit."""
     from parallel.auto import _joint

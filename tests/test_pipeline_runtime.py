@@ -134,3 +134,37 @@ def test_values_leaving_the_micro_batches_combine_as_regions_say():
     assert float(got["weight"]) == weights.sum()
     np.testing.assert_allclose(float(got["loss"]),
                                (micro_sums * weights).sum() / weights.sum() / 8, rtol=1e-6)
+
+
+def test_steps_whose_stage_meshes_differ_only_in_shape_get_their_own_programs():
+    """Task programs are shared by content across steps in a process; two steps with the same
+    stages on the same devices but intra-op meshes of other shapes (data 1 x model 4 against
+    data 2 x model 2, where ``P(None, 'model')`` means different layouts) must not share them
+    (seen: the second step's compile failed with a jit sharding mismatch)."""
+    import jax.numpy as jnp
+
+    from parallel.pipeline._dp import StageLayout
+
+    def step(w, batch):
+        def loss(w):
+            h = parallel.mark_pipeline_boundary(jnp.tanh(batch["x"] @ w["a"]))
+            return jnp.mean((h @ w["b"] - batch["y"]) ** 2)
+
+        value, grads = jax.value_and_grad(loss)(w)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, w, grads), {"loss": value}
+
+    rng = np.random.default_rng(0)
+    w = {"a": rng.normal(size=(64, 256)).astype(np.float32) * 0.1,
+         "b": rng.normal(size=(256, 64)).astype(np.float32) * 0.1}
+    batch = {"x": rng.normal(size=(16, 64)).astype(np.float32),
+             "y": rng.normal(size=(16, 64)).astype(np.float32)}
+    want_w, want = jax.jit(step)(w, batch)
+    for shape in ({"data": 1, "model": 4}, {"data": 2, "model": 2}):
+        layout = StageLayout(2, (0, 1), (4, 4), (shape, shape), (0.0, 0.0), 0.0)
+        parallel_step = parallel.parallelize(step, method=parallel.PipeshardParallel(
+            2, stage_option=layout))
+        got_w, got = parallel_step(w, batch)
+        np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-5)
+        for k in w:
+            np.testing.assert_allclose(np.asarray(got_w[k]), np.asarray(want_w[k]), rtol=1e-5,
+                                       atol=1e-6)

@@ -190,4 +190,7 @@ def _aliasable(args: list, outputs: list[tuple]) -> list[int]:
 
 
 def _devices(sharding) -> tuple:
-    return tuple(d.id for d in sharding.mesh.devices.flat)
+    """Where a sharding's spec applies: the mesh's axes, their sizes and its devices (the same
+    spec on the same devices is another layout on a mesh of another shape)."""
+    mesh = sharding.mesh
+    return tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat)
