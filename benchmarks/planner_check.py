@@ -36,12 +36,13 @@ def main(argv=None) -> int:
     trainer = Trainer(load_config(args.config, [*args.overrides, "parallel.method=data"])).build()
     step, abstract = trainer.fns.train_step, (trainer.abstract_state, trainer.batch_spec)
     profile = parallel.get_profile(args.profile, args.devices, num_hosts=args.hosts)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     decision = auto.search(step, abstract, num_devices=args.devices, profile=profile,
                            memory_budget_bytes=profile.memory_bytes)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     print(decision.explanation)
-    print(f"search: {seconds:.1f} s")
+    print(f"search: {seconds:.1f} s wall, {cpu:.1f} CPU-s, load average "
+          f"{os.getloadavg()[0]:.2f} at its end")
     chosen = (decision.pipeline.step_time_s if decision.pipeline is not None
               else decision.spmd.best.step_time_s)
     rivals = {} if decision.spmd is None else {"best SPMD": decision.spmd.best.step_time_s}

@@ -56,6 +56,7 @@ class MeshModel:
         self.axes = tuple(i for i, s in enumerate(self.axis_sizes) if s > 1)
         self._reshard_cache: dict[tuple, float] = {}
         self._hosts: dict[tuple[int, ...], int] = {}
+        self._shards: dict[Spec, int] = {}
 
     @functools.cached_property
     def combined(self) -> MeshModel:
@@ -94,7 +95,10 @@ class MeshModel:
 
     def shards(self, spec: Spec) -> int:
         """How many pieces ``spec`` cuts an array into."""
-        return self.group_size(used_axes(spec))
+        n = self._shards.get(spec)
+        if n is None:
+            n = self._shards[spec] = self.group_size(used_axes(spec))
+        return n
 
     def fits(self, shape: tuple[int, ...], spec: Spec) -> bool:
         """Whether every dimension divides evenly by the axes splitting it."""

@@ -8,6 +8,9 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse
 
+# A relaxed solution whose integer variables are this close to 0 or 1 is integral.
+_INTEGRAL = 1e-6
+
 
 @dataclasses.dataclass
 class Result:
@@ -87,11 +90,13 @@ class Program:
         """(variables, rows, integer variables)."""
         return self.num_vars, len(self._rows), int(sum(i.sum() for i in self._integer))
 
-    def solve(self, time_limit: float, gap: float = 1e-2) -> Result:
+    def solve(self, time_limit: float, gap: float = 1e-2, relax_first: bool = False) -> Result:
         """Minimizes the objective within ``time_limit`` seconds, to a relative ``gap``.
 
         A 1% gap is far below the cost model's own error and keeps memory-constrained programs,
         whose relaxation is loose, from spending seconds on proving optimality.
+        ``relax_first``: solve the linear relaxation first and keep its optimum when integral
+        (programs without a memory row: their relaxation usually is).
         """
         cost = np.concatenate(self._cost) if self._cost else np.zeros(0)
         for ids, extra in self._extra:
@@ -102,9 +107,24 @@ class Program:
         vals = np.concatenate([c for _, c in self._rows])
         matrix = scipy.sparse.csr_array((vals, (rows, cols)), shape=(len(self._rows), self.num_vars))
         start = time.perf_counter()
+        bounds = scipy.optimize.Bounds(0, np.concatenate(self._upper))
+        constraints = scipy.optimize.LinearConstraint(matrix, self._lo, self._hi)
+        # The linear relaxation first: when its optimum is integral it is the program's optimum
+        # (no integer point costs less), found without the branch-and-bound's root work (cuts,
+        # heuristics), which takes 2-3x the relaxation on the planner's programs.
+        relaxed = None
+        if relax_first:
+            relaxed = scipy.optimize.milp(cost, integrality=np.zeros_like(integrality),
+                                          bounds=bounds, constraints=constraints,
+                                          options={"time_limit": time_limit, "disp": False})
+        if relaxed is not None and relaxed.status == 0 and relaxed.x is not None:
+            whole = relaxed.x[integrality == 1]
+            if np.all(np.abs(whole - np.round(whole)) <= _INTEGRAL):
+                return Result(np.round(relaxed.x, 6), float(relaxed.fun), "optimal",
+                              time.perf_counter() - start)
+        time_limit = max(time_limit - (time.perf_counter() - start), 1e-3)
         res = scipy.optimize.milp(
-            cost, integrality=integrality, bounds=scipy.optimize.Bounds(0, np.concatenate(self._upper)),
-            constraints=scipy.optimize.LinearConstraint(matrix, self._lo, self._hi),
+            cost, integrality=integrality, bounds=bounds, constraints=constraints,
             options={"time_limit": time_limit, "mip_rel_gap": gap, "disp": False})
         seconds = time.perf_counter() - start
         if res.x is None:

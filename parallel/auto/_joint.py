@@ -19,6 +19,7 @@ import jax
 
 from parallel._errors import PlanError
 from parallel._methods import Method, register_method
+from parallel._roles import trace
 from parallel.auto._layers import LayerPricer, _nbytes, global_trace, pipeline_program
 from parallel.auto._method import ShardParallel
 from parallel.auto._pipelines import PipelinePrice, PipelineSearch, stage_counts
@@ -313,9 +314,11 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
         raise PlanError(f"parallel.num_micro_batches={num_micro_batches} does not divide the "
                         f"batch of {batch}; use a divisor of {batch} (or 1 to let auto choose)")
     limit = profile.program_overhead_s if tiny_step_s is None else tiny_step_s
+    traced = None  # the step traced once, for the tiny check and the SPMD solve alike
     if (limit > 0 and num_micro_batches == 1 and spmd_refused is None and mesh_shape is None
             and batch % n == 0):
-        size = step_size(fn, abstract_args, donate_argnums, profile, n)
+        traced = trace(fn, tuple(abstract_args))
+        size = step_size(fn, abstract_args, donate_argnums, profile, n, traced=traced)
         if size.time_s < limit and size.bytes_accessed <= budget:
             decision = Decision(None, None, [], budget, 0,
                                 tiny=tiny_account(size, profile, limit))
@@ -327,7 +330,7 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
         # One trace of the step on the global batch serves the SPMD solve and every
         # micro-batch count the pipelines are priced for.
         prepared = prepare(fn, abstract_args, donate_argnums=donate_argnums,
-                           batch_argnums=batch_argnums)
+                           batch_argnums=batch_argnums, traced=traced)
         whole = global_trace(fn, abstract_args, prepared.closed, prepared.out_shape)
         try:
             spmd = solve(fn, abstract_args, num_devices=n, profile=profile,

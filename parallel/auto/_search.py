@@ -232,15 +232,17 @@ class Prepared:
 
 
 def prepare(fn: Callable, abstract_args: Sequence[Any], *, donate_argnums: Sequence[int] = (0,),
-            batch_argnums: Sequence[int] = (1,)) -> Prepared:
+            batch_argnums: Sequence[int] = (1,), traced: tuple | None = None) -> Prepared:
     """Traces ``fn`` and builds what every mesh's integer program shares (see ``solve``).
+
+    ``traced``: ``parallel._roles.trace(fn, abstract_args)`` made already (not traced again).
 
     Raises:
       PlanError: an argument leaf is not an array or a number.
     """
     args = tuple(abstract_args)
     check_leaves(args)
-    closed, in_tree, out_shape = trace(fn, args)
+    closed, in_tree, out_shape = traced or trace(fn, args)
     graph = build_graph(closed)
     offsets = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in args])
     paired = _pair_state(args, out_shape, donate_argnums, offsets)
@@ -313,14 +315,26 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
                             batch_argnums=batch_argnums)
     graph, structure, batch_leaves, donated = p.graph, p.structure, p.batch_leaves, p.donated
 
-    def problem(sizes, split_leading=frozenset(), split_any=frozenset(), whole=frozenset()):
-        mm = MeshModel(AXIS_NAMES, sizes, profile, data_axis_named=mesh_shape is not None,
-                       first_device=first_device)
-        return MeshProblem(structure, mm, p.liveness, p.paired, p.fed,
-                           split_leading, split_any, whole)
+    tables: dict[tuple[int, ...], list] = {}  # a mesh's tables, shared by its flavours
 
-    results = [_solve_mesh(problem(sizes), budget, time_limit_s, batch_leaves)
-               for sizes in meshes]
+    def problem(sizes, split_leading=frozenset(), split_any=frozenset(), whole=frozenset()):
+        mm = _mesh_model(sizes, profile, first_device, mesh_shape is not None)
+        made = MeshProblem(structure, mm, p.liveness, p.paired, p.fed,
+                           split_leading, split_any, whole, tables=tables.get(sizes))
+        tables[sizes] = made.mesh_tables
+        return made
+
+    # A flavour whose constraints equal another's on the same mesh (no stored state to shard:
+    # a pipeline stage's work) is the same integer program: solved once.
+    solved: dict[tuple, MeshResult] = {}
+
+    def solve_once(sizes, *sets) -> MeshResult:
+        key = (sizes, *(frozenset(x) for x in sets), *(frozenset(),) * (3 - len(sets)))
+        if key not in solved:
+            solved[key] = _solve_mesh(problem(sizes, *sets), budget, time_limit_s, batch_leaves)
+        return dataclasses.replace(solved[key])
+
+    results = [solve_once(sizes) for sizes in meshes]
     if meshes[0] == (n, 1) and n > 1:
         # Data-parallel flavours of the 1-D mesh, close calls that the cost model alone may
         # misjudge: the batch split; with the optimizer state sharded (weight-update sharding,
@@ -333,7 +347,7 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
         if results[0].mesh_shape.get("data") != 1:  # the 1-D plan splits the batch already
             results[0].variant = variants.pop(0)[0]
         for name, sets in variants:
-            result = _solve_mesh(problem(meshes[0], *sets), budget, time_limit_s, batch_leaves)
+            result = solve_once(meshes[0], *sets)
             result.variant = name
             results.append(result)
     fitting = rank([r for r in results if r.status != "over_budget"],
@@ -352,6 +366,30 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
         solve_time_s=time.perf_counter() - start, num_equations=len(graph.eqns),
         num_groups=len(structure.groups), num_classes=structure.num_classes,
         in_tree=p.in_tree, out_shape=p.out_shape)
+
+
+# Mesh models by (sizes, profile, first device, data axis named): each caches the resharding
+# prices it computed, which the many solves of one search (a pipeline's layers on each
+# sub-mesh, each mesh's flavours) share.
+_MESH_MODELS: dict[tuple, MeshModel] = {}
+_MAX_MESH_MODELS = 256
+
+
+def _mesh_model(sizes: tuple[int, ...], profile: DeviceProfile, first_device: int,
+                data_axis_named: bool) -> MeshModel:
+    key = (tuple(sizes), profile, first_device, data_axis_named)
+    try:
+        mm = _MESH_MODELS.get(key)
+    except TypeError:  # a profile with unhashable fields: not shared
+        return MeshModel(AXIS_NAMES, sizes, profile, data_axis_named=data_axis_named,
+                         first_device=first_device)
+    if mm is None:
+        if len(_MESH_MODELS) >= _MAX_MESH_MODELS:
+            _MESH_MODELS.clear()
+        mm = _MESH_MODELS[key] = MeshModel(AXIS_NAMES, sizes, profile,
+                                           data_axis_named=data_axis_named,
+                                           first_device=first_device)
+    return mm
 
 
 def _pair_state(args, out_shape, donate_argnums, offsets) -> dict[int, int]:
@@ -382,7 +420,8 @@ def _solve_mesh(problem: MeshProblem, budget: float, time_limit_s: float,
         problem.add_memory_row(prog, x, point, budget, None)
     choice, specs, peak, status = None, None, np.inf, "infeasible"
     for _ in range(_MEMORY_ROUNDS):
-        result = prog.solve(max(time_limit_s - (time.perf_counter() - start), 1e-3))
+        result = prog.solve(max(time_limit_s - (time.perf_counter() - start), 1e-3),
+                            relax_first=np.isinf(budget))
         log.debug("mesh %s: %d variables, %d rows, %d integer; %s in %.2f s", mm.axis_sizes,
                   *prog.size, result.status, result.seconds)
         status = result.status

@@ -78,19 +78,26 @@ class MeshProblem:
       split_any: value ids of inputs that must be split on some dim (where one divides), e.g.
         stored state for the ZeRO-3 flavour.
       whole: value ids of inputs that must stay replicated (small state in that flavour).
+      tables: ``mesh_tables`` of a problem of ``structure`` on an equal mesh (the tables depend
+        on nothing else); default: built here.
     """
 
     def __init__(self, structure: Structure, mm: MeshModel, liveness: Liveness,
                  paired: dict[int, int], fed: set[int], split_leading: set[int] = frozenset(),
-                 split_any: set[int] = frozenset(), whole: set[int] = frozenset()):
+                 split_any: set[int] = frozenset(), whole: set[int] = frozenset(),
+                 tables: list[Table] | None = None):
         self.s = structure
         self.fed = fed
         self.mm = mm
         self.liveness = liveness
         self.paired = paired
-        cache: dict = {}
-        self.tables: list[Table] = [structure.table(c, mm, cache)
-                                    for c in range(structure.num_classes)]
+        if tables is None:
+            cache: dict = {}
+            tables = [structure.table(c, mm, cache) for c in range(structure.num_classes)]
+        # The tables of ``structure`` on ``mm`` before any flavour's subset (``tables``: made
+        # for another flavour on the same mesh, shared).
+        self.mesh_tables = tables
+        self.tables: list[Table] = list(tables)
         for c, members in enumerate(structure.members_of):
             value = structure.groups[members[0]].values[0]
             table = self.tables[c]
@@ -343,13 +350,25 @@ def _merge_alike(cost: np.ndarray, src_part: np.ndarray, dst_part: np.ndarray):
     """Merges source specs whose cost rows are equal, and destination specs whose columns are:
     the product only needs to tell apart choices that cost differently."""
     while True:
-        rows, row_of = np.unique(cost, axis=0, return_inverse=True)
-        cols, col_of = np.unique(rows, axis=1, return_inverse=True)
+        rows, row_of = _unique_rows(cost)
+        cols, col_of = _unique_rows(rows.T)
+        cols = cols.T
         if cols.shape == cost.shape:
             return cost, src_part, dst_part
         cost = cols
         src_part = row_of.reshape(-1)[src_part]
         dst_part = col_of.reshape(-1)[dst_part]
+
+
+def _unique_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(a, axis=0, return_inverse=True)`` (the distinct rows in lexicographic
+    order, and each row's index among them), without its structured-array sort, which costs
+    far more than the planner's small matrices."""
+    keys = [tuple(row) for row in a.tolist()]
+    distinct = sorted(set(keys))
+    index = {key: i for i, key in enumerate(distinct)}
+    return (np.array(distinct, dtype=a.dtype).reshape(len(distinct), a.shape[1]),
+            np.array([index[key] for key in keys], dtype=np.intp))
 
 
 def _partition(specs: list) -> tuple[list, np.ndarray]:

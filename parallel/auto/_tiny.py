@@ -41,11 +41,12 @@ class StepSize:
 
 
 def step_size(fn: Callable, abstract_args: Sequence[Any], donate_argnums: Sequence[int],
-              profile: DeviceProfile, num_devices: int) -> StepSize:
+              profile: DeviceProfile, num_devices: int, traced: tuple | None = None) -> StepSize:
     """The work of ``fn(*abstract_args)`` run unsplit on one device of ``profile`` (traced
     once, nothing compiled). Simulated devices sharing one host (``shared_host``) each have a
-    share of its figures; unsplit work runs at the whole host's speed."""
-    closed, _, _ = trace(fn, tuple(abstract_args))
+    share of its figures; unsplit work runs at the whole host's speed. ``traced``:
+    ``parallel._roles.trace(fn, abstract_args)`` made already (not traced again)."""
+    closed, _, _ = traced or trace(fn, tuple(abstract_args))
     graph = build_graph(closed)
     flops = accessed = 0.0
     for eqn in graph.eqns:
