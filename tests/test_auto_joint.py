@@ -136,8 +136,8 @@ def test_a_tiny_step_is_data_parallel_without_a_search(monkeypatch):
     def no_search(*args, **kwargs):
         raise AssertionError("a tiny step was searched")
 
-    monkeypatch.setattr(auto._joint, "solve", no_search)
-    monkeypatch.setattr(auto._joint, "pipeline_program", no_search)
+    monkeypatch.setattr(auto._decide, "solve", no_search)
+    monkeypatch.setattr(auto._decide, "pipeline_program", no_search)
     plan = parallel.parallelize(train_step, method=parallel.make_method("auto")).plan(*args)
     assert plan.method == "auto" and plan.mesh_shape == {"data": 8}
     assert set(jax.tree.leaves(plan.input_specs(args)[0])) == {P()}  # the state replicated

@@ -1,7 +1,7 @@
 """Automatic plans: ShardParallel (intra-op sharding by integer programming over the step's
 jaxpr) and AutoParallel (``method="auto"``: SPMD plans and pipelines searched together)."""
 from parallel.auto._joint import AutoParallel as AutoParallel
-from parallel.auto._joint import search as search
+from parallel.auto._decide import search as search
 from parallel.auto._method import ShardParallel as ShardParallel
 from parallel.auto._search import TIE as TIE
 from parallel.auto._search import MemoryBudgetError as MemoryBudgetError
