@@ -135,3 +135,17 @@ def test_plan_command_refuses_a_topology_that_does_not_match(overrides, message,
     code = cli.run(lambda: print(cli.plan("tiny/mlp.yaml", overrides)))
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(message) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("devices, layers, per_host, counts", [
+    (8, 16, None, [1, 2, 4, 8]),           # one host: powers of two
+    (64, 16, 8, [1, 2, 4, 8, 16]),         # 8 hosts x 8: inside a host or whole hosts
+    (120, 30, 8, [1, 3, 5, 15]),           # 15 hosts x 8 (Alpa's GPT-76B): whole hosts only
+    (24, 16, 8, [1, 3]),                   # 3 hosts x 8
+    (120, 10, 8, [1, 3, 5]),               # no more stages than layers
+])
+def test_pipelines_are_searched_with_stages_inside_a_host_or_of_whole_hosts(
+        devices, layers, per_host, counts):
+    from parallel.auto._pipelines import stage_counts
+
+    assert stage_counts(devices, layers, per_host) == counts

@@ -72,7 +72,7 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
       profile: the device and its hosts (``DeviceProfile.on_hosts``).
       memory_budget_bytes: bytes per device every candidate must fit.
       num_micro_batches: ``1``: searched; more: only plans with that many micro-batches.
-      max_stages: pipelines up to this many stages.
+      max_stages: pipelines up to this many stages (or one per host, when more).
       mesh_shape: SPMD plans on this mesh only; micro-batches and pipelines (which choose
         their own sub-meshes) only when no plan on it fits.
       spmd_refused: no SPMD plan is searched, for this reason (the one the solver chose did
@@ -152,7 +152,8 @@ def _pipelines(fn, abstract_args, batch_argnums, donate_argnums, profile, n, bud
         # Stages on devices that share a host cannot overlap: a pipeline only ever adds
         # transfers to the same work. Searched only when no SPMD plan fits.
         return [], 0, math.inf, {}
-    max_stages = min(max_stages, n)
+    # One stage per host is always a candidate, even past max_stages (Alpa's GPT-76B: 15 hosts).
+    max_stages = min(max(max_stages, n // per_host if per_host else 1), n)
     counts = [s for s in stage_counts(n, 2 * max_stages, per_host) if s <= max_stages]
     if spmd is not None:
         counts = [s for s in counts if s > 1]  # accumulation only when memory needs it

@@ -38,7 +38,8 @@ class AutoParallel(Method):
       profile: device profile name or object (``None``: the running device's).
       num_micro_batches: ``1``: the search chooses; more: only plans with that many
         micro-batches (it must divide the batch).
-      max_stages: pipelines are searched up to this many stages.
+      max_stages: pipelines are searched up to this many stages (or one per host, on a
+        cluster of more hosts).
       time_limit_s, validate, measure: as for ``ShardParallel`` (SPMD plans).
       tiny_step_s: a step whose whole work unsplit on one device is estimated below this many
         seconds is planned as data parallelism without a search (``parallel.auto._tiny``);

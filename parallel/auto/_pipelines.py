@@ -92,16 +92,20 @@ def pipeline_time(stages: list[StagePrice], num_micro_batches: int,
 
 def stage_counts(num_devices: int, num_layers: int, devices_per_host: int | None) -> list[int]:
     """Stage counts searched: powers of two with equal sub-meshes that sit inside a host or
-    hold whole hosts."""
-    out = []
+    hold whole hosts, and every divisor of the host count (stages of whole hosts: 15 hosts
+    give 1, 3, 5 and 15 stages, where no power of two above 1 divides the devices by hosts)."""
+    out = set()
     s = 1
     while s <= min(num_devices, num_layers):
         n = num_devices // s
         if num_devices % s == 0 and (devices_per_host is None or devices_per_host % n == 0
                                      or n % devices_per_host == 0):
-            out.append(s)
+            out.add(s)
         s *= 2
-    return out
+    if devices_per_host and num_devices % devices_per_host == 0:
+        hosts = num_devices // devices_per_host
+        out.update(d for d in range(1, min(hosts, num_layers) + 1) if hosts % d == 0)
+    return sorted(out)
 
 
 class PipelineSearch:
