@@ -2,12 +2,41 @@
 the search as JSON-friendly data (saved in the plan's extras)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
 
+from parallel.auto._pipelines import PipelinePrice, PipelineSearch
+from parallel.auto._search import Solution
 from parallel.profiles import DeviceProfile
 
-if TYPE_CHECKING:
-    from parallel.auto._decide import Decision
+
+@dataclasses.dataclass
+class Decision:
+    """What the joint search chose, and what it compared.
+
+    Attributes:
+      spmd: the best SPMD plan (``None``: none fits).
+      pipeline: the chosen pipeline (``None``: the SPMD plan was chosen).
+      pipelines: the best pipeline found for each stage count, micro-batches and remat.
+      budget: bytes per device every candidate had to fit.
+      explanation: the account printed with the plan.
+      search_time_s: seconds the search took.
+      searches: the pipeline searches by micro-batch count (their priced layers; for pricing
+        other layouts of the same step).
+      spmd_refused: why no SPMD plan was searched (the solver's did not fit once compiled).
+      tiny: why nothing was searched: the step is tiny (``parallel.auto._tiny``), and the plan
+        is data parallelism.
+    """
+
+    spmd: Solution | None
+    pipeline: PipelinePrice | None
+    pipelines: list[PipelinePrice]
+    budget: float
+    num_layers: int
+    explanation: str = ""
+    search_time_s: float = 0.0
+    searches: dict[int, PipelineSearch] = dataclasses.field(default_factory=dict)
+    spmd_refused: str | None = None
+    tiny: str | None = None
 
 
 def ms(seconds: float) -> str:

@@ -9,7 +9,6 @@ nothing else fits (``_choose``).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +18,7 @@ import jax
 
 from parallel._errors import PlanError
 from parallel._roles import trace
-from parallel.auto._account import explain
+from parallel.auto._account import Decision, explain
 from parallel.auto._layers import LayerPricer, _nbytes, global_trace, pipeline_program
 from parallel.auto._pipelines import PipelinePrice, PipelineSearch, stage_counts
 from parallel.auto._search import TIE, MemoryBudgetError, Solution, model_limit, prepare, solve
@@ -28,35 +27,6 @@ from parallel.profiles import DeviceProfile
 
 # Pipelines are searched up to this many stages, over twice as many layers.
 MAX_STAGES = 8
-
-@dataclasses.dataclass
-class Decision:
-    """What the joint search chose, and what it compared.
-
-    Attributes:
-      spmd: the best SPMD plan (``None``: none fits).
-      pipeline: the chosen pipeline (``None``: the SPMD plan was chosen).
-      pipelines: the best pipeline found for each stage count, micro-batches and remat.
-      budget: bytes per device every candidate had to fit.
-      explanation: the account printed with the plan.
-      search_time_s: seconds the search took.
-      searches: the pipeline searches by micro-batch count (their priced layers; for pricing
-        other layouts of the same step).
-      spmd_refused: why no SPMD plan was searched (the solver's did not fit once compiled).
-      tiny: why nothing was searched: the step is tiny (``parallel.auto._tiny``), and the plan
-        is data parallelism.
-    """
-
-    spmd: Solution | None
-    pipeline: PipelinePrice | None
-    pipelines: list[PipelinePrice]
-    budget: float
-    num_layers: int
-    explanation: str = ""
-    search_time_s: float = 0.0
-    searches: dict[int, PipelineSearch] = dataclasses.field(default_factory=dict)
-    spmd_refused: str | None = None
-    tiny: str | None = None
 
 def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
            profile: DeviceProfile, memory_budget_bytes: float,
