@@ -25,13 +25,15 @@ from parallel.auto._search import TIE, MemoryBudgetError, Solution, model_limit,
 from parallel.auto._tiny import step_size, tiny_account
 from parallel.profiles import DeviceProfile
 
-# Pipelines are searched up to this many stages, over twice as many layers.
+# Pipelines are searched up to this many stages (or one per host, on more hosts), over twice
+# as many layers.
 MAX_STAGES = 8
+
 
 def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
            profile: DeviceProfile, memory_budget_bytes: float,
            batch_argnums: Sequence[int] = (1,), donate_argnums: Sequence[int] = (0,),
-           num_micro_batches: int = 1, max_stages: int = MAX_STAGES,
+           num_micro_batches: int = 1, max_stages: int | None = None,
            mesh_shape: dict[str, int] | None = None, time_limit_s: float = 30.0,
            spmd_refused: str | None = None, tiny_step_s: float | None = None) -> Decision:
     """The joint search on abstract shapes: SPMD plans and pipelines priced by the solver.
@@ -42,7 +44,8 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
       profile: the device and its hosts (``DeviceProfile.on_hosts``).
       memory_budget_bytes: bytes per device every candidate must fit.
       num_micro_batches: ``1``: searched; more: only plans with that many micro-batches.
-      max_stages: pipelines up to this many stages (or one per host, when more).
+      max_stages: pipelines up to this many stages; ``None``: ``MAX_STAGES``, or one stage
+        per host on a cluster of more hosts (Alpa's GPT-76B: 15 hosts, 15 stages).
       mesh_shape: SPMD plans on this mesh only; micro-batches and pipelines (which choose
         their own sub-meshes) only when no plan on it fits.
       spmd_refused: no SPMD plan is searched, for this reason (the one the solver chose did
@@ -122,8 +125,9 @@ def _pipelines(fn, abstract_args, batch_argnums, donate_argnums, profile, n, bud
         # Stages on devices that share a host cannot overlap: a pipeline only ever adds
         # transfers to the same work. Searched only when no SPMD plan fits.
         return [], 0, math.inf, {}
-    # One stage per host is always a candidate, even past max_stages (Alpa's GPT-76B: 15 hosts).
-    max_stages = min(max(max_stages, n // per_host if per_host else 1), n)
+    if max_stages is None:
+        max_stages = max(MAX_STAGES, n // per_host if per_host else 1)
+    max_stages = min(max_stages, n)
     counts = [s for s in stage_counts(n, 2 * max_stages, per_host) if s <= max_stages]
     if spmd is not None:
         counts = [s for s in counts if s > 1]  # accumulation only when memory needs it

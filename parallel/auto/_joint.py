@@ -17,9 +17,10 @@ import jax
 
 from parallel._errors import PlanError
 from parallel._methods import Method, register_method
+from parallel.auto._account import Decision
 from parallel.auto._account import gib as _gib
 from parallel.auto._account import stats as _stats
-from parallel.auto._decide import MAX_STAGES, Decision, search
+from parallel.auto._decide import search
 from parallel.auto._method import ShardParallel
 from parallel.auto._search import AXIS_NAMES, MemoryBudgetError
 from parallel.plan import Plan
@@ -38,8 +39,8 @@ class AutoParallel(Method):
       profile: device profile name or object (``None``: the running device's).
       num_micro_batches: ``1``: the search chooses; more: only plans with that many
         micro-batches (it must divide the batch).
-      max_stages: pipelines are searched up to this many stages (or one per host, on a
-        cluster of more hosts).
+      max_stages: pipelines are searched up to this many stages; ``None``: 8, or one stage
+        per host on a cluster of more hosts.
       time_limit_s, validate, measure: as for ``ShardParallel`` (SPMD plans).
       tiny_step_s: a step whose whole work unsplit on one device is estimated below this many
         seconds is planned as data parallelism without a search (``parallel.auto._tiny``);
@@ -50,7 +51,7 @@ class AutoParallel(Method):
 
     def __init__(self, memory_budget_bytes: float | None = None,
                  profile: str | DeviceProfile | None = None, num_micro_batches: int = 1,
-                 max_stages: int = MAX_STAGES, time_limit_s: float = 30.0, validate: int = 4,
+                 max_stages: int | None = None, time_limit_s: float = 30.0, validate: int = 4,
                  measure: bool = False, mesh: Mapping[str, int] | None = None,
                  tiny_step_s: float | None = None):
         super().__init__(mesh)
