@@ -4,6 +4,7 @@ that separate processes (the suites) cannot resolve on a shared machine.
 
     python benchmarks/round_robin.py --workload models.wide_resnet --plans zero3,auto --rounds 10
     python benchmarks/round_robin.py --workload pipeline.wide_resnet --plans zero3,4x1,4x2,4x4,4x8,1x8
+    python benchmarks/round_robin.py --workload pipeline.wide_resnet --batch 128 --plans zero3,4x8
 
 A plan is a method of the suites (``data``, ``zero2``, ``zero3``, ``manual``, ``auto``...) or
 ``SxM``: ``pipeshard`` with ``S`` stages (1: micro-batches accumulated in one SPMD stage on all
@@ -13,6 +14,7 @@ and its median process CPU time per step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import statistics
@@ -49,6 +51,8 @@ def main(argv=None) -> None:
     parser.add_argument("--plans", default="zero3,4x1,4x2,4x4,4x8,1x8",
                         help="comma-separated; the first is the baseline of the ratios")
     parser.add_argument("--rounds", type=int, default=6, help="timed steps of each plan")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="global batch (default: the suite's)")
     args = parser.parse_args(argv)
     methods = []
     for plan in args.plans.split(","):
@@ -56,7 +60,10 @@ def main(argv=None) -> None:
             methods.append((plan, make_method(plan)))
         except ValueError as e:
             parser.error(f"plan {plan!r}: {e}")
-    workload = build_workload(WORKLOADS[args.workload])
+    spec = WORKLOADS[args.workload]
+    if args.batch is not None:
+        spec = dataclasses.replace(spec, batch_size=args.batch)
+    workload = build_workload(spec)
     batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), workload.batch)
     runs = []
     for plan, method in methods:

@@ -10,8 +10,9 @@ Suites (``scripts/benchmark.py --suite NAME``):
   are timed and the fastest kept): CPU step time measured, H100 step time estimated by the
   cost model from the same compiled step.
 * ``pipeline``: an 8-layer GPT and a Wide-ResNet, the best unpipelined plan (data, ZeRO-2,
-  ZeRO-3, auto) against ``pipeshard`` with automatic stages and with 4 stages x 2 devices
-  (1F1B and GPipe), 8 micro-batches: step time, the schedule's bubble and the measured one.
+  ZeRO-3, auto) against ``pipeshard`` with automatic stages, with 4 stages x 2 devices
+  (1F1B and GPipe) and with 8 stages x 1 device (1F1B), 8 micro-batches: step time, the
+  schedule's bubble and the measured one.
 * ``fidelity``: the ``models`` suite's workloads, every hand-written plan and every plan the
   planner compiled (``auto_timed`` times its finalists): predicted step time (the solver's
   price, the cost model on the compiled program) against measured, their rank correlation and
@@ -77,7 +78,8 @@ MODEL_WORKLOADS = {
 ESTIMATE_CONFIGS = {"gpt-125m": 64, "moe-380m": 64, "wide_resnet-250m": 256}
 # Deeper versions of the models suite's GPT and Wide-ResNet for the pipeline suite: the best
 # unpipelined plan (data, ZeRO-2, ZeRO-3, the solver's) against pipeshard with automatic stages
-# and with four stages of two devices, under 1F1B and GPipe, 8 micro-batches.
+# with four stages of two devices, under 1F1B and GPipe, and with eight stages of one device
+# (no collective inside a stage), 8 micro-batches.
 PIPELINE_WORKLOADS = {
     "gpt": WorkloadSpec("gpt_8_layers", "gpt", {
         "vocab_size": 1024, "block_size": 64, "num_layers": 8, "num_heads": 8,
@@ -88,7 +90,8 @@ PIPELINE_MICRO_BATCHES = 8
 # (label, method, stages): stages None for the unpipelined methods.
 PIPELINE_CASES = (("data", "data", None), ("zero2", "zero2", None), ("zero3", "zero3", None),
                   ("auto", "auto", None), ("pipeshard_auto", "pipeshard", "auto"),
-                  ("pipeshard_4x2", "pipeshard", 4), ("pipeshard_4x2_gpipe", "pipeshard_gpipe", 4))
+                  ("pipeshard_4x2", "pipeshard", 4), ("pipeshard_4x2_gpipe", "pipeshard_gpipe", 4),
+                  ("pipeshard_8x1", "pipeshard", 8))
 SOLVER_DEPTHS = (1, 2, 4, 8)
 SOLVER_DEVICE_COUNTS = (2, 4, 8)
 # The solver alone (nothing compiled) on large GPTs, priced for H100s: (config, global batch,

@@ -248,7 +248,7 @@ def test_pipeline_case_reports_stages_bubbles_and_trains_like_data(tiny_results)
     assert [(c["workload"]["name"], c["label"]) for c in cases] == [
         (w, label) for w in ("gpt_8_layers", "wide_resnet")
         for label in ("data", "zero2", "zero3", "auto", "pipeshard_auto", "pipeshard_4x2",
-                      "pipeshard_4x2_gpipe")]
+                      "pipeshard_4x2_gpipe", "pipeshard_8x1")]
 
 
 def _fidelity_results():

@@ -84,6 +84,41 @@ def test_transfers_between_sub_meshes_stay_on_devices(monkeypatch, source, targe
         np.testing.assert_array_equal(np.asarray(y), values)
 
 
+def test_batched_copies_keep_values_and_layouts_without_device_put(monkeypatch):
+    """``copy_all``: shards that move whole (as many devices) go through the runtime's batched
+    copy, not ``jax.device_put``'s slower checks; other moves still arrive replicated. Values
+    are exact and nothing is read into host memory."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from parallel import _transfer, mesh as mesh_lib
+
+    devices = jax.devices()
+    src = mesh_lib.make_mesh({"data": 1, "model": 2}, devices[:2])
+    dst = mesh_lib.make_mesh({"data": 2, "model": 1}, devices[2:4])
+    one = mesh_lib.make_mesh({"data": 1, "model": 1}, devices[4:5])
+    values = np.arange(4 * 6, dtype=np.float32).reshape(4, 6)
+    split = jax.device_put(values, NamedSharding(src, P(None, "model")))
+    whole = jax.device_put(values + 1, NamedSharding(src, P()))
+    host = HostReads(monkeypatch)
+    puts = []
+    device_put = jax.device_put
+    monkeypatch.setattr(jax, "device_put", lambda *a, **k: puts.append(a) or device_put(*a, **k))
+    host.active = True
+    moved = _transfer.copy_all([split, whole], dst)
+    jax.block_until_ready(moved)
+    assert puts == []  # both move shard by shard
+    to_one = _transfer.copy_all([split, whole], one)
+    jax.block_until_ready(to_one)
+    host.active = False
+    assert host.reads == []
+    assert [tuple(d.id for d in y.sharding.mesh.devices.flat) for y in moved] == [(2, 3)] * 2
+    assert moved[0].sharding.spec == P(None, "model") and moved[0].sharding.mesh.axis_names == (
+        "data", "model") and moved[0].sharding.mesh.devices.shape == (1, 2)
+    assert [y.sharding.spec for y in to_one] == [P(), P()]
+    for y, want in zip(moved + to_one, [values, values + 1] * 2):
+        np.testing.assert_array_equal(np.asarray(y), want)
+
+
 def test_values_leaving_the_micro_batches_combine_as_regions_say():
     """The runtime side of ``Regions.combine``: per-example values concatenated in micro-batch
     order, sums summed, weighted means weighted, the rest averaged."""

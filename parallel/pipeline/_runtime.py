@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from parallel._transfer import arrival_sharding, copy_to, reshard, transfer
+from parallel._transfer import copy_all, copy_to, transfer
 from parallel.pipeline._program import Program, Regions
 from parallel.pipeline._schedule import issue_order
 from parallel.pipeline._stages import Placement
@@ -207,7 +207,7 @@ class StageRunner(TaskPrograms):
                     xs.append((v, copies[origins[-1]]))
             if not xs:
                 return
-            moved = _copy_all([x for _, x in xs], self.meshes[stage])
+            moved = copy_all([x for _, x in xs], self.meshes[stage])
             counts["transfers"] += len(xs)
             for (v, _), y, origin in zip(xs, moved, origins):
                 table[v][stage] = y
@@ -337,14 +337,6 @@ class StageRunner(TaskPrograms):
                 for stage, x in copies.items():
                     live[stage] += _per_device_bytes(x)
         self.peak_live_bytes = [max(a, b) for a, b in zip(self.peak_live_bytes, live)]
-
-
-def _copy_all(xs: list, mesh: Mesh) -> list:
-    """``copy_to`` of each of ``xs`` onto ``mesh``, issued as one batched ``device_put``."""
-    targets = [arrival_sharding(x.sharding, mesh) for x in xs]
-    xs = [x if x.sharding.mesh.size == mesh.size or x.sharding.is_fully_replicated
-          else reshard(x, NamedSharding(x.sharding.mesh, PartitionSpec())) for x in xs]
-    return jax.device_put(xs, targets)
 
 
 def _per_device_bytes(x) -> int:
