@@ -131,8 +131,11 @@ class StageRunner(TaskPrograms):
         # the process (seen with a 1-stage x 8-device run issued without waiting). On CPUs at
         # most ``in_flight`` programs run while the next is issued: Python prepares and issues
         # a task while the previous one computes, and the program issued ``in_flight`` launches
-        # earlier is waited for. ``None``: no wait (other platforms); ``0``: wait for each.
-        self.in_flight: int | None = 1 if meshes[0].devices.flat[0].platform == "cpu" else None
+        # earlier is waited for. ``None``: no wait (other platforms, and CPU stages of one
+        # device each: their programs have no collective to rendezvous); ``0``: wait for each.
+        collectives = any(mesh.size > 1 for mesh in meshes)
+        self.in_flight: int | None = (1 if meshes[0].devices.flat[0].platform == "cpu"
+                                      and collectives else None)
         # Set to a list to record, per stage, the most bytes per device of per-micro-batch values
         # (activations and their gradients) alive at once during a step.
         self.peak_live_bytes: list[int] | None = None
