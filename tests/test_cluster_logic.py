@@ -298,11 +298,13 @@ class _QuietWatch:
         return self._silent
 
 
-def _cause(monkeypatch, reports, number=0, silent=()):
+def _cause(monkeypatch, reports, number=0, silent=(), lost=()):
     """What ends an attempt whose workers report ``reports`` ([(worker, exception)], in the
-    order they arrive; the first ends the attempt, the others come in during the grace)."""
+    order they arrive; the first ends the attempt, the others come in during the grace);
+    ``lost``: the hosts Ray counts as dead."""
     import ray
 
+    from parallel.cluster import _attempt
     from parallel.cluster._attempt import Attempt
     from trainer._errors import USER_ERRORS
 
@@ -321,9 +323,11 @@ def _cause(monkeypatch, reports, number=0, silent=()):
 
     monkeypatch.setattr(ray, "wait", wait)
     monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(_attempt, "_lost_hosts", lambda: set(lost))
     attempt = Attempt(number, spec=ClusterSpec(num_hosts=2), log_dir=Path("/logs"),
                       shared_dir=None, token="", versions={}, out=None, stop=None)
     attempt.where = ["pid 10 on 10.0.0.1", "pid 11 on 10.0.0.2"]
+    attempt.hosts = ["10.0.0.1", "10.0.0.2"]
     first = f"ref{reports[0][0]}"
     return attempt._failure({f"ref{w}": w for w in (0, 1)}, first, wrapped[first], later,
                             USER_ERRORS, _QuietWatch(silent))
@@ -358,6 +362,14 @@ def test_a_frozen_or_dead_peer_outranks_errors_reported_around_it(monkeypatch):
     assert str(failure) == (
         "worker 1 (pid 11 on 10.0.0.2) stopped answering the driver (frozen, or its node is cut "
         "off or lost) (after which worker 0 died: exit code 1)")
+    # Both died, the survivor's end reported first: the worker whose node Ray lost is named.
+    node_lost = ray.exceptions.RayActorError(error_msg="Worker exit detail: node died. More.")
+    failure = _cause(monkeypatch, [(0, ended), (1, node_lost)], lost=["10.0.0.2"])
+    assert str(failure) == ("worker 1 (pid 11 on 10.0.0.2) died: node died (after which "
+                            "worker 0 died: exit code 1)")
+    failure = _cause(monkeypatch, [(0, ended), (1, node_lost)])  # no node lost: first report
+    assert str(failure) == ("worker 0 (pid 10 on 10.0.0.1) died: exit code 1 (after which "
+                            "worker 1 died: node died)")
 
 
 def test_without_a_lost_peer_a_user_mistake_or_a_failing_save_ends_the_run(monkeypatch):

@@ -38,6 +38,7 @@ class Attempt:
         self.number, self.spec, self.log_dir, self.out, self.stop = number, spec, log_dir, out, stop
         self.shared_dir, self.token, self.versions = shared_dir, token, versions
         self.actors, self.where, self.group, self.tail = [], [], None, None
+        self.hosts: list[str] = []
         self.stop_step = None
 
     def run(self, fn, args, fatal):
@@ -96,6 +97,7 @@ class Attempt:
         addresses = self._get([a.address.remote(local, shared, self.token, os.getcwd())
                                for a in self.actors], "start")
         self.where = [f"pid {a['pid']} on {a['host']}" for a in addresses]
+        self.hosts = [a["host"] for a in addresses]
         for i, where in enumerate(self.where):
             print(f"cluster: worker {i} is {where} (attempt {self.number})", file=self.out, flush=True)
         self._check_workers(addresses)
@@ -225,6 +227,10 @@ class Attempt:
                     reports.append((refs[ref], e))
         watch.poll()
         died = [(i, e) for i, e in reports if isinstance(e, ray.exceptions.RayActorError)]
+        # A worker whose node is lost outranks one that died on a live node: a peer's process
+        # ends when the coordination service loses the other (seen reported first under load).
+        lost = _lost_hosts()
+        died.sort(key=lambda d: self.hosts[d[0]] not in lost)
         silent = [i for i in watch.silent(SILENT_S) if i not in {j for j, _ in died}]
 
         def after(cause: int) -> str:
@@ -251,6 +257,16 @@ class Attempt:
                 f"{message} before its first step, so it was not restarted (a fresh start would "
                 f"fail the same way); its traceback is in {self.log_dir / f'worker-{i}.log'}")
         return WorkerFailure(message)
+
+
+def _lost_hosts() -> set[str]:
+    """Addresses of the nodes Ray counts as dead (none if it cannot say)."""
+    import ray
+
+    try:
+        return {n["NodeManagerAddress"] for n in ray.nodes() if not n["Alive"]}
+    except Exception:  # noqa: BLE001 (the ranking is a refinement; the failure still ends)
+        return set()
 
 
 def _reason(error: BaseException) -> str:
