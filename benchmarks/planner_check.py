@@ -4,10 +4,12 @@ hand pipelines, and how long the search took.
     python benchmarks/planner_check.py --config benchmarks/gpt-39b.yaml --devices 64 --hosts 8
 
 Prints the planner's account, then the hand pipelines of 2, 4 and 8 stages (equal layer ranges,
-Megatron inside each stage: the model axis over a host's devices, the micro-batches the search
-used, rematerialized if they do not fit otherwise) priced on the same cost model, and one verdict line: whether the chosen plan's estimated
-step time is no worse than the best SPMD plan and every hand pipeline that fits. Nothing is
-allocated or compiled. Run it on an idle machine for the search time.
+Megatron inside each stage: the model axis over a host's devices with every parameter and its
+optimizer state split over the stage's devices, the micro-batches the search used,
+rematerialized if they do not fit otherwise) priced on the same cost model with their memory,
+and one verdict line: whether the chosen plan's estimated step time is no worse than the best
+SPMD plan and every hand pipeline that fits. Nothing is allocated or compiled. Run it on an
+idle machine for the search time.
 """
 import argparse
 import os
@@ -56,14 +58,17 @@ def main(argv=None) -> int:
             model = min(per_host, n)
             starts = [k * layers // stages for k in range(stages)]
             hand = remat = None
+            found.smallest_memory = float("inf")
             for remat in (False, True):  # rematerialized only when memory needs it
-                hand = found.best(stages, remat=remat, meshes=(n // model, model), starts=starts)
+                hand = found.best(stages, remat=remat, meshes=(n // model, model), starts=starts,
+                                  split_state=True)
                 if hand is not None:
                     break
             label = (f"hand {stages} stages x {m} micro-batches (data {n // model} x model "
-                     f"{model}{', remat' if remat else ''})")
+                     f"{model}, state split{', remat' if remat else ''})")
             if hand is None:
-                print(f"{label}: does not fit the budget")
+                print(f"{label}: does not fit the budget: needs "
+                      f"{found.smallest_memory / 2**30:.2f} GiB per device")
             else:
                 rivals[label] = hand.step_time_s
                 print(f"{label}: {hand.step_time_s * 1e3:.3f} ms per step, "

@@ -129,7 +129,8 @@ class AutoParallel(Method):
 
         layout = StageLayout(choice["num_layers"], tuple(choice["starts"]),
                              tuple(choice["sizes"]), tuple(choice["mesh_shapes"]),
-                             tuple(choice["stage_times_s"]), choice["cost_s"])
+                             tuple(choice["stage_times_s"]), choice["cost_s"],
+                             tuple(choice.get("split_state", ())))
         method = PipeshardParallel(choice["num_micro_batches"], stage_option=layout,
                                    remat=choice["remat"], profile=self.device_profile(devices))
         method.num_hosts, method.devices_per_host = self.num_hosts, self.devices_per_host
@@ -169,6 +170,7 @@ class AutoParallel(Method):
                 "sizes": [s.devices for s in chosen.stages],
                 "mesh_shapes": [{"data": s.mesh[0], "model": s.mesh[1]} for s in chosen.stages],
                 "stage_times_s": [s.time_s for s in chosen.stages],
+                "split_state": [s.split_state for s in chosen.stages],
                 "cost_s": chosen.step_time_s, "num_micro_batches": chosen.num_micro_batches,
                 "remat": chosen.remat, "explanation": decision.explanation,
                 "what": chosen.describe().split(":")[0], "memory_bytes": chosen.memory_bytes,

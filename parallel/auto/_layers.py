@@ -47,6 +47,11 @@ class MeshPrice:
         accumulators' size.
       state_bytes: the stored state the layer's stage holds (its parameters and their
         optimizer state) per device, split as its parameters are.
+      split_state: the solver was held to split the layer's parameters (and so its state)
+        over the sub-mesh (``LayerPricer.lean``), where the fastest plan keeps them whole.
+      splits_all: the plan splits every parameter the constraint applies to (so the fastest
+        plan is also the lean one).
+      param_specs: the plan's ``PartitionSpec`` of each per-step value the layer reads.
     """
 
     time_s: float
@@ -55,6 +60,9 @@ class MeshPrice:
     param_bytes: float
     grad_bytes: float
     state_bytes: float
+    split_state: bool = False
+    splits_all: bool = False
+    param_specs: tuple = ()
 
     @property
     def activation_bytes(self) -> float:
@@ -194,6 +202,7 @@ class LayerPricer:
         self.time_limit_s = time_limit_s
         self._prepared: dict[str, tuple] = {}
         self._prices: dict[tuple, dict[tuple, MeshPrice]] = {}
+        self._lean: dict[tuple, MeshPrice] = {}
         self.solves = 0
 
     def prices(self, layer: int, num_devices: int, first_device: int = 0
@@ -227,6 +236,34 @@ class LayerPricer:
         self._prices[key] = found
         return found
 
+    def lean(self, layer: int, num_devices: int, first_device: int,
+             shape: tuple[int, int]) -> MeshPrice:
+        """Layer ``layer`` on the ``(data, model)`` sub-mesh ``shape`` with its parameters (and
+        so its optimizer state) split over the sub-mesh: the solver's fastest plan among those
+        that split every parameter it can (``solve``'s ``split_leaves``), as the runtime plans
+        a stage marked ``split_state``. The fastest plan when it splits them already."""
+        from parallel.auto._search import solve
+
+        fast = self.prices(layer, num_devices, first_device)[shape]
+        sig = self.pp.signatures[layer]
+        key = (sig, num_devices, self._host_pattern(num_devices, first_device), shape)
+        if key not in self._lean:
+            work, state, prepared = self._prepared[sig]
+            if fast.splits_all:  # the fastest plan meets the constraint: it is the lean one
+                self._lean[key] = fast
+            else:
+                solution = solve(work.fn, work.args, num_devices=num_devices,
+                                 profile=self.profile, memory_budget_bytes=float("inf"),
+                                 donate_argnums=(), batch_argnums=(1,),
+                                 time_limit_s=self.time_limit_s, prepared=prepared,
+                                 first_device=first_device,
+                                 mesh_shape={"data": shape[0], "model": shape[1]},
+                                 split_leaves=range(len(work.per_step)))
+                self.solves += 1
+                price = self._price(work, state, solution.best, shape)
+                self._lean[key] = dataclasses.replace(price, split_state=True)
+        return self._lean[key]
+
     def _host_pattern(self, num_devices: int, first_device: int) -> tuple:
         per_host = self.profile.devices_per_host
         if per_host is None:
@@ -244,6 +281,9 @@ class LayerPricer:
         return stage_work(pp.program, pp.regions, placement, 1), pp.layer_state[layer]
 
     def _price(self, work, state: float, result, shape) -> MeshPrice:
+        # Parameters below this size are not held to a split (the solver's threshold).
+        from parallel.auto._search import _SHARDED_STATE_BYTES
+
         sizes = dict(zip(("data", "model"), shape))
 
         def per_device(aval, spec) -> float:
@@ -255,9 +295,17 @@ class LayerPricer:
 
         flat_in = jax.tree.leaves(work.args)[:len(work.per_step)]
         params = sum(per_device(x, s) for x, s in zip(flat_in, result.input_specs))
-        whole = sum(_nbytes(x) for x in flat_in)
+        whole = _whole_bytes(work)
+        splits_all = all(per_device(x, s) < _nbytes(x) for x, s in zip(flat_in, result.input_specs)
+                         if _nbytes(x) >= _SHARDED_STATE_BYTES)
         outs = [self.pp.program.avals[v] for v in work.results]
         grads = sum(per_device(x, s) for x, s in zip(outs, result.output_specs))
         return MeshPrice(float(result.step_time_s), float(result.compute_s),
                          float(result.memory_bytes), float(params), float(grads),
-                         state * params / whole if whole else state)
+                         state * params / whole if whole else state, splits_all=splits_all,
+                         param_specs=tuple(result.input_specs[:len(flat_in)]))
+
+
+def _whole_bytes(work) -> float:
+    """Bytes of the per-step values (parameters) a layer's work reads, unsplit."""
+    return sum(_nbytes(x) for x in jax.tree.leaves(work.args)[:len(work.per_step)])

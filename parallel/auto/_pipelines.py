@@ -43,6 +43,8 @@ class StagePrice:
       time_s: one micro-batch's forward and backward, transfers included.
       update_s: its share of the once-per-step update.
       memory_bytes: peak bytes per device.
+      split_state: its parameters and optimizer state are held split over its sub-mesh (the
+        solver's fastest plan keeping them whole did not fit); the runtime plans it so too.
     """
 
     first: int
@@ -53,6 +55,7 @@ class StagePrice:
     time_s: float
     update_s: float
     memory_bytes: float
+    split_state: bool = False
 
 
 @dataclasses.dataclass
@@ -74,7 +77,7 @@ class PipelinePrice:
 
     def describe(self) -> str:
         parts = [f"layers {s.first}-{s.last} on {s.devices} (data {s.mesh[0]} x model "
-                 f"{s.mesh[1]})" for s in self.stages]
+                 f"{s.mesh[1]}{', state split' if s.split_state else ''})" for s in self.stages]
         remat = ", rematerialized" if self.remat else ""
         what = ("1 stage" if self.num_stages == 1 else f"{self.num_stages} stages")
         return (f"{what} x {self.num_micro_batches} micro-batches{remat}: " + "; ".join(parts))
@@ -130,7 +133,8 @@ class PipelineSearch:
 
     def best(self, num_stages: int, remat: bool = False,
              meshes: tuple[int, int] | None = None,
-             starts: list[int] | None = None) -> PipelinePrice | None:
+             starts: list[int] | None = None,
+             split_state: bool | None = None) -> PipelinePrice | None:
         """The cheapest ``num_stages``-stage pipeline within the budget (``None`` if none fits).
 
         Args:
@@ -138,6 +142,9 @@ class PipelineSearch:
           meshes: every stage on this ``(data, model)`` shape (e.g. Megatron's); default: the
             cheapest for each stage.
           starts: these layer ranges (e.g. equal ones); default: the cheapest.
+          split_state: ``True``: every stage's parameters and optimizer state split over its
+            sub-mesh (Megatron's layout with ``meshes``); default: split only in a stage whose
+            fastest plan does not fit.
         """
         s_count, n = num_stages, self.num_devices // num_stages
         layers = self.pp.num_layers
@@ -146,14 +153,15 @@ class PipelineSearch:
 
         def stage(k: int, i: int, j: int) -> StagePrice | None:
             if (k, i, j) not in table:
-                table[(k, i, j)] = self._stage(k, i, j, n, s_count, m, remat, meshes)
+                table[(k, i, j)] = self._stage(k, i, j, n, s_count, m, remat, meshes,
+                                               split_state=split_state)
             return table[(k, i, j)]
 
         if starts is not None:
             bounds = list(starts) + [layers]
             chosen = [stage(k, bounds[k], bounds[k + 1] - 1) for k in range(s_count)]
             if any(c is None for c in chosen):
-                self._note_smallest(s_count, n, m, remat, meshes, starts)
+                self._note_smallest(s_count, n, m, remat, meshes, starts, split_state)
                 return None
             return self._candidate(chosen, m, remat)
         best: PipelinePrice | None = None
@@ -199,11 +207,12 @@ class PipelineSearch:
             if best is None or candidate.step_time_s < best.step_time_s * (1 - 1e-9):
                 best = candidate
         if best is None:
-            self._note_smallest(s_count, n, m, remat, meshes, None)
+            self._note_smallest(s_count, n, m, remat, meshes, None, split_state)
         return best
 
     def _note_smallest(self, s_count: int, n: int, m: int, remat: bool,
-                       meshes: tuple[int, int] | None, starts: list[int] | None) -> None:
+                       meshes: tuple[int, int] | None, starts: list[int] | None,
+                       split_state: bool | None = None) -> None:
         """Records the fewest bytes per device any layout of ``s_count`` stages reaches (the
         largest stage's), for the message when nothing fits."""
         layers = self.pp.num_layers
@@ -218,7 +227,8 @@ class PipelineSearch:
                     ends = ([starts[k + 1] - 1 if k + 1 < s_count else layers - 1]
                             if starts is not None else range(i, layers - (s_count - k - 1)))
                     memo[(k, i)] = min((max(self._least_memory(k, i, j, n, s_count, m, remat,
-                                                               meshes), least(k + 1, j + 1))
+                                                               meshes, split_state),
+                                            least(k + 1, j + 1))
                                         for j in ends), default=math.inf)
                 return memo[(k, i)]
 
@@ -226,8 +236,9 @@ class PipelineSearch:
         finally:
             self.budget = saved
 
-    def _least_memory(self, k, i, j, n, s_count, m, remat, meshes) -> float:
-        found = self._stage(k, i, j, n, s_count, m, remat, meshes, least_memory=True)
+    def _least_memory(self, k, i, j, n, s_count, m, remat, meshes, split_state) -> float:
+        found = self._stage(k, i, j, n, s_count, m, remat, meshes, least_memory=True,
+                            split_state=split_state)
         return math.inf if found is None else found.memory_bytes
 
     def _candidate(self, stages: list[StagePrice], m: int, remat: bool) -> PipelinePrice:
@@ -236,9 +247,13 @@ class PipelineSearch:
 
     def _stage(self, k: int, first: int, last: int, n: int, num_stages: int, m: int,
                remat: bool, meshes: tuple[int, int] | None,
-               least_memory: bool = False) -> StagePrice | None:
+               least_memory: bool = False, split_state: bool | None = None) -> StagePrice | None:
         """Stage ``k`` running layers ``first..last`` on its ``n`` devices: the cheapest mesh
-        shape that fits the budget (or, ``least_memory``, the one needing least), or ``None``."""
+        shape that fits the budget (or, ``least_memory``, the one needing least), or ``None``.
+
+        On each mesh shape the solver's fastest plan of each layer, or where the stage does not
+        fit with it (or ``split_state``), the fastest that splits the parameters and their
+        optimizer state over the sub-mesh (``LayerPricer.lean``)."""
         pp, profile = self.pp, self.profile
         first_device = k * n
         prices = [self.pricer.prices(layer, n, first_device) for layer in range(first, last + 1)]
@@ -258,29 +273,47 @@ class PipelineSearch:
         in_flight = min(m, num_stages - k)
         best: StagePrice | None = None
         for shape in sorted(shapes):
-            parts: list[MeshPrice] = [p[shape] for p in prices]
-            time = (sum(p.time_s for p in parts) + transfer
-                    + _LAUNCHES_PER_MICRO_BATCH * profile.program_overhead_s)
-            state = sum(p.state_bytes for p in parts)
-            grads = sum(p.grad_bytes for p in parts)
-            # A micro-batch in flight keeps its residuals (with remat: only the stage's input);
-            # one more runs its forward or backward with the largest layer's working set.
-            # Split over the batch; the model axis may keep some whole (a layer's input), so
-            # it is not counted on.
-            residuals = sum(pp.residuals[layer] for layer in range(first, last + 1)) / shape[0]
-            working = max(p.activation_bytes for p in parts)
-            if remat:
-                time += _FORWARD_SHARE * sum(p.compute_s for p in parts)
-                stash = pp.cut_bytes(first - 1) / n if first > 0 else 0.0
-                memory = state + grads + residuals + working + (in_flight - 1) * stash
-            else:
-                memory = state + grads + working + in_flight * residuals
-            update = (_UPDATE_PASSES * (state + grads) / profile.memory_bandwidth
-                      + _LAUNCHES_PER_STEP * profile.program_overhead_s)
-            if memory > self.budget:
-                continue
-            candidate = StagePrice(first, last, n, first_device, shape, time, update, memory)
-            key = (lambda c: c.memory_bytes) if least_memory else (lambda c: c.time_s)
-            if best is None or key(candidate) < key(best):
-                best = candidate
+            for split in ((False, True) if split_state is None else (split_state,)):
+                if split:
+                    parts = [self.pricer.lean(layer, n, first_device, shape)
+                             for layer in range(first, last + 1)]
+                    if split_state is None and not any(p.split_state for p in parts):
+                        break  # the fastest plan splits the state already
+                else:
+                    parts = [p[shape] for p in prices]
+                found = self._on_mesh(parts, first, last, n, first_device, shape, transfer,
+                                      in_flight, remat, split)
+                if found.memory_bytes > self.budget:
+                    continue
+                key = (lambda c: c.memory_bytes) if least_memory else (lambda c: c.time_s)
+                if best is None or key(found) < key(best):
+                    best = found
+                if not least_memory:
+                    break  # the fastest plan fits: nothing to split
         return best
+
+    def _on_mesh(self, parts: list[MeshPrice], first: int, last: int, n: int,
+                 first_device: int, shape: tuple[int, int], transfer: float, in_flight: int,
+                 remat: bool, split: bool) -> StagePrice:
+        """The stage of layers ``first..last`` priced with the plans ``parts`` of its layers."""
+        pp, profile = self.pp, self.profile
+        time = (sum(p.time_s for p in parts) + transfer
+                + _LAUNCHES_PER_MICRO_BATCH * profile.program_overhead_s)
+        state = sum(p.state_bytes for p in parts)
+        grads = sum(p.grad_bytes for p in parts)
+        # A micro-batch in flight keeps its residuals (with remat: only the stage's input);
+        # one more runs its forward or backward with the largest layer's working set.
+        # Split over the batch; the model axis may keep some whole (a layer's input), so
+        # it is not counted on.
+        residuals = sum(pp.residuals[layer] for layer in range(first, last + 1)) / shape[0]
+        working = max(p.activation_bytes for p in parts)
+        if remat:
+            time += _FORWARD_SHARE * sum(p.compute_s for p in parts)
+            stash = pp.cut_bytes(first - 1) / n if first > 0 else 0.0
+            memory = state + grads + residuals + working + (in_flight - 1) * stash
+        else:
+            memory = state + grads + working + in_flight * residuals
+        update = (_UPDATE_PASSES * (state + grads) / profile.memory_bandwidth
+                  + _LAUNCHES_PER_STEP * profile.program_overhead_s)
+        return StagePrice(first, last, n, first_device, shape, time, update, memory,
+                          split_state=split and any(p.split_state for p in parts))

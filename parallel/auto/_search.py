@@ -267,7 +267,7 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
           memory_budget_bytes: float | None = None, donate_argnums: Sequence[int] = (0,),
           batch_argnums: Sequence[int] = (1,), time_limit_s: float = 30.0,
           prepared: Prepared | None = None, first_device: int = 0,
-          max_model: int | None = None) -> Solution:
+          max_model: int | None = None, split_leaves: Sequence[int] = ()) -> Solution:
     """Finds the sharding of ``fn(*abstract_args)`` with the lowest estimated step time.
 
     Args:
@@ -287,6 +287,10 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
       first_device: index of the first device among the cluster's (a pipeline stage's
         sub-mesh), which decides the mesh axes that cross hosts.
       max_model: the largest ``model`` axis to try (``None``: any).
+      split_leaves: flat indices of input leaves that must be split on some dimension over the
+        mesh (those of at least ``_SHARDED_STATE_BYTES`` with a dimension that divides), on
+        every mesh: a pipeline stage's parameters, so that its state splits over its devices
+        (the data-parallel flavours of a 1-D mesh are then not tried).
 
     Returns:
       A :class:`Solution`.
@@ -334,8 +338,10 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
             solved[key] = _solve_mesh(problem(sizes, *sets), budget, time_limit_s, batch_leaves)
         return dataclasses.replace(solved[key])
 
-    results = [solve_once(sizes) for sizes in meshes]
-    if meshes[0] == (n, 1) and n > 1:
+    split = frozenset(graph.inputs[j] for j in split_leaves
+                      if graph.values[graph.inputs[j]].nbytes >= _SHARDED_STATE_BYTES)
+    results = [solve_once(sizes, (), split) for sizes in meshes]
+    if meshes[0] == (n, 1) and n > 1 and not split:
         # Data-parallel flavours of the 1-D mesh, close calls that the cost model alone may
         # misjudge: the batch split; with the optimizer state sharded (weight-update sharding,
         # ZeRO-2); with all stored state sharded (ZeRO-3).

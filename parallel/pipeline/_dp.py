@@ -56,6 +56,8 @@ class StageLayout:
     Attributes:
       stage_times_s: the priced seconds per micro-batch of each stage.
       cost_s: the priced seconds per step.
+      split_state: per stage, whether the solver must split its parameters (and so their
+        optimizer state) over its sub-mesh, as the search priced it; empty: none.
     """
 
     num_layers: int
@@ -64,6 +66,11 @@ class StageLayout:
     mesh_shapes: tuple[dict, ...]
     stage_times_s: tuple[float, ...]
     cost_s: float
+    split_state: tuple[bool, ...] = ()
+
+    def splits(self, stage: int) -> bool:
+        """Whether stage ``stage``'s parameters are held split over its sub-mesh."""
+        return bool(self.split_state) and bool(self.split_state[stage])
 
     def choice(self, num_layers: int, num_devices: int) -> StageChoice:
         """The layout as the runtime's ``StageChoice``, checked against the program.

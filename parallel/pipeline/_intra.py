@@ -75,8 +75,8 @@ def stage_work(program: Program, regions: Regions, placement: Placement, stage: 
 
 def stage_plan(program: Program, regions: Regions, placement: Placement, stage: int,
                num_devices: int, profile, mesh_shape: dict[str, int] | None = None,
-               first_device: int = 0,
-               max_model: int | None = None) -> tuple[dict[str, int], dict[int, PartitionSpec]]:
+               first_device: int = 0, max_model: int | None = None,
+               split_state: bool = False) -> tuple[dict[str, int], dict[int, PartitionSpec]]:
     """The solver's sub-mesh shape for ``stage``, the specs of the per-step values it reads and
     of the values it hands out of the micro-batch region.
 
@@ -85,6 +85,9 @@ def stage_plan(program: Program, regions: Regions, placement: Placement, stage: 
         solver tries each.
       first_device: the stage's first device among the cluster's (which axes cross hosts).
       max_model: the largest ``model`` axis to try.
+      split_state: the stage's parameters (so their optimizer state) are held split over the
+        sub-mesh, as the search priced the stage when the fastest plan did not fit
+        (``parallel.auto.LayerPricer.lean``).
 
     Returns:
       ``(mesh_shape, {value id: spec})``.
@@ -93,11 +96,13 @@ def stage_plan(program: Program, regions: Regions, placement: Placement, stage: 
 
     work = stage_work(program, regions, placement, stage)
     # On a mesh a search chose, the stage is planned as it was priced: without a budget (the
-    # search checked the stage's memory with its micro-batches in flight).
+    # search checked the stage's memory with its micro-batches in flight), its parameters
+    # split if the search held them so.
     solution = solve(work.fn, work.args, num_devices=num_devices, profile=profile,
                      donate_argnums=(), batch_argnums=(1,), mesh_shape=mesh_shape,
                      first_device=first_device, max_model=max_model,
-                     memory_budget_bytes=float("inf") if mesh_shape is not None else None)
+                     memory_budget_bytes=float("inf") if mesh_shape is not None else None,
+                     split_leaves=range(len(work.per_step)) if split_state else ())
     specs = dict(zip(work.per_step, solution.best.input_specs[:len(work.per_step)]))
     # The values the stage hands out of the micro-batch region (gradients): their accumulators
     # take the layout the solver gives them, not a replicated one.

@@ -194,6 +194,7 @@ class PipeshardParallel(Method):
                     shapes[k], specs[k] = stage_plan(
                         program, regions, placement, k, int(d), profile,
                         mesh_shape=layout.mesh_shapes[k] if layout else None,
+                        split_state=bool(layout) and layout.splits(k),
                         first_device=int(offsets[k % groups]))
         for k in range(groups, num_stages):  # a virtual stage runs on its group's mesh
             if shapes[k] != shapes[k % groups]:
