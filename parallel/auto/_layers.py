@@ -49,8 +49,8 @@ class MeshPrice:
         optimizer state) per device, split as its parameters are.
       split_state: the solver was held to split the layer's parameters (and so its state)
         over the sub-mesh (``LayerPricer.lean``), where the fastest plan keeps them whole.
-      splits_all: the plan splits every parameter the constraint applies to (so the fastest
-        plan is also the lean one).
+      splits_all: the plan splits every parameter the constraint applies to over all the
+        sub-mesh's devices (so the fastest plan is also the lean one).
       param_specs: the plan's ``PartitionSpec`` of each per-step value the layer reads.
     """
 
@@ -240,8 +240,9 @@ class LayerPricer:
              shape: tuple[int, int]) -> MeshPrice:
         """Layer ``layer`` on the ``(data, model)`` sub-mesh ``shape`` with its parameters (and
         so its optimizer state) split over the sub-mesh: the solver's fastest plan among those
-        that split every parameter it can (``solve``'s ``split_leaves``), as the runtime plans
-        a stage marked ``split_state``. The fastest plan when it splits them already."""
+        that split every parameter into as many pieces as it can (``solve``'s
+        ``split_leaves``), as the runtime plans a stage marked ``split_state``. The fastest
+        plan when it splits them over every device already."""
         from parallel.auto._search import solve
 
         fast = self.prices(layer, num_devices, first_device)[shape]
@@ -296,7 +297,9 @@ class LayerPricer:
         flat_in = jax.tree.leaves(work.args)[:len(work.per_step)]
         params = sum(per_device(x, s) for x, s in zip(flat_in, result.input_specs))
         whole = _whole_bytes(work)
-        splits_all = all(per_device(x, s) < _nbytes(x) for x, s in zip(flat_in, result.input_specs)
+        devices = shape[0] * shape[1]
+        splits_all = all(per_device(x, s) * devices <= _nbytes(x)
+                         for x, s in zip(flat_in, result.input_specs)
                          if _nbytes(x) >= _SHARDED_STATE_BYTES)
         outs = [self.pp.program.avals[v] for v in work.results]
         grads = sum(per_device(x, s) for x, s in zip(outs, result.output_specs))

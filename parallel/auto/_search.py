@@ -287,10 +287,11 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
       first_device: index of the first device among the cluster's (a pipeline stage's
         sub-mesh), which decides the mesh axes that cross hosts.
       max_model: the largest ``model`` axis to try (``None``: any).
-      split_leaves: flat indices of input leaves that must be split on some dimension over the
-        mesh (those of at least ``_SHARDED_STATE_BYTES`` with a dimension that divides), on
-        every mesh: a pipeline stage's parameters, so that its state splits over its devices
-        (the data-parallel flavours of a 1-D mesh are then not tried).
+      split_leaves: flat indices of input leaves (those of at least ``_SHARDED_STATE_BYTES``)
+        that must be split into as many pieces as the mesh allows (over every axis where
+        their shape divides), on every mesh: a pipeline stage's parameters, so that their
+        optimizer state is not kept whole on its devices (the data-parallel flavours of a
+        1-D mesh are then not tried).
 
     Returns:
       A :class:`Solution`.
@@ -321,10 +322,12 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
 
     tables: dict[tuple[int, ...], list] = {}  # a mesh's tables, shared by its flavours
 
-    def problem(sizes, split_leading=frozenset(), split_any=frozenset(), whole=frozenset()):
+    def problem(sizes, split_leading=frozenset(), split_any=frozenset(), whole=frozenset(),
+                split_most=frozenset()):
         mm = _mesh_model(sizes, profile, first_device, mesh_shape is not None)
         made = MeshProblem(structure, mm, p.liveness, p.paired, p.fed,
-                           split_leading, split_any, whole, tables=tables.get(sizes))
+                           split_leading, split_any, whole, tables=tables.get(sizes),
+                           split_most=split_most)
         tables[sizes] = made.mesh_tables
         return made
 
@@ -333,14 +336,14 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
     solved: dict[tuple, MeshResult] = {}
 
     def solve_once(sizes, *sets) -> MeshResult:
-        key = (sizes, *(frozenset(x) for x in sets), *(frozenset(),) * (3 - len(sets)))
+        key = (sizes, *(frozenset(x) for x in sets), *(frozenset(),) * (4 - len(sets)))
         if key not in solved:
             solved[key] = _solve_mesh(problem(sizes, *sets), budget, time_limit_s, batch_leaves)
         return dataclasses.replace(solved[key])
 
     split = frozenset(graph.inputs[j] for j in split_leaves
                       if graph.values[graph.inputs[j]].nbytes >= _SHARDED_STATE_BYTES)
-    results = [solve_once(sizes, (), split) for sizes in meshes]
+    results = [solve_once(sizes, (), (), (), split) for sizes in meshes]
     if meshes[0] == (n, 1) and n > 1 and not split:
         # Data-parallel flavours of the 1-D mesh, close calls that the cost model alone may
         # misjudge: the batch split; with the optimizer state sharded (weight-update sharding,

@@ -78,6 +78,9 @@ class MeshProblem:
       split_any: value ids of inputs that must be split on some dim (where one divides), e.g.
         stored state for the ZeRO-3 flavour.
       whole: value ids of inputs that must stay replicated (small state in that flavour).
+      split_most: value ids of inputs that must be split into as many pieces as any of their
+        strategies splits them (over every mesh axis where the shape allows), e.g. a pipeline
+        stage's parameters when their state must not be kept whole on its devices.
       tables: ``mesh_tables`` of a problem of ``structure`` on an equal mesh (the tables depend
         on nothing else); default: built here.
     """
@@ -85,7 +88,7 @@ class MeshProblem:
     def __init__(self, structure: Structure, mm: MeshModel, liveness: Liveness,
                  paired: dict[int, int], fed: set[int], split_leading: set[int] = frozenset(),
                  split_any: set[int] = frozenset(), whole: set[int] = frozenset(),
-                 tables: list[Table] | None = None):
+                 tables: list[Table] | None = None, split_most: set[int] = frozenset()):
         self.s = structure
         self.fed = fed
         self.mm = mm
@@ -107,6 +110,9 @@ class MeshProblem:
                 keep = [k for k in range(table.size) if any(table.specs[0][k])]
             elif value in whole:
                 keep = [k for k in range(table.size) if not any(table.specs[0][k])]
+            elif value in split_most:
+                pieces = [mm.shards(spec) for spec in table.specs[0]]
+                keep = [k for k in range(table.size) if pieces[k] == max(pieces)]
             else:
                 continue
             if keep:
