@@ -75,6 +75,11 @@ class PipelinePrice:
     def num_stages(self) -> int:
         return len(self.stages)
 
+    @property
+    def splits_state(self) -> bool:
+        """Some stage holds its state split because its fastest plans did not fit."""
+        return any(s.split_state for s in self.stages)
+
     def describe(self) -> str:
         parts = [f"layers {s.first}-{s.last} on {s.devices} (data {s.mesh[0]} x model "
                  f"{s.mesh[1]}{', state split' if s.split_state else ''})" for s in self.stages]
@@ -274,6 +279,9 @@ class PipelineSearch:
         best: StagePrice | None = None
         for shape in sorted(shapes):
             for split in ((False, True) if split_state is None else (split_state,)):
+                if split and not least_memory and self._floor(first, last, n, shape, in_flight,
+                                                              remat) > self.budget:
+                    break  # no plan fits: the state split over all n devices is the least
                 if split:
                     parts = [self.pricer.lean(layer, n, first_device, shape)
                              for layer in range(first, last + 1)]
@@ -291,6 +299,18 @@ class PipelineSearch:
                 if not least_memory:
                     break  # the fastest plan fits: nothing to split
         return best
+
+    def _floor(self, first: int, last: int, n: int, shape: tuple[int, int], in_flight: int,
+               remat: bool) -> float:
+        """A lower bound of the stage's bytes per device on ``shape`` whatever its layers' plans:
+        its state split over all ``n`` devices and the activations ``_on_mesh`` counts."""
+        pp = self.pp
+        state = sum(pp.layer_state[layer] for layer in range(first, last + 1)) / n
+        residuals = sum(pp.residuals[layer] for layer in range(first, last + 1)) / shape[0]
+        if remat:
+            stash = pp.cut_bytes(first - 1) / n if first > 0 else 0.0
+            return state + residuals + (in_flight - 1) * stash
+        return state + in_flight * residuals
 
     def _on_mesh(self, parts: list[MeshPrice], first: int, last: int, n: int,
                  first_device: int, shape: tuple[int, int], transfer: float, in_flight: int,
