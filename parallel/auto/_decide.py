@@ -145,42 +145,46 @@ def _pipelines(fn, abstract_args, batch_argnums, donate_argnums, profile, n, bud
     if not math.isinf(activations) and activations > 0:
         wanted = max(counts) * activations / room if room > 0 else math.inf
     traced = 0
-    for m in _micro_batch_options(batch, max(counts), num_micro_batches, wanted):
-        if m < traced:
-            break  # fewer micro-batches than a count that traced and did not fit: no help
-        try:
-            whole = whole or global_trace(fn, abstract_args)
-            pp = pipeline_program(fn, abstract_args, batch_argnums, donate_argnums, m,
-                                  num_layers, whole)
-        except PlanError as error:  # e.g. micro-batches this small do not trace alike
-            failed = failed or error
-            continue
-        traced = m
-        num_layers = pp.num_layers
-        pricer = LayerPricer(pp, profile, time_limit_s)
-        stages = searches[m] = PipelineSearch(pp, pricer, profile, n, budget)
-        for remat in (False, True):
-            for s in counts:
-                if s <= pp.num_layers:
-                    best = stages.best(s, remat=remat)
-                    if best is not None:
-                        found.append(best)
-            if _fits_whole(found, budget):
-                break  # rematerialization only when memory needs it
-        smallest = min(smallest, stages.smallest_memory)
-        if spmd is not None or _fits_whole(found, budget):
-            break  # more micro-batches only when memory needs them
+    # Each stage on its fastest plans first, at every micro-batch count memory needs; a
+    # stage's state split over its devices (slower) only when none of those fits.
+    for split in (False, True):
+        if split and (spmd is not None or not searches):
+            break
+        options = (_micro_batch_options(batch, max(counts), num_micro_batches, wanted)
+                   if not split else list(searches))
+        for m in options:
+            if not split:
+                if m < traced:
+                    break  # fewer micro-batches than a count that traced and did not fit
+                try:
+                    whole = whole or global_trace(fn, abstract_args)
+                    pp = pipeline_program(fn, abstract_args, batch_argnums, donate_argnums,
+                                          m, num_layers, whole)
+                except PlanError as error:  # e.g. micro-batches this small do not trace alike
+                    failed = failed or error
+                    continue
+                traced = m
+                num_layers = pp.num_layers
+                searches[m] = PipelineSearch(pp, LayerPricer(pp, profile, time_limit_s),
+                                             profile, n, budget)
+            stages = searches[m]
+            stages.split = split
+            for remat in (False, True):
+                for s in counts:
+                    if s <= stages.pp.num_layers:
+                        best = stages.best(s, remat=remat)
+                        if best is not None:
+                            found.append(best)
+                if any(p.memory_bytes <= budget for p in found):
+                    break  # rematerialization only when memory needs it
+            smallest = min(smallest, stages.smallest_memory)
+            if spmd is not None or any(p.memory_bytes <= budget for p in found):
+                break  # more micro-batches only when memory needs them
+        if any(p.memory_bytes <= budget for p in found):
+            break
     if failed is not None and not found and smallest == math.inf and spmd is None:
         raise failed
     return found, num_layers, smallest, searches
-
-
-def _fits_whole(found: list[PipelinePrice], budget: float) -> bool:
-    """Whether a pipeline found fits with every stage on its fastest plans. One that fits
-    only with some stage's state split (slower) does not end the search: rematerialization or
-    more micro-batches may fit with faster plans (GPT-39B on 8 x 8: 1 stage x 32 split,
-    31,791 ms; 8 stages x 64 rematerialized, 7,201 ms)."""
-    return any(p.memory_bytes <= budget and not p.splits_state for p in found)
 
 
 def _choose(spmd: Solution | None, pipelines: list[PipelinePrice]) -> PipelinePrice | None:

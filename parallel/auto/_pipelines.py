@@ -135,6 +135,9 @@ class PipelineSearch:
         self.num_devices = num_devices
         self.budget = budget
         self.smallest_memory = math.inf
+        # Stages may hold their state split over their devices when their fastest plans do not
+        # fit (``best``'s default); ``False``: only the fastest plans.
+        self.split = True
 
     def best(self, num_stages: int, remat: bool = False,
              meshes: tuple[int, int] | None = None,
@@ -148,8 +151,9 @@ class PipelineSearch:
             cheapest for each stage.
           starts: these layer ranges (e.g. equal ones); default: the cheapest.
           split_state: ``True``: every stage's parameters and optimizer state split over its
-            sub-mesh (Megatron's layout with ``meshes``); default: split only in a stage whose
-            fastest plan does not fit.
+            sub-mesh (Megatron's layout with ``meshes``); ``False``: every stage on its fastest
+            plans; default: split only in a stage whose fastest plans do not fit (if
+            ``self.split``).
         """
         s_count, n = num_stages, self.num_devices // num_stages
         layers = self.pp.num_layers
@@ -278,7 +282,8 @@ class PipelineSearch:
         in_flight = min(m, num_stages - k)
         best: StagePrice | None = None
         for shape in sorted(shapes):
-            for split in ((False, True) if split_state is None else (split_state,)):
+            variants = (False, True) if self.split else (False,)
+            for split in (variants if split_state is None else (split_state,)):
                 if split and not least_memory and self._floor(first, last, n, shape, in_flight,
                                                               remat) > self.budget:
                     break  # no plan fits: the state split over all n devices is the least
