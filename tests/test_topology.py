@@ -149,3 +149,58 @@ def test_pipelines_are_searched_with_stages_inside_a_host_or_of_whole_hosts(
     from parallel.auto._pipelines import stage_counts
 
     assert stage_counts(devices, layers, per_host) == counts
+
+
+def _mlp_step():
+    """A 4-block residual MLP trained with Adam, on abstract shapes (batch 128)."""
+    opt = optax.adam(1e-3)
+
+    def loss_fn(params, batch):
+        x = batch["x"]
+        for layer in params:
+            x = x + jnp.tanh(x @ layer["up"]) @ layer["down"]
+        return jnp.mean((x - batch["y"]) ** 2)
+
+    def train_step(state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
+        updates, opt_state = opt.update(grads, state["opt"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state}, \
+            {"loss": loss}
+
+    params = [{"up": jax.ShapeDtypeStruct((32, 256), jnp.float32),
+               "down": jax.ShapeDtypeStruct((256, 32), jnp.float32)} for _ in range(4)]
+    state = {"params": params, "opt": jax.eval_shape(opt.init, params)}
+    batch = {k: jax.ShapeDtypeStruct((128, 32), jnp.float32) for k in ("x", "y")}
+    return train_step, (state, batch)
+
+
+def test_memory_and_a_slow_link_between_hosts_give_one_stage_per_host():
+    """3 hosts x 2 CPU devices whose stages could overlap (not one shared host), the link
+    between hosts 100x slower than inside: within 90% of the fewest bytes any SPMD plan needs,
+    micro-batches in one SPMD stage fit; within 70%, one stage per host, each on its host's
+    two devices."""
+    import dataclasses
+
+    step, abstract = _mlp_step()
+    base = profiles.get_profile("cpu", 6, num_hosts=3)
+    profile = dataclasses.replace(base, shared_host=False,
+                                  inter_host_bandwidth=base.link_bandwidth / 100)
+    with pytest.raises(auto.MemoryBudgetError) as error:
+        auto.solve(step, abstract, num_devices=6, profile=profile, memory_budget_bytes=1.0)
+    smallest = error.value.smallest_bytes
+    assert smallest == 802824.0
+
+    def chosen(fraction):
+        decision = auto.search(step, abstract, num_devices=6, profile=profile,
+                               memory_budget_bytes=fraction * smallest, tiny_step_s=0)
+        assert decision.spmd is None and decision.pipeline.memory_bytes <= fraction * smallest
+        return decision.pipeline
+
+    one = chosen(0.9)
+    assert [(s.first, s.devices, s.mesh) for s in one.stages] == [(0, 6, (3, 2))]
+    assert (one.num_micro_batches, one.remat) == (16, False)
+    per_host = chosen(0.7)
+    assert [(s.first, s.first_device, s.devices, s.mesh, s.split_state)
+            for s in per_host.stages] == [(0, 0, 2, (1, 2), False), (3, 2, 2, (1, 2), False),
+                                          (4, 4, 2, (1, 2), False)]
+    assert (per_host.num_micro_batches, per_host.remat) == (16, False)
