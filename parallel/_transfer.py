@@ -109,10 +109,15 @@ def copy_all(xs: list, mesh: Mesh) -> list:
     targets = [arrival_sharding(x.sharding, mesh) for x in xs]
     xs = [x if x.sharding.mesh.size == mesh.size or x.sharding.is_fully_replicated
           else reshard(x, NamedSharding(x.sharding.mesh, PartitionSpec())) for x in xs]
-    direct = [i for i, (x, t) in enumerate(zip(xs, targets))
+    direct = [i for i, x in enumerate(xs)
               if _BATCHED_COPY is not None and x.sharding.mesh.size == mesh.size
               and x.is_fully_addressable and not x.is_deleted()]
-    out = list(jax.device_put(xs, targets)) if len(direct) < len(xs) else [None] * len(xs)
+    out = [None] * len(xs)
+    others = [i for i in range(len(xs)) if i not in set(direct)]
+    if others:
+        for i, y in zip(others, jax.device_put([xs[i] for i in others],
+                                               [targets[i] for i in others])):
+            out[i] = y
     if direct:
         picked = [targets[i] for i in direct]
         copies = _BATCHED_COPY([xs[i] for i in direct],
