@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from parallel._roles import trace
+from parallel.auto._concurrent import in_order
 from parallel.pipeline._intra import stage_work
 from parallel.pipeline._method import _mirrors
 from parallel.pipeline._program import flatten
@@ -209,32 +210,51 @@ class LayerPricer:
                ) -> dict[tuple[int, int], MeshPrice]:
         """``{(data, model): MeshPrice}`` of layer ``layer`` on ``num_devices`` devices starting
         at ``first_device`` (mesh shapes whose collectives the solver can price)."""
-        from parallel.auto._search import prepare, solve
+        return self.prices_all([(layer, num_devices, first_device)])[0]
 
-        sig = self.pp.signatures[layer]
-        hosts = self._host_pattern(num_devices, first_device)
-        key = (sig, num_devices, hosts)
-        if key in self._prices:
-            return self._prices[key]
-        if sig not in self._prepared:
-            work, state = self._layer_work(layer)
-            self._prepared[sig] = (work, state, prepare(work.fn, work.args, donate_argnums=(),
-                                                        batch_argnums=(1,)))
-        work, state, prepared = self._prepared[sig]
-        per_host = self.profile.devices_per_host or num_devices
-        found = {}
-        for data, model in mesh_shapes(num_devices, min(per_host, num_devices)):
-            # As the runtime plans a stage (``stage_plan`` on the mesh a layout names), with no
-            # budget: the pipeline search adds the stages' memory up and checks it.
-            solution = solve(work.fn, work.args, num_devices=num_devices, profile=self.profile,
-                             memory_budget_bytes=float("inf"), donate_argnums=(),
-                             batch_argnums=(1,), time_limit_s=self.time_limit_s,
-                             prepared=prepared, first_device=first_device,
-                             mesh_shape={"data": data, "model": model})
-            self.solves += 1
-            found[(data, model)] = self._price(work, state, solution.best, (data, model))
-        self._prices[key] = found
-        return found
+    def prices_all(self, wanted: Sequence[tuple[int, int, int]]
+                   ) -> list[dict[tuple[int, int], MeshPrice]]:
+        """``prices(*w)`` for each ``w`` of ``wanted``; the solves not made before run side by
+        side (``in_order``: the same prices as one after the other)."""
+        from parallel.auto._search import prepare
+
+        keys, jobs = [], []
+        for layer, num_devices, first_device in wanted:
+            sig = self.pp.signatures[layer]
+            key = (sig, num_devices, self._host_pattern(num_devices, first_device))
+            keys.append(key)
+            if key in self._prices or any(job[0] == key for job in jobs):
+                continue
+            if sig not in self._prepared:  # traced here, in this thread
+                work, state = self._layer_work(layer)
+                self._prepared[sig] = (work, state, prepare(work.fn, work.args,
+                                                            donate_argnums=(),
+                                                            batch_argnums=(1,)))
+            per_host = self.profile.devices_per_host or num_devices
+            jobs += [(key, num_devices, first_device, shape)
+                     for shape in mesh_shapes(num_devices, min(per_host, num_devices))]
+        for (key, _, _, shape), price in zip(jobs, in_order(self._solve, jobs)):
+            self._prices.setdefault(key, {})[shape] = price
+        self.solves += len(jobs)
+        return [self._prices[key] for key in keys]
+
+    def _solve(self, job: tuple) -> MeshPrice:
+        """The fastest plan of one layer's work on one sub-mesh shape (``prices_all``'s job),
+        or with ``split`` the fastest that splits its parameters (``lean_all``'s)."""
+        from parallel.auto._search import solve
+
+        key, num_devices, first_device, shape, *split = job
+        work, state, prepared = self._prepared[key[0]]
+        # As the runtime plans a stage (``stage_plan`` on the mesh a layout names), with no
+        # budget: the pipeline search adds the stages' memory up and checks it.
+        solution = solve(work.fn, work.args, num_devices=num_devices, profile=self.profile,
+                         memory_budget_bytes=float("inf"), donate_argnums=(),
+                         batch_argnums=(1,), time_limit_s=self.time_limit_s,
+                         prepared=prepared, first_device=first_device,
+                         mesh_shape={"data": shape[0], "model": shape[1]},
+                         split_leaves=range(len(work.per_step)) if split else ())
+        price = self._price(work, state, solution.best, shape)
+        return dataclasses.replace(price, split_state=True) if split else price
 
     def lean(self, layer: int, num_devices: int, first_device: int,
              shape: tuple[int, int]) -> MeshPrice:
@@ -243,27 +263,27 @@ class LayerPricer:
         that split every parameter into as many pieces as it can (``solve``'s
         ``split_leaves``), as the runtime plans a stage marked ``split_state``. The fastest
         plan when it splits them over every device already."""
-        from parallel.auto._search import solve
+        return self.lean_all([(layer, num_devices, first_device, shape)])[0]
 
-        fast = self.prices(layer, num_devices, first_device)[shape]
-        sig = self.pp.signatures[layer]
-        key = (sig, num_devices, self._host_pattern(num_devices, first_device), shape)
-        if key not in self._lean:
-            work, state, prepared = self._prepared[sig]
-            if fast.splits_all:  # the fastest plan meets the constraint: it is the lean one
-                self._lean[key] = fast
+    def lean_all(self, wanted: Sequence[tuple[int, int, int, tuple[int, int]]]
+                 ) -> list[MeshPrice]:
+        """``lean(*w)`` for each ``w`` of ``wanted``, the solves run side by side."""
+        fast = self.prices_all([w[:3] for w in wanted])
+        keys, jobs = [], []
+        for (layer, num_devices, first_device, shape), found in zip(wanted, fast):
+            key = (self.pp.signatures[layer], num_devices,
+                   self._host_pattern(num_devices, first_device), shape)
+            keys.append(key)
+            if key in self._lean or any(job[0] == key[:3] and job[3] == shape for job in jobs):
+                continue
+            if found[shape].splits_all:  # the fastest plan meets the constraint: the lean one
+                self._lean[key] = found[shape]
             else:
-                solution = solve(work.fn, work.args, num_devices=num_devices,
-                                 profile=self.profile, memory_budget_bytes=float("inf"),
-                                 donate_argnums=(), batch_argnums=(1,),
-                                 time_limit_s=self.time_limit_s, prepared=prepared,
-                                 first_device=first_device,
-                                 mesh_shape={"data": shape[0], "model": shape[1]},
-                                 split_leaves=range(len(work.per_step)))
-                self.solves += 1
-                price = self._price(work, state, solution.best, shape)
-                self._lean[key] = dataclasses.replace(price, split_state=True)
-        return self._lean[key]
+                jobs.append((key[:3], num_devices, first_device, shape, True))
+        for job, price in zip(jobs, in_order(self._solve, jobs)):
+            self._lean[(*job[0], job[3])] = price
+        self.solves += len(jobs)
+        return [self._lean[key] for key in keys]
 
     def _host_pattern(self, num_devices: int, first_device: int) -> tuple:
         per_host = self.profile.devices_per_host

@@ -166,6 +166,16 @@ class PipelineSearch:
                                                split_state=split_state)
             return table[(k, i, j)]
 
+        # Every layer's prices on each stage's devices, the solves side by side (the table
+        # below reads them all).
+        ranges = ([range(layers)] * s_count if starts is None else
+                  [range(a, b) for a, b in zip(starts, list(starts[1:]) + [layers])])
+        self.pricer.prices_all([(layer, n, k * n) for k in range(s_count) for layer in ranges[k]])
+        if split_state and meshes is not None and starts is not None:
+            # Every stage split on one shape: its layers' lean plans (read below whether the
+            # layout fits or not, then for its fewest bytes).
+            self.pricer.lean_all([(layer, n, k * n, meshes) for k in range(s_count)
+                                  for layer in ranges[k]])
         if starts is not None:
             bounds = list(starts) + [layers]
             chosen = [stage(k, bounds[k], bounds[k + 1] - 1) for k in range(s_count)]
@@ -265,7 +275,8 @@ class PipelineSearch:
         optimizer state over the sub-mesh (``LayerPricer.lean``)."""
         pp, profile = self.pp, self.profile
         first_device = k * n
-        prices = [self.pricer.prices(layer, n, first_device) for layer in range(first, last + 1)]
+        prices = self.pricer.prices_all([(layer, n, first_device)
+                                         for layer in range(first, last + 1)])
         shapes = set(prices[0])
         for p in prices[1:]:
             shapes &= set(p)
@@ -288,8 +299,8 @@ class PipelineSearch:
                                                               remat) > self.budget:
                     break  # no plan fits: the state split over all n devices is the least
                 if split:
-                    parts = [self.pricer.lean(layer, n, first_device, shape)
-                             for layer in range(first, last + 1)]
+                    parts = self.pricer.lean_all([(layer, n, first_device, shape)
+                                                  for layer in range(first, last + 1)])
                     if split_state is None and not any(p.split_state for p in parts):
                         break  # the fastest plan splits the state already
                 else:

@@ -12,6 +12,7 @@ import numpy as np
 
 from parallel._errors import PlanError
 from parallel._roles import OPTIMIZER, check_leaves, find_roles, trace
+from parallel.auto._concurrent import in_order
 from parallel.auto._cost import MeshModel
 from parallel.auto._graph import build_graph
 from parallel.auto._groups import Structure, warn_fallbacks
@@ -335,15 +336,20 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
     # a pipeline stage's work) is the same integer program: solved once.
     solved: dict[tuple, MeshResult] = {}
 
-    def solve_once(sizes, *sets) -> MeshResult:
-        key = (sizes, *(frozenset(x) for x in sets), *(frozenset(),) * (4 - len(sets)))
-        if key not in solved:
-            solved[key] = _solve_mesh(problem(sizes, *sets), budget, time_limit_s, batch_leaves)
-        return dataclasses.replace(solved[key])
+    def solve_all(sizes_and_sets: list[tuple]) -> list[MeshResult]:
+        """The plan of each ``(sizes, sets)``, the programs solved side by side (``in_order``:
+        the same results, in order)."""
+        keys = [(sizes, *(frozenset(x) for x in sets), *(frozenset(),) * (4 - len(sets)))
+                for sizes, sets in sizes_and_sets]
+        new = [key for key in dict.fromkeys(keys) if key not in solved]
+        for key, result in zip(new, in_order(
+                lambda key: _solve_mesh(problem(*key), budget, time_limit_s, batch_leaves), new)):
+            solved[key] = result
+        return [dataclasses.replace(solved[key]) for key in keys]
 
     split = frozenset(graph.inputs[j] for j in split_leaves
                       if graph.values[graph.inputs[j]].nbytes >= _SHARDED_STATE_BYTES)
-    results = [solve_once(sizes, (), (), (), split) for sizes in meshes]
+    results = solve_all([(sizes, ((), (), (), split)) for sizes in meshes])
     if meshes[0] == (n, 1) and n > 1 and not split:
         # Data-parallel flavours of the 1-D mesh, close calls that the cost model alone may
         # misjudge: the batch split; with the optimizer state sharded (weight-update sharding,
@@ -355,8 +361,9 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
             variants.insert(1, ("update sharded", (batch, p.update, donated - p.update)))
         if results[0].mesh_shape.get("data") != 1:  # the 1-D plan splits the batch already
             results[0].variant = variants.pop(0)[0]
-        for name, sets in variants:
-            result = solve_once(meshes[0], *sets)
+        # The flavours share the 1-D mesh's tables, built by its solve above.
+        flavours = solve_all([(meshes[0], sets) for _, sets in variants])
+        for (name, _), result in zip(variants, flavours):
             result.variant = name
             results.append(result)
     fitting = rank([r for r in results if r.status != "over_budget"],

@@ -1,0 +1,49 @@
+"""Independent solves of one search run side by side, their results kept in order.
+
+HiGHS releases the GIL while it solves (``scipy.optimize.milp``), so two threads overlap one
+program's solve with the next program's tables (Python). Results come back in the order of the
+inputs, whatever finished first, and every solve is a pure function of its input: the plan is
+the same as one after the other. A call made from inside a worker runs its items one after the
+other (no nested pool waiting on itself).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+# Two threads: one in HiGHS while the other builds the next program; more only queue on the GIL.
+_WORKERS = min(2, os.cpu_count() or 1)
+_pool: ThreadPoolExecutor | None = None
+_lock = threading.Lock()
+_inside = threading.local()
+
+
+def _mark_worker() -> None:
+    _inside.worker = True
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="shardax-solve",
+                                       initializer=_mark_worker)
+        return _pool
+
+
+def in_order(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """``[fn(x) for x in items]``, the calls run side by side (see the module's docstring).
+
+    The first exception raised by a call is raised here, after every call has ended."""
+    items = list(items)
+    if len(items) < 2 or _WORKERS < 2 or getattr(_inside, "worker", False):
+        return [fn(x) for x in items]
+    futures = [_executor().submit(fn, x) for x in items]
+    errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
+    return [f.result() for f in futures]
