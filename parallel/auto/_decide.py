@@ -159,7 +159,8 @@ def _pipelines(fn, abstract_args, batch_argnums, donate_argnums, profile, n, bud
                 try:
                     whole = whole or global_trace(fn, abstract_args)
                     pp = pipeline_program(fn, abstract_args, batch_argnums, donate_argnums,
-                                          m, num_layers, whole)
+                                          m, num_layers, whole,
+                                          like=searches[traced].pp if traced else None)
                 except PlanError as error:  # e.g. micro-batches this small do not trace alike
                     failed = failed or error
                     continue
@@ -167,6 +168,7 @@ def _pipelines(fn, abstract_args, batch_argnums, donate_argnums, profile, n, bud
                 num_layers = pp.num_layers
                 searches[m] = PipelineSearch(pp, LayerPricer(pp, profile, time_limit_s),
                                              profile, n, budget)
+                searches[m].prefetch(counts)  # every count's solves side by side
             stages = searches[m]
             stages.split = split
             for remat in (False, True):

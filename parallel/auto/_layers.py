@@ -16,13 +16,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from parallel._errors import PlanError
 from parallel._roles import trace
 from parallel.auto._concurrent import in_order
 from parallel.pipeline._intra import stage_work
 from parallel.pipeline._method import _mirrors
 from parallel.pipeline._program import flatten
 from parallel.pipeline._regions import split_regions
-from parallel.pipeline._trace import trace_step
+from parallel.pipeline._trace import Traced, _rescale, batch_size, trace_step
 from parallel.pipeline._stages import backward_flags, find_layers, place
 from parallel.profiles import DeviceProfile
 
@@ -83,6 +84,7 @@ class PipelineProgram:
       residuals: per layer, bytes of one micro-batch's forward values its backward reads
         (what a micro-batch in flight keeps).
       signatures: per layer, a digest of its work (equal digests share one solve).
+      traced: the step's global and micro-batch programs (``trace_step``'s ``Traced``).
     """
 
     program: Any
@@ -95,6 +97,7 @@ class PipelineProgram:
     layer_state: list[float]
     residuals: list[float]
     signatures: list[str]
+    traced: Any = None
 
     @property
     def num_layers(self) -> int:
@@ -107,19 +110,22 @@ class PipelineProgram:
 
 def pipeline_program(fn: Callable, abstract_args: Sequence[Any], batch_argnums: Sequence[int],
                      donate_argnums: Sequence[int], num_micro_batches: int,
-                     num_layers: int, whole: GlobalTrace | None = None) -> PipelineProgram:
+                     num_layers: int, whole: GlobalTrace | None = None,
+                     like: PipelineProgram | None = None) -> PipelineProgram:
     """Traces ``fn`` on one micro-batch and cuts its forward pass into ``num_layers`` layers
     (or the user's ``mark_pipeline_boundary`` layers), as the pipeline runtime does.
 
     ``whole``: the step traced on the global batch (``global_trace``), shared by the
-    micro-batch counts the planner prices; default: traced here.
+    micro-batch counts the planner prices; default: traced here. ``like``: the program made
+    for another micro-batch count; its micro-batch program rescaled to this count rather than
+    the step traced again (``_micro_trace``).
 
     Raises:
       PlanError: the batch does not split into ``num_micro_batches``, or the step cannot be
         pipelined (the runtime's own messages).
     """
     whole = whole or global_trace(fn, abstract_args)
-    traced = trace_step(fn, abstract_args, batch_argnums, num_micro_batches, glob=whole.program)
+    traced = _micro_trace(fn, abstract_args, batch_argnums, num_micro_batches, whole, like)
     global_batch = traced.global_batch
     out_paths, _ = jax.tree_util.tree_flatten_with_path(whole.out_shape)
     names = [f"output{jax.tree_util.keystr(path)}" for path, _ in out_paths]
@@ -140,9 +146,29 @@ def pipeline_program(fn: Callable, abstract_args: Sequence[Any], batch_argnums: 
         residuals[k] += sum(program.nbytes(v) for v in program.ops[i].outputs
                             if v in read_backward)
     pp = PipelineProgram(program, regions, backward, layers, mirrors, num_micro_batches,
-                         global_batch // num_micro_batches, state, residuals, [])
+                         global_batch // num_micro_batches, state, residuals, [], traced)
     pp.signatures = [_layer_signature(pp, k) for k in range(layers.count)]
     return pp
+
+
+def _micro_trace(fn, abstract_args, batch_argnums, num_micro_batches: int, whole: GlobalTrace,
+                 like: PipelineProgram | None) -> Traced:
+    """``trace_step``'s programs for ``num_micro_batches``; with ``like`` (made for another
+    count, on micro-batches of at least 2 examples, as this one's) its micro-batch program with
+    the batch-size-dependent shapes, shape parameters and literals rescaled (the runtime's own
+    rescaling, ``_rescale``; every shape recomputed by JAX's shape rules), which costs a
+    fraction of a trace. Traced when it does not rescale."""
+    batch = batch_size(abstract_args, batch_argnums, num_micro_batches)
+    small = batch // num_micro_batches
+    ref = None if like is None else like.traced
+    if ref is not None and num_micro_batches > 1 and small >= 2 and ref.micro_batch >= 2:
+        try:
+            micro = _rescale(ref.glob, ref.micro, batch, ref.micro_batch, small,
+                             ref.batch_inputs, ref.batch_dims)
+            return Traced(ref.glob, micro, ref.batch_dims, ref.batch_inputs, batch, small)
+        except PlanError:
+            pass
+    return trace_step(fn, abstract_args, batch_argnums, num_micro_batches, glob=whole.program)
 
 
 @dataclasses.dataclass(frozen=True)

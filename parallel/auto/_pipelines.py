@@ -170,7 +170,7 @@ class PipelineSearch:
         # below reads them all).
         ranges = ([range(layers)] * s_count if starts is None else
                   [range(a, b) for a, b in zip(starts, list(starts[1:]) + [layers])])
-        self.pricer.prices_all([(layer, n, k * n) for k in range(s_count) for layer in ranges[k]])
+        self.pricer.prices_all(self._wanted(s_count, ranges))
         if split_state and meshes is not None and starts is not None:
             # Every stage split on one shape: its layers' lean plans (read below whether the
             # layout fits or not, then for its fewest bytes).
@@ -228,6 +228,17 @@ class PipelineSearch:
         if best is None:
             self._note_smallest(s_count, n, m, remat, meshes, None, split_state)
         return best
+
+    def prefetch(self, stage_counts: list[int]) -> None:
+        """Prices every layer on every stage's devices for these stage counts, all the solves
+        side by side (what ``best`` reads for each count)."""
+        layers = self.pp.num_layers
+        self.pricer.prices_all([w for s in stage_counts if s <= layers
+                                for w in self._wanted(s, [range(layers)] * s)])
+
+    def _wanted(self, s_count: int, ranges: list[range]) -> list[tuple[int, int, int]]:
+        n = self.num_devices // s_count
+        return [(layer, n, k * n) for k in range(s_count) for layer in ranges[k]]
 
     def _note_smallest(self, s_count: int, n: int, m: int, remat: bool,
                        meshes: tuple[int, int] | None, starts: list[int] | None,

@@ -369,8 +369,8 @@ def solve(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int | None
     fitting = rank([r for r in results if r.status != "over_budget"],
                    lambda r: r.step_time_s, simplicity)
     if not fitting:
-        smallest = min((_min_memory(problem(sizes), time_limit_s) for sizes in meshes),
-                       key=lambda found: found[0])
+        smallest = min(in_order(lambda sizes: _min_memory(problem(sizes), time_limit_s),
+                                meshes), key=lambda found: found[0])
         raise MemoryBudgetError(
             f"no sharding of this step on {n} devices fits memory_budget_bytes={budget:.0f}: "
             f"the smallest per-device memory reached is {smallest[0]:.0f} bytes (mesh "
