@@ -113,7 +113,8 @@ def copy_all(xs: list, mesh: Mesh) -> list:
               if _BATCHED_COPY is not None and x.sharding.mesh.size == mesh.size
               and x.is_fully_addressable and not x.is_deleted()]
     out = [None] * len(xs)
-    others = [i for i in range(len(xs)) if i not in set(direct)]
+    moved = set(direct)
+    others = [i for i in range(len(xs)) if i not in moved]
     if others:
         for i, y in zip(others, jax.device_put([xs[i] for i in others],
                                                [targets[i] for i in others])):
