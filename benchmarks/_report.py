@@ -96,7 +96,40 @@ def _models_tables(data: dict[str, Any]) -> list[str]:
                 f"| {r['per_device_memory_bytes'] / MiB:.2f} "
                 f"| {r['communication_bytes'] / MiB:.2f} | {mesh} |")
         lines.append("")
-    return lines
+    return lines + _interleaved_table(data)
+
+
+def auto_over_best_hand(turn: dict[str, Any]) -> tuple[float, str] | None:
+    """``auto``'s median step over the fastest other plan's, timed in turns in one process
+    (an ``interleaved`` result), and that plan's name; None if either is missing."""
+    plans = turn.get("plans", {})
+    hand = {p: r["step_time_s"] for p, r in plans.items() if p != "auto"}
+    if "auto" not in plans or not hand:
+        return None
+    best = min(hand, key=hand.get)
+    return plans["auto"]["step_time_s"] / hand[best], best
+
+
+def _interleaved_table(data: dict[str, Any]) -> list[str]:
+    turns = [t for t in data.get("interleaved", []) if "plans" in t]
+    if not turns:
+        return []
+    plans = list(turns[0]["plans"])
+    rounds = len(next(iter(turns[0]["plans"].values()))["step_times_s"])
+    lines = [f"### In one process: each plan timed in turns ({rounds} steps each, median)", "",
+             "Separate processes start each plan from a different machine state; here every "
+             "plan meets the same load, so these are the ratios to compare.", "",
+             "| workload | " + " | ".join(f"{p} (ms)" for p in plans)
+             + " | auto / best hand plan |", "|---" * (len(plans) + 2) + "|"]
+    for turn in turns:
+        verdict = auto_over_best_hand(turn)
+        cells = [_ms(turn["plans"][p]["step_time_s"]) for p in plans]
+        lines.append(f"| {turn['workload']} | " + " | ".join(cells) + " | "
+                     + (f"{verdict[0]:.2f}x ({verdict[1]})" if verdict else "—") + " |")
+    for turn in data.get("interleaved", []):
+        if "error" in turn:
+            lines.append(f"| {turn['workload']} | failed: {turn['error']} |")
+    return lines + [""]
 
 
 def _solver_table(data: dict[str, Any]) -> list[str]:

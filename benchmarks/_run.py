@@ -205,8 +205,10 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """Runs one benchmark case in this process.
 
     Args:
-      case: ``{"workload": WorkloadSpec fields, "method": one of METHODS or ``"solve"`` (the
-        solver alone), "devices": N,
+      case: ``{"workload": WorkloadSpec fields, "method": one of METHODS, ``"solve"`` (the
+        solver alone) or ``"interleaved"`` (the methods in ``"plans"`` timed in turns in this
+        process, ``"steps"`` rounds; returns ``{"workload", "method", "devices", "platform",
+        "plans"}``, see ``benchmarks._interleaved``), "devices": N,
         "warmup": steps, "steps": timed steps, "measure": bool (time real steps; else
         compile and estimate only), "profile": device profile for the estimate or None}``.
 
@@ -226,6 +228,12 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     devices = jax.devices()[:n]
     workload = build_workload(spec)
     warmup, steps = int(case.get("warmup", 2)), int(case.get("steps", 5))
+    if case["method"] == "interleaved":  # several plans timed in turns (round-robin)
+        from benchmarks._interleaved import time_interleaved
+
+        return {"workload": spec.name, "method": "interleaved", "devices": n,
+                "platform": devices[0].platform,
+                "plans": time_interleaved(workload, list(case["plans"]), devices, warmup, steps)}
     if case["method"] == "pmap":
         result = run_pmap(workload, devices, warmup, steps)
     elif case["method"] == "solve":

@@ -16,33 +16,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import statistics
 import sys
-import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-import parallel  # noqa: E402
-from benchmarks import _run, suites  # noqa: E402
+from benchmarks import suites  # noqa: E402
+from benchmarks._interleaved import make_method, time_interleaved  # noqa: E402
 from benchmarks._workloads import build_workload  # noqa: E402
 
 WORKLOADS = {f"{suite}.{name}": spec for suite, specs in (
     ("models", suites.MODEL_WORKLOADS), ("pipeline", suites.PIPELINE_WORKLOADS))
     for name, spec in specs.items()}
-
-
-def make_method(plan: str) -> parallel.Method:
-    """``"zero3"`` -> that method; ``"4x8"`` -> pipeshard, 4 stages x 8 micro-batches."""
-    pipelined = re.fullmatch(r"(\d+)x(\d+)", plan)
-    if pipelined:
-        stages, micro = (int(g) for g in pipelined.groups())
-        return _run.make_method("pipeshard", None, {"num_micro_batches": micro,
-                                                    "stages": stages})
-    return _run.make_method(plan)
 
 
 def main(argv=None) -> None:
@@ -54,41 +42,22 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=None,
                         help="global batch (default: the suite's)")
     args = parser.parse_args(argv)
-    methods = []
-    for plan in args.plans.split(","):
+    plans = args.plans.split(",")
+    for plan in plans:
         try:
-            methods.append((plan, make_method(plan)))
+            make_method(plan)
         except ValueError as e:
             parser.error(f"plan {plan!r}: {e}")
     spec = WORKLOADS[args.workload]
     if args.batch is not None:
         spec = dataclasses.replace(spec, batch_size=args.batch)
-    workload = build_workload(spec)
-    batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), workload.batch)
-    runs = []
-    for plan, method in methods:
-        step = parallel.parallelize(
-            workload.train_step, method=method, devices=jax.devices(),
-            logical_axes=workload.logical_axes if plan == "manual" else None)
-        state = step.init_state(workload.init, jax.random.key(0), batch_shapes)
-        batch = jax.device_put(workload.batch, step.input_shardings(state, batch_shapes)[1])
-        for _ in range(2):  # compile and warm up
-            state, metrics = step(state, batch)
-        jax.block_until_ready((state, metrics))
-        runs.append({"plan": plan, "step": step, "state": state, "batch": batch, "wall": [],
-                     "cpu": []})
-    for _ in range(args.rounds):
-        for run in runs:
-            wall, cpu = time.perf_counter(), time.process_time()
-            run["state"], metrics = run["step"](run["state"], run["batch"])
-            jax.block_until_ready((run["state"], metrics))
-            run["wall"].append(time.perf_counter() - wall)
-            run["cpu"].append(time.process_time() - cpu)
-    base = statistics.median(runs[0]["wall"])
-    for run in runs:
-        wall = statistics.median(run["wall"])
-        print(f"{run['plan']:8s} {1000 * wall:8.1f} ms  {wall / base:5.2f}x  "
-              f"cpu {1000 * statistics.median(run['cpu']):8.1f} ms")
+    timed = time_interleaved(build_workload(spec), plans,
+                             jax.devices(), warmup=2, rounds=args.rounds)
+    base = next(iter(timed.values()))["step_time_s"]
+    for plan, run in timed.items():
+        wall = run["step_time_s"]
+        print(f"{plan:8s} {1000 * wall:8.1f} ms  {wall / base:5.2f}x  "
+              f"cpu {1000 * statistics.median(run['cpu_times_s']):8.1f} ms")
 
 
 if __name__ == "__main__":

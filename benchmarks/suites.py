@@ -8,7 +8,9 @@ Suites (``scripts/benchmark.py --suite NAME``):
 * ``models``: GPT, MoE and Wide-ResNet with ``data``, ``zero2``, ``zero3``, ``manual``
   (Megatron-style rules), ``auto`` and ``auto_timed`` (``measure=True``: the compiled finalists
   are timed and the fastest kept): CPU step time measured, H100 step time estimated by the
-  cost model from the same compiled step.
+  cost model from the same compiled step. Then, per workload, the hand plans and ``auto``
+  timed in turns in one process (``interleaved``: one step of each per round, twice as many
+  rounds as timed steps), where ``auto`` is compared with the best hand plan.
 * ``pipeline``: an 8-layer GPT and a Wide-ResNet, the best unpipelined plan (data, ZeRO-2,
   ZeRO-3, auto) against ``pipeshard`` with automatic stages, with 4 stages x 2 devices
   (1F1B and GPipe) and with 8 stages x 1 device (1F1B), 8 micro-batches: step time, the
@@ -46,8 +48,9 @@ from benchmarks._report import can_plot as can_plot
 from benchmarks._run import RESULT_MARKER
 from benchmarks._workloads import SEED_WORKLOADS, WorkloadSpec
 
-__all__ = ["SUITES", "can_plot", "format_markdown", "format_result", "merge_rounds", "plot",
-           "run_case_subprocess", "run_suite", "suite_cases", "summarize", "write_json"]
+__all__ = ["SUITES", "can_plot", "format_markdown", "format_result", "interleaved_cases",
+           "merge_rounds", "plot", "run_case_subprocess", "run_suite", "suite_cases",
+           "summarize", "write_json"]
 
 SUITES = ("seed", "models", "solver", "pipeline", "fidelity")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,6 +170,18 @@ def suite_cases(suite: str, devices: int = 8, steps: int = 5,
     return cases
 
 
+def interleaved_cases(suite: str, devices: int = 8, steps: int = 5,
+                      warmup: int = 2) -> list[dict[str, Any]]:
+    """The ``models`` suite's comparison in one process per workload: its hand plans and
+    ``auto`` timed in turns, ``2 * steps`` rounds (``benchmarks._interleaved``). Other
+    suites: none."""
+    if suite != "models":
+        return []
+    return [{"workload": spec.to_json(), "method": "interleaved", "plans": list(MODEL_METHODS),
+             "devices": devices, "steps": 2 * steps, "warmup": warmup}
+            for spec in MODEL_WORKLOADS.values()]
+
+
 def run_case_subprocess(case: dict[str, Any], timeout_s: float = 1800.0) -> dict[str, Any]:
     """Runs ``case`` in a fresh Python process with ``case["devices"]`` simulated CPU devices.
 
@@ -256,8 +271,20 @@ def merge_rounds(first: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def merge_interleaved(first: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """One interleaved result from two runs: each plan's timed steps pooled, median over all."""
+    if "error" in first or "error" in later:
+        return first if "error" in first else later
+    plans = {}
+    for plan, run in first["plans"].items():
+        times = run["step_times_s"] + later["plans"][plan]["step_times_s"]
+        plans[plan] = {**run, "step_times_s": times, "step_time_s": statistics.median(times)}
+    return {**first, "plans": plans, "rounds": first.get("rounds", 1) + 1}
+
+
 def run_suite(suite: str, devices: int = 8, *, steps: int = 5, warmup: int = 2,
               repeat: int = 1, cases: Sequence[dict[str, Any]] | None = None,
+              interleaved: Sequence[dict[str, Any]] | None = None,
               runner: Callable[[dict[str, Any]], dict[str, Any]] = run_case_subprocess,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs every case of ``suite`` and collects the results.
@@ -271,16 +298,23 @@ def run_suite(suite: str, devices: int = 8, *, steps: int = 5, warmup: int = 2,
         a burst of load from other processes weighs on every method alike. Cases that time
         nothing (``measure`` false) run in the first round only.
       cases: run these instead of ``suite_cases(suite, devices, steps, warmup)``.
+      interleaved: run these (``"interleaved"`` cases) after each round's cases; default
+        ``interleaved_cases(suite, ...)``, none when ``cases`` is given.
       runner: runs one case; the default starts a fresh process per case.
       log: receives one progress line per case.
 
     Returns:
       ``{"suite", "devices", "repeat", "results": [one dict per case], "summary":
-      summarize(results), "environment": environment()}`` (the load average at the end).
+      summarize(results), "interleaved": [one dict per interleaved case], "environment":
+      environment()}`` (the load average at the end).
     """
+    if interleaved is None:
+        interleaved = (interleaved_cases(suite, devices, steps, warmup) if cases is None
+                       else [])
     cases = list(cases if cases is not None else suite_cases(suite, devices, steps, warmup))
     env = environment()  # the commit measured is the one at the start
     results: list[dict[str, Any]] = []
+    turns: list[dict[str, Any]] = []
     for round_index in range(repeat):
         for i, case in enumerate(cases):
             if round_index and not case.get("measure", True):
@@ -292,8 +326,16 @@ def run_suite(suite: str, devices: int = 8, *, steps: int = 5, warmup: int = 2,
                 results.append(result)
             else:
                 results[i] = merge_rounds(results[i], result)
+        for i, case in enumerate(interleaved):
+            result = runner(case)
+            log(f"[round {round_index + 1}/{repeat}, interleaved {i + 1}/{len(interleaved)}] "
+                f"{format_result(result)}")
+            if round_index == 0:
+                turns.append(result)
+            else:
+                turns[i] = merge_interleaved(turns[i], result)
     return {"suite": suite, "devices": devices, "repeat": repeat, "results": results,
-            "summary": summarize(results),
+            "summary": summarize(results), "interleaved": turns,
             "environment": {**env, "load_average": environment()["load_average"]}}
 
 
@@ -302,6 +344,9 @@ def format_result(result: dict[str, Any]) -> str:
     head = f"{result['workload']:<26} {result['method']:<7} devices={result['devices']}"
     if "error" in result:
         return f"{head} FAILED: {result['error']}"
+    if "plans" in result:
+        return head + " " + "  ".join(f"{plan} {run['step_time_s'] * 1e3:.2f} ms"
+                                      for plan, run in result["plans"].items())
     step = result.get("step_time_s")
     comm, compile_s = result.get("communication_bytes"), result.get("compile_time_s")
     parts = [f"step {step * 1e3:9.2f} ms" if step is not None else "step       n/a",

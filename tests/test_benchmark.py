@@ -161,6 +161,47 @@ def test_repeated_rounds_pool_the_timed_steps_of_each_case():
     assert result["tflops"] == pytest.approx(3e12 / 0.55 / 1e12)
 
 
+def test_interleaved_case_times_each_plan_in_turns_and_trains_like_the_fresh_process(
+        tiny_results):
+    result = run_case({"workload": TINY.to_json(), "method": "interleaved",
+                       "plans": ["data", "zero3"], "devices": 8, "steps": 5, "warmup": 2})
+    assert (result["workload"], result["method"], result["devices"]) == ("tiny", "interleaved", 8)
+    assert list(result["plans"]) == ["data", "zero3"]
+    for plan, run in result["plans"].items():
+        assert run["mesh_shape"] == {"data": 8}
+        assert len(run["step_times_s"]) == len(run["cpu_times_s"]) == 5
+        assert run["step_time_s"] == statistics.median(run["step_times_s"]) > 0
+        # Taking turns changes nothing in what each plan computes: 2 warm-up + 5 timed steps
+        # from the same init as the case that ran alone in its own process.
+        np.testing.assert_allclose(run["losses"], tiny_results[plan]["losses"], rtol=1e-5)
+
+
+def test_models_suite_compares_auto_with_the_best_hand_plan_timed_in_turns():
+    cases = suites.interleaved_cases("models", 8, steps=5, warmup=2)
+    assert [(c["workload"]["name"], c["method"], c["plans"], c["steps"], c["warmup"])
+            for c in cases] == [(w, "interleaved", ["data", "zero2", "zero3", "manual", "auto"],
+                                 10, 2) for w in ("gpt", "moe", "wide_resnet")]
+    assert suites.interleaved_cases("seed") == suites.interleaved_cases("pipeline") == []
+    rounds = iter([{"data": [0.4, 0.5], "zero3": [0.2, 0.2], "auto": [0.2, 0.3]},
+                   {"data": [0.6, 0.5], "zero3": [0.3, 0.4], "auto": [0.1, 0.2]}])
+
+    def runner(case):
+        times = next(rounds)
+        return {"workload": "w", "method": "interleaved", "devices": 8, "plans": {
+            p: {"step_times_s": t, "step_time_s": statistics.median(t)} for p, t in times.items()}}
+
+    data = suites.run_suite("models", 8, cases=[], interleaved=[{"method": "interleaved"}],
+                            repeat=2, runner=runner, log=lambda line: None)
+    (turn,) = data["interleaved"]
+    assert turn["rounds"] == 2
+    assert turn["plans"]["zero3"]["step_times_s"] == [0.2, 0.2, 0.3, 0.4]
+    assert turn["plans"]["zero3"]["step_time_s"] == pytest.approx(0.25)
+    assert turn["plans"]["auto"]["step_time_s"] == pytest.approx(0.2)
+    table = suites.format_markdown(data)
+    assert "| workload | data (ms) | zero3 (ms) | auto (ms) | auto / best hand plan |" in table
+    assert "| w | 500.00 | 250.00 | 200.00 | 0.80x (zero3) |" in table
+
+
 def test_models_and_solver_suites_cover_their_workloads():
     cases = suites.suite_cases("models", 8)
     methods = ("data", "zero2", "zero3", "manual", "auto")
