@@ -23,7 +23,7 @@ from parallel.pipeline._intra import stage_work
 from parallel.pipeline._method import _mirrors
 from parallel.pipeline._program import flatten
 from parallel.pipeline._regions import split_regions
-from parallel.pipeline._trace import Traced, _rescale, batch_size, trace_step
+from parallel.pipeline._trace import Traced, batch_size, rescale, trace_step
 from parallel.pipeline._stages import backward_flags, find_layers, place
 from parallel.profiles import DeviceProfile
 
@@ -156,15 +156,15 @@ def _micro_trace(fn, abstract_args, batch_argnums, num_micro_batches: int, whole
     """``trace_step``'s programs for ``num_micro_batches``; with ``like`` (made for another
     count, on micro-batches of at least 2 examples, as this one's) its micro-batch program with
     the batch-size-dependent shapes, shape parameters and literals rescaled (the runtime's own
-    rescaling, ``_rescale``; every shape recomputed by JAX's shape rules), which costs a
+    rescaling, ``rescale``; every shape recomputed by JAX's shape rules), which costs a
     fraction of a trace. Traced when it does not rescale."""
     batch = batch_size(abstract_args, batch_argnums, num_micro_batches)
     small = batch // num_micro_batches
     ref = None if like is None else like.traced
     if ref is not None and num_micro_batches > 1 and small >= 2 and ref.micro_batch >= 2:
         try:
-            micro = _rescale(ref.glob, ref.micro, batch, ref.micro_batch, small,
-                             ref.batch_inputs, ref.batch_dims)
+            micro = rescale(ref.glob, ref.micro, batch, ref.micro_batch, small,
+                            ref.batch_inputs, ref.batch_dims)
             return Traced(ref.glob, micro, ref.batch_dims, ref.batch_inputs, batch, small)
         except PlanError:
             pass

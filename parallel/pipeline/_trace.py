@@ -123,7 +123,7 @@ def trace_step(fn, abstract_args, batch_argnums, num_micro_batches: int,
                 f"size")
         dims = _batch_dims(other, glob)
         if m > 1:
-            micro = _rescale(glob, other, batch, other_size, micro_size, inputs, dims)
+            micro = rescale(glob, other, batch, other_size, micro_size, inputs, dims)
     return Traced(glob, micro, dims, inputs, batch, micro_size)
 
 
@@ -179,9 +179,25 @@ def scale_literal(g: float, r: float, big: int, other: int, small: int) -> float
     return g + (g - r) * (small - big) / (big - other)
 
 
-def _rescale(glob: Program, other: Program, big: int, other_size: int, small: int,
-             batch_inputs: list[int], dims) -> Program:
-    """The global program with shapes, shape parameters and literals for ``small`` examples."""
+def rescale(glob: Program, other: Program, big: int, other_size: int, small: int,
+            batch_inputs: list[int], dims) -> Program:
+    """The global program with shapes, shape parameters and literals for ``small`` examples.
+
+    Every batch-size-dependent integer is taken as affine in the batch size, fitted on two
+    traces of the same operations; literals as ``scale_literal``; every aval recomputed by JAX's
+    shape rules (``abstract_avals``).
+
+    Args:
+      glob: the step traced on ``big`` examples.
+      other: the same operations traced on ``other_size`` examples (``same_structure``).
+      big, other_size, small: examples per batch of ``glob``, ``other``, the result.
+      batch_inputs: value ids of the batch leaves.
+      dims: value id -> dimensions whose size grows with the batch (``Traced.batch_dims``).
+
+    Raises:
+      PlanError: an operation's parameters do not rescale (named), or the rescaled program
+        does not trace.
+    """
     ops = []
     for op, ref in zip(glob.ops, other.ops):
         try:
