@@ -1,13 +1,18 @@
 """The planner's side-by-side solves: results in the order asked, whatever finishes first; the
-first error raised; a call from inside a worker runs in place (no pool waiting on itself)."""
+first error raised; a call from inside a worker runs in place (no pool waiting on itself); the
+same plans side by side as one after the other, also at the solver's time limit."""
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
 import scipy.optimize
 
+from parallel import auto
+from parallel.auto import _concurrent
 from parallel.auto._concurrent import in_order
+from tests.test_auto_plans import mlp_step
 
 
 def test_results_come_back_in_the_order_asked():
@@ -50,3 +55,24 @@ def test_highs_solves_side_by_side_equal_one_after_the_other():
 
     seeds = list(range(16))
     assert in_order(solve, seeds) == [solve(s) for s in seeds]
+
+
+def test_solves_at_the_time_limit_side_by_side_equal_one_after_the_other(monkeypatch):
+    """At a 0 s limit HiGHS stops before any incumbent and every mesh falls back to each group's
+    cheapest strategy: the same plans, with the time-out status, threads or not."""
+    step, args = mlp_step(batch_size=32, width=512)
+
+    def plans():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = auto.solve(step, args, num_devices=8, profile="h100", time_limit_s=0.0)
+        return [(r.status, r.mesh_shape, r.variant, r.step_time_s, r.memory_bytes,
+                 str(r.input_specs)) for r in found.tried]
+
+    side_by_side = plans()
+    monkeypatch.setattr(_concurrent, "_WORKERS", 1)
+    assert plans() == side_by_side
+    assert len(side_by_side) == 6
+    assert {status for status, *_ in side_by_side} == {"time_limit"}
+    assert side_by_side[0][1:3] == ({"data": 1, "model": 8}, "")
+    assert side_by_side[0][3] == pytest.approx(4.6802222487562184e-05, rel=1e-9)

@@ -5,6 +5,11 @@ program's solve with the next program's tables (Python). Results come back in th
 inputs, whatever finished first, and every solve is a pure function of its input: the plan is
 the same as one after the other. A call made from inside a worker runs its items one after the
 other (no nested pool waiting on itself).
+
+Short of the solver's time limit: a solve that hits it keeps the best plan HiGHS found by then,
+which depends on the machine's speed and load, side by side or one after the other alike
+(``ShardParallel`` warns when that happens). At a limit too short for any incumbent the plan
+falls back to each group's cheapest strategy, which is deterministic.
 """
 from __future__ import annotations
 
