@@ -19,7 +19,7 @@ import numpy as np
 from parallel._errors import PlanError
 from parallel._roles import trace
 from parallel.auto._concurrent import in_order
-from parallel.pipeline._intra import stage_work
+from parallel.pipeline._intra import held_specs, stage_work
 from parallel.pipeline._method import _mirrors
 from parallel.pipeline._program import flatten
 from parallel.pipeline._regions import split_regions
@@ -54,6 +54,11 @@ class MeshPrice:
       splits_all: the plan splits every parameter the constraint applies to over all the
         sub-mesh's devices (so the fastest plan is also the lean one).
       param_specs: the plan's ``PartitionSpec`` of each per-step value the layer reads.
+      residual_bytes: per device, the forward values the layer's backward reads (what a
+        micro-batch in flight keeps: ``StageWork.held``), laid out as the runtime holds them
+        on this plan (``held_specs``: the plan's layout for what the layer's forward makes,
+        the batch split for what it receives).
+      residual_whole_bytes: the same values unsplit.
     """
 
     time_s: float
@@ -65,6 +70,8 @@ class MeshPrice:
     split_state: bool = False
     splits_all: bool = False
     param_specs: tuple = ()
+    residual_bytes: float = 0.0
+    residual_whole_bytes: float = 0.0
 
     @property
     def activation_bytes(self) -> float:
@@ -279,7 +286,7 @@ class LayerPricer:
                          prepared=prepared, first_device=first_device,
                          mesh_shape={"data": shape[0], "model": shape[1]},
                          split_leaves=range(len(work.per_step)) if split else ())
-        price = self._price(work, state, solution.best, shape)
+        price = self._price(work, state, solution.best, shape, prepared.closed)
         return dataclasses.replace(price, split_state=True) if split else price
 
     def lean(self, layer: int, num_devices: int, first_device: int,
@@ -327,7 +334,7 @@ class LayerPricer:
                           pp.mirrors)
         return stage_work(pp.program, pp.regions, placement, 1), pp.layer_state[layer]
 
-    def _price(self, work, state: float, result, shape) -> MeshPrice:
+    def _price(self, work, state: float, result, shape, closed) -> MeshPrice:
         # Parameters below this size are not held to a split (the solver's threshold).
         from parallel.auto._search import _SHARDED_STATE_BYTES
 
@@ -349,10 +356,14 @@ class LayerPricer:
                          if _nbytes(x) >= _SHARDED_STATE_BYTES)
         outs = [self.pp.program.avals[v] for v in work.results]
         grads = sum(per_device(x, s) for x, s in zip(outs, result.output_specs))
+        avals = self.pp.program.avals
+        held = held_specs(self.pp.program, self.pp.regions, work, closed, result, shape[0])
         return MeshPrice(float(result.step_time_s), float(result.compute_s),
                          float(result.memory_bytes), float(params), float(grads),
                          state * params / whole if whole else state, splits_all=splits_all,
-                         param_specs=tuple(result.input_specs[:len(flat_in)]))
+                         param_specs=tuple(result.input_specs[:len(flat_in)]),
+                         residual_bytes=sum(per_device(avals[v], s) for v, s in held.items()),
+                         residual_whole_bytes=sum(_nbytes(avals[v]) for v in held))
 
 
 def _whole_bytes(work) -> float:

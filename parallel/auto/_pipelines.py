@@ -306,8 +306,8 @@ class PipelineSearch:
         for shape in sorted(shapes):
             variants = (False, True) if self.split else (False,)
             for split in (variants if split_state is None else (split_state,)):
-                if split and not least_memory and self._floor(first, last, n, shape, in_flight,
-                                                              remat) > self.budget:
+                if split and not least_memory and self._floor(prices, first, n, shape,
+                                                              in_flight, remat) > self.budget:
                     break  # no plan fits: the state split over all n devices is the least
                 if split:
                     parts = self.pricer.lean_all([(layer, n, first_device, shape)
@@ -327,17 +327,22 @@ class PipelineSearch:
                     break  # the fastest plan fits: nothing to split
         return best
 
-    def _floor(self, first: int, last: int, n: int, shape: tuple[int, int], in_flight: int,
-               remat: bool) -> float:
-        """A lower bound of the stage's bytes per device on ``shape`` whatever its layers' plans:
-        its state split over all ``n`` devices and the activations ``_on_mesh`` counts."""
+    def _floor(self, prices: list[dict], first: int, n: int, shape: tuple[int, int],
+               in_flight: int, remat: bool) -> float:
+        """A lower bound of the stage's bytes per device on ``shape`` whatever the plans of its
+        layers (``prices``, from ``first`` on): its state and its micro-batches' residuals split
+        over all ``n`` devices, and the stash ``_on_mesh`` counts."""
         pp = self.pp
-        state = sum(pp.layer_state[layer] for layer in range(first, last + 1)) / n
-        residuals = sum(pp.residuals[layer] for layer in range(first, last + 1)) / shape[0]
+        state = sum(pp.layer_state[first + k] for k in range(len(prices))) / n
+        residuals = sum(p[shape].residual_whole_bytes for p in prices) / n
         if remat:
-            stash = pp.cut_bytes(first - 1) / n if first > 0 else 0.0
-            return state + residuals + (in_flight - 1) * stash
+            return state + residuals + (in_flight - 1) * self._stash(first, shape)
         return state + in_flight * residuals
+
+    def _stash(self, first: int, shape: tuple[int, int]) -> float:
+        """Bytes per device of one micro-batch's input to a rematerialized stage starting at
+        layer ``first``, kept until its backward: received split over the ``data`` axis only."""
+        return self.pp.cut_bytes(first - 1) / shape[0] if first > 0 else 0.0
 
     def _on_mesh(self, parts: list[MeshPrice], first: int, last: int, n: int,
                  first_device: int, shape: tuple[int, int], transfer: float, in_flight: int,
@@ -348,16 +353,15 @@ class PipelineSearch:
                 + _LAUNCHES_PER_MICRO_BATCH * profile.program_overhead_s)
         state = sum(p.state_bytes for p in parts)
         grads = sum(p.grad_bytes for p in parts)
-        # A micro-batch in flight keeps its residuals (with remat: only the stage's input);
-        # one more runs its forward or backward with the largest layer's working set.
-        # Split over the batch; the model axis may keep some whole (a layer's input), so
-        # it is not counted on.
-        residuals = sum(pp.residuals[layer] for layer in range(first, last + 1)) / shape[0]
+        # A micro-batch in flight keeps its residuals (with remat: only the stage's input),
+        # laid out as the runtime holds them on these plans; one more runs its forward or
+        # backward with the largest layer's working set.
+        residuals = sum(p.residual_bytes for p in parts)
         working = max(p.activation_bytes for p in parts)
         if remat:
             time += _FORWARD_SHARE * sum(p.compute_s for p in parts)
-            stash = pp.cut_bytes(first - 1) / n if first > 0 else 0.0
-            memory = state + grads + residuals + working + (in_flight - 1) * stash
+            memory = (state + grads + residuals + working
+                      + (in_flight - 1) * self._stash(first, shape))
         else:
             memory = state + grads + working + in_flight * residuals
         update = (_UPDATE_PASSES * (state + grads) / profile.memory_bandwidth

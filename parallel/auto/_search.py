@@ -472,7 +472,7 @@ def _solve_mesh(problem: MeshProblem, budget: float, time_limit_s: float,
     ins, outs = problem.io_specs(specs)
     return MeshResult(shape, status, compute + comm, compute, comm, peak,
                       time.perf_counter() - start, ins, outs, problem.constraints(specs),
-                      problem.describe(choice))
+                      problem.describe(choice), spec_at=problem.spec_at(specs))
 
 
 def _min_memory(problem: MeshProblem, time_limit_s: float) -> tuple[float, dict[str, int]]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 from jax.sharding import PartitionSpec
@@ -44,6 +45,9 @@ class MeshResult:
       measured_step_time_s: seconds a step took when the compiled plan was timed on the
         devices (``ShardParallel(measure=...)``), else ``None``.
       variant: ``""``, or which flavour of the mesh was solved for (e.g. ``"batch split"``).
+      spec_at: ``spec_at(site, output index)``: the plan's ``PartitionSpec`` of the result of
+        the equation at ``site`` (``None``: no such equation); e.g. a pipeline stage's
+        residuals, held between its forward and backward programs as planned here.
     """
 
     mesh_shape: dict[str, int]
@@ -61,6 +65,7 @@ class MeshResult:
     compiled_memory_bytes: int | None = None
     measured_step_time_s: float | None = None
     variant: str = ""
+    spec_at: Any = None
 
 
 class MeshProblem:
@@ -347,6 +352,20 @@ class MeshProblem:
             else:
                 outs.append(mm.partition_spec(specs[v]))
         return ins, outs
+
+    def spec_at(self, specs: list[Spec | None]):
+        """``spec_at(site, output)`` of a solution's ``specs`` (the sites indexed when first
+        asked: most solves are never asked)."""
+        graph, mm, at = self.s.graph, self.mm, {}
+
+        def spec_at(site: tuple, output: int) -> PartitionSpec | None:
+            if not at:
+                at.update((e.site, e.outputs) for e in graph.eqns if e.site is not None)
+            outputs = at.get(tuple(site))
+            if outputs is None or output >= len(outputs) or specs[outputs[output]] is None:
+                return None
+            return mm.partition_spec(specs[outputs[output]])
+        return spec_at
 
     def first_points(self, count: int = 4) -> list[int]:
         return peak_points(self.liveness.profile(self.nbytes), count)

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec
 
+from parallel.pipeline._layouts import example_spec
 from parallel.pipeline._program import Program, Regions, evaluate
 from parallel.pipeline._stages import Placement
 
@@ -27,12 +28,20 @@ class StageWork:
       args: its abstract arguments.
       per_step: value ids of the per-step values it reads (parameters...), in ``args[0]``.
       results: value ids of the values leaving the micro-batch region (gradients).
+      held: value ids of the forward values its backward reads (a micro-batch in flight keeps
+        them from its forward to its backward): made by its forward, or received.
+      planned: those of ``held`` its forward makes and no other stage reads; they keep the
+        layout the stage's plan gives them (``held_specs``), the others the batch split.
+      ops: its operations, in order.
     """
 
     fn: Any
     args: tuple
     per_step: list[int]
     results: list[int]
+    held: list[int] = dataclasses.field(default_factory=list)
+    planned: list[int] = dataclasses.field(default_factory=list)
+    ops: list = dataclasses.field(default_factory=list)
 
 
 def stage_work(program: Program, regions: Regions, placement: Placement, stage: int) -> StageWork:
@@ -54,6 +63,16 @@ def stage_work(program: Program, regions: Regions, placement: Placement, stage: 
     handed = [v for v in dict.fromkeys(v for i in ops for v in program.ops[i].outputs)
               if v in read_elsewhere and v not in regions.crossing]
     stage_ops = [program.ops[i] for i in ops]
+    forward = {i: program.ops[i] for i, p in enumerate(placement.phase) if p == "F"}
+    made_forward = {v for op in forward.values() for v in op.outputs}
+    mine_forward = {v for i in ops if i in forward for v in program.ops[i].outputs}
+    inputs = set(program.inputs)
+    per_step_set = set(per_step)
+    held = [v for v in dict.fromkeys(v for i in ops if placement.phase[i] == "B"
+                                     for v in program.ops[i].value_inputs())
+            if v not in regions.crossing and (v in made_forward or v in inputs)
+            and v not in per_step_set]
+    planned = [v for v in held if v in mine_forward and v not in read_elsewhere]
 
     def micro_batch_work(state, batch):
         env = dict(zip(per_step, state))
@@ -70,7 +89,35 @@ def stage_work(program: Program, regions: Regions, placement: Placement, stage: 
                      for v in vs)
 
     return StageWork(micro_batch_work, (abstract(per_step), abstract(per_example)), per_step,
-                     results)
+                     results, held, planned, stage_ops)
+
+
+def held_specs(program: Program, regions: Regions, work: StageWork, closed, result,
+               data: int) -> dict[int, PartitionSpec]:
+    """The layout of each value ``work.held`` on the stage: the plan's (``result``, a
+    ``MeshResult`` of ``work.fn`` traced as ``closed``) for ``work.planned``, else (and where
+    the plan names none) the batch split over the ``data`` axis of size ``data``.
+
+    The traced function binds each operation of ``work.ops`` but its markers once, in order:
+    the ``k``-th equation of ``closed`` is the ``k``-th such operation (checked by primitive
+    and result shapes; an operation that does not match keeps the batch split)."""
+    eqns, k, site = closed.jaxpr.eqns, 0, {}
+    for op in work.ops:
+        if op.is_marker:
+            site.update((out, site.get(v)) for out, v in zip(op.outputs, op.inputs))
+            continue
+        if k < len(eqns) and eqns[k].primitive is op.prim and [
+                tuple(x.aval.shape) for x in eqns[k].outvars] == [
+                tuple(program.avals[v].shape) for v in op.outputs]:
+            site.update((v, ((k,), j)) for j, v in enumerate(op.outputs))
+            k += 1
+    planned = set(work.planned)
+    out = {}
+    for v in work.held:
+        spec = result.spec_at(*site[v]) if v in planned and site.get(v) else None
+        out[v] = spec if spec is not None else example_spec(
+            program.avals[v].shape, regions.batch_dim.get(v), data)
+    return out
 
 
 def stage_plan(program: Program, regions: Regions, placement: Placement, stage: int,
@@ -92,13 +139,16 @@ def stage_plan(program: Program, regions: Regions, placement: Placement, stage: 
     Returns:
       ``(mesh_shape, {value id: spec})``.
     """
-    from parallel.auto._search import solve  # heavy to import; only pipelines need it here
+    # heavy to import; only pipelines need it here
+    from parallel.auto._search import prepare, solve
 
     work = stage_work(program, regions, placement, stage)
     # On a mesh a search chose, the stage is planned as it was priced: without a budget (the
     # search checked the stage's memory with its micro-batches in flight), its parameters
     # split if the search held them so.
+    prepared = prepare(work.fn, work.args, donate_argnums=(), batch_argnums=(1,))
     solution = solve(work.fn, work.args, num_devices=num_devices, profile=profile,
+                     prepared=prepared,
                      donate_argnums=(), batch_argnums=(1,), mesh_shape=mesh_shape,
                      first_device=first_device, max_model=max_model,
                      memory_budget_bytes=float("inf") if mesh_shape is not None else None,
@@ -107,6 +157,11 @@ def stage_plan(program: Program, regions: Regions, placement: Placement, stage: 
     # The values the stage hands out of the micro-batch region (gradients): their accumulators
     # take the layout the solver gives them, not a replicated one.
     specs.update(zip(work.results, solution.best.output_specs))
+    # What its forward keeps for its backward stays as the plan lays it out (as priced:
+    # ``parallel.auto.LayerPricer``), not gathered whole between the two programs.
+    held = held_specs(program, regions, work, prepared.closed, solution.best,
+                      solution.mesh_shape.get("data", 1))
+    specs.update((v, held[v]) for v in work.planned)
     _follow_specs(program, placement, stage, specs)
     return solution.mesh_shape, specs
 

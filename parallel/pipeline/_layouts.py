@@ -30,12 +30,10 @@ class StageLayouts:
             return self._split_over_stage(v, stage)
         if v in self._like:  # made per step from a stored leaf of its shape: its layout
             return self.spec(self._like[v], stage)
-        dim = self.regions.batch_dim.get(v)
-        size = self.meshes[stage].shape.get("data", 1)
-        shape = self.program.avals[v].shape
-        if dim is None or size == 1 or v in self.crossing or shape[dim] % size:
+        if v in self.crossing:
             return PartitionSpec()
-        return PartitionSpec(*([None] * dim), "data")
+        return example_spec(self.program.avals[v].shape, self.regions.batch_dim.get(v),
+                            self.meshes[stage].shape.get("data", 1))
 
     def _split_over_stage(self, v: int, stage: int) -> PartitionSpec:
         """A stored leaf only the update reads (optimizer state), split over all the stage's
@@ -112,6 +110,14 @@ class StageLayouts:
         batch = self.program.avals[v].shape[0] * self.num_micro_batches
         spec = PartitionSpec("data") if size > 1 and batch % size == 0 else PartitionSpec()
         return NamedSharding(self.meshes[stage], spec)
+
+
+def example_spec(shape: tuple, dim: int | None, data: int) -> PartitionSpec:
+    """A per-example value's layout on a stage whose plan names none: its batch dimension
+    ``dim`` split over the ``data`` axis (of size ``data``) where it divides, else whole."""
+    if dim is None or data == 1 or shape[dim] % data:
+        return PartitionSpec()
+    return PartitionSpec(*([None] * dim), "data")
 
 
 def global_shape(aval, m: int, axis: int = 0) -> tuple:
