@@ -8,7 +8,6 @@ cores, so stages cannot overlap). Bad input is refused in one line.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -16,39 +15,15 @@ import parallel
 from parallel import auto
 from trainer import cli
 
-WIDTH, HIDDEN, DEPTH, BATCH = 32, 256, 4, 128
-# A large eps keeps Adam from scaling near-zero gradients up to the learning rate, so that
-# parameters can be compared tightly across programs that sum in another order.
-OPTIMIZER = optax.adam(1e-3, eps=1e-3)
+from _auto_steps import OPTIMIZER, init, make_batch, train_step
 
-
-def loss_fn(params, batch):
-    x = batch["x"]  # (B, W)
-    for layer in params:
-        x = x + jnp.tanh(x @ layer["up"]) @ layer["down"]  # (B, H) -> (B, W)
-    return jnp.mean((x - batch["y"]) ** 2)
-
-
-def train_step(state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
-    updates, opt_state = OPTIMIZER.update(grads, state["opt"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state}, \
-        {"loss": loss}
-
-
-def init(key):
-    params = [{"up": jax.random.normal(jax.random.fold_in(key, i), (WIDTH, HIDDEN)) * 0.1,
-               "down": jax.random.normal(jax.random.fold_in(key, 100 + i), (HIDDEN, WIDTH)) * 0.1}
-              for i in range(DEPTH)]
-    return {"params": params, "opt": OPTIMIZER.init(params)}
+BATCH = 128
 
 
 @pytest.fixture(scope="module")
 def setup():
     state = init(jax.random.key(0))
-    rng = np.random.default_rng(0)
-    batch = {"x": rng.normal(size=(BATCH, WIDTH)).astype(np.float32),
-             "y": rng.normal(size=(BATCH, WIDTH)).astype(np.float32)}
+    batch = make_batch(BATCH)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, batch))
     with pytest.raises(auto.MemoryBudgetError) as error:
         auto.solve(train_step, abstract, num_devices=8, memory_budget_bytes=1.0)

@@ -8,7 +8,6 @@ micro-batch (1024 examples) makes the batch-split plan fastest on every stage su
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -18,46 +17,23 @@ from parallel.auto._pipelines import PipelineSearch
 from parallel.pipeline._dp import StageLayout
 from parallel.pipeline._method import PipeshardParallel
 
-WIDTH, HIDDEN, DEPTH, BATCH, MICRO_BATCHES = 32, 256, 4, 2048, 2
-OPTIMIZER = optax.adam(1e-3, eps=1e-3)  # a large eps: comparable across summation orders
+from _auto_steps import DEPTH, abstract, init, make_batch, train_step
 
-
-def loss_fn(params, batch):
-    x = batch["x"]
-    for layer in params:
-        x = x + jnp.tanh(x @ layer["up"]) @ layer["down"]
-    return jnp.mean((x - batch["y"]) ** 2)
-
-
-def train_step(state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
-    updates, opt_state = OPTIMIZER.update(grads, state["opt"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state}, \
-        {"loss": loss}
-
-
-def init(key):
-    params = [{"up": jax.random.normal(jax.random.fold_in(key, i), (WIDTH, HIDDEN)) * 0.1,
-               "down": jax.random.normal(jax.random.fold_in(key, 100 + i), (HIDDEN, WIDTH)) * 0.1}
-              for i in range(DEPTH)]
-    return {"params": params, "opt": OPTIMIZER.init(params)}
+BATCH, MICRO_BATCHES = 2048, 2
 
 
 @pytest.fixture(scope="module")
 def search():
     state = init(jax.random.key(0))
-    rng = np.random.default_rng(0)
-    batch = {"x": rng.normal(size=(BATCH, WIDTH)).astype(np.float32),
-             "y": rng.normal(size=(BATCH, WIDTH)).astype(np.float32)}
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, batch))
+    batch = make_batch(BATCH)
     profile = parallel.get_profile("cpu", 8)
-    pp = pipeline_program(train_step, abstract, (1,), (0,), MICRO_BATCHES, DEPTH)
+    pp = pipeline_program(train_step, abstract(state, batch), (1,), (0,), MICRO_BATCHES, DEPTH)
     pricer = LayerPricer(pp, profile)
     return state, batch, pp, pricer, profile
 
 
-# Below what any 2-stage layout needs with each stage's fastest plans (3,407,876 bytes), above
-# what it needs with the state split (2,965,508).
+# Below what any 2-stage layout needs with each stage's fastest plans (3,440,644 bytes), above
+# what it needs with the state split (2,998,276).
 BUDGET = 3.2e6
 
 
@@ -77,11 +53,11 @@ def test_a_stage_that_does_not_fit_whole_is_split_and_runs_as_priced(search):
     state, batch, pp, pricer, profile = search
     whole_only = PipelineSearch(pp, pricer, profile, 8, BUDGET)
     assert whole_only.best(2, split_state=False) is None
-    assert whole_only.smallest_memory == 3407876.0
+    assert whole_only.smallest_memory == 3440644.0
     chosen = PipelineSearch(pp, pricer, profile, 8, BUDGET).best(2)
     assert chosen.describe() == ("2 stages x 2 micro-batches: layers 0-0 on 4 (data 4 x model "
                                  "1); layers 1-3 on 4 (data 4 x model 1, state split)")
-    assert chosen.memory_bytes == 2965508.0 <= BUDGET
+    assert chosen.memory_bytes == 2998276.0 <= BUDGET
 
     layout = StageLayout(pp.num_layers, tuple(s.first for s in chosen.stages),
                          tuple(s.devices for s in chosen.stages),
@@ -106,3 +82,63 @@ def test_a_stage_that_does_not_fit_whole_is_split_and_runs_as_priced(search):
         np.testing.assert_allclose(float(have["loss"]), float(want["loss"]), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  got, expected)
+
+
+def _held_bytes(runner) -> dict[int, list[int]]:
+    """Per stage, per micro-batch: the bytes per device of the forward values each backward
+    program is handed (what the micro-batch kept on the stage since its forward), read from
+    the arrays the runtime passes it. Wraps ``runner.jitted``."""
+    from_backward = {v for k, t in runner.tasks.items() if k[0] == "B" for v in t.outputs}
+    held: dict[int, list[int]] = {}
+    jitted = runner.jitted
+
+    def wrapped(key):
+        program = jitted(key)
+        if key[0] != "B":
+            return program
+        task = runner.tasks[key]
+
+        def run(*args):
+            held.setdefault(key[1], []).append(sum(
+                x.addressable_shards[0].data.nbytes for v, x in zip(task.inputs, args)
+                if v in runner.per_micro_batch and v not in from_backward
+                and v != runner.index_value))
+            return program(*args)
+        return run
+
+    runner.jitted = wrapped
+    return held
+
+
+@pytest.mark.parametrize("mesh, priced", [
+    # A micro-batch (64 examples) keeps per layer its input (64 x 32) and two (64 x 256)
+    # values of its tanh, float32; the last stage also the loss's (64 x 32) difference. On
+    # data 2 x model 2: the input split over data (4,096 bytes), the hidden ones over both
+    # (16,384 each): 36,864 per layer.
+    ((2, 2), [73728.0, 77824.0]),
+    # On data 1 x model 4: the input whole (8,192), the hidden ones split 4 ways.
+    ((1, 4), [81920.0, 90112.0]),
+])
+def test_a_stage_holds_its_residuals_as_its_plan_lays_them_out_and_as_priced(mesh, priced):
+    state, batch = init(jax.random.key(0)), make_batch(128)
+    profile = parallel.get_profile("cpu", 8)
+    pp = pipeline_program(train_step, abstract(state, batch), (1,), (0,), 2, DEPTH)
+    pricer = LayerPricer(pp, profile)
+    chosen = PipelineSearch(pp, pricer, profile, 8, profile.memory_bytes).best(
+        2, meshes=mesh, starts=[0, 2], split_state=False)
+    assert [sum(pricer.prices(layer, 4, 4 * k)[mesh].residual_bytes
+                for layer in range(s.first, s.last + 1))
+            for k, s in enumerate(chosen.stages)] == priced
+
+    layout = StageLayout(pp.num_layers, (0, 2), (4, 4), ({"data": mesh[0], "model": mesh[1]},) * 2,
+                         tuple(s.time_s for s in chosen.stages), chosen.step_time_s, (False,) * 2)
+    step = parallel.parallelize(train_step, method=PipeshardParallel(2, stage_option=layout,
+                                                                     profile=profile))
+    runner = step.compile(state, batch).runner
+    held = _held_bytes(runner)
+    got, have = step(jax.tree.map(jnp.copy, state), batch)
+    assert held == {0: [priced[0]] * 2, 1: [priced[1]] * 2}
+    want_state, want = jax.jit(train_step)(state, batch)
+    np.testing.assert_allclose(float(have["loss"]), float(want["loss"]), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 got, want_state)

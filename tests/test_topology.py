@@ -12,6 +12,8 @@ from parallel.auto._cost import MeshModel
 from parallel.mesh import count_hosts
 from trainer import cli
 
+from _auto_steps import abstract_step
+
 H100 = profiles.get_profile("h100")
 
 
@@ -151,29 +153,6 @@ def test_pipelines_are_searched_with_stages_inside_a_host_or_of_whole_hosts(
     assert stage_counts(devices, layers, per_host) == counts
 
 
-def _mlp_step():
-    """A 4-block residual MLP trained with Adam, on abstract shapes (batch 128)."""
-    opt = optax.adam(1e-3)
-
-    def loss_fn(params, batch):
-        x = batch["x"]
-        for layer in params:
-            x = x + jnp.tanh(x @ layer["up"]) @ layer["down"]
-        return jnp.mean((x - batch["y"]) ** 2)
-
-    def train_step(state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
-        updates, opt_state = opt.update(grads, state["opt"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state}, \
-            {"loss": loss}
-
-    params = [{"up": jax.ShapeDtypeStruct((32, 256), jnp.float32),
-               "down": jax.ShapeDtypeStruct((256, 32), jnp.float32)} for _ in range(4)]
-    state = {"params": params, "opt": jax.eval_shape(opt.init, params)}
-    batch = {k: jax.ShapeDtypeStruct((128, 32), jnp.float32) for k in ("x", "y")}
-    return train_step, (state, batch)
-
-
 def test_memory_and_a_slow_link_between_hosts_give_one_stage_per_host():
     """3 hosts x 2 CPU devices whose stages could overlap (not one shared host), the link
     between hosts 100x slower than inside: within 90% of the fewest bytes any SPMD plan needs,
@@ -181,7 +160,7 @@ def test_memory_and_a_slow_link_between_hosts_give_one_stage_per_host():
     two devices."""
     import dataclasses
 
-    step, abstract = _mlp_step()
+    step, abstract = abstract_step(128)
     base = profiles.get_profile("cpu", 6, num_hosts=3)
     profile = dataclasses.replace(base, shared_host=False,
                                   inter_host_bandwidth=base.link_bandwidth / 100)

@@ -10,7 +10,10 @@ slowest stage's update; on a profile whose devices share one host (simulated CPU
 stages cannot overlap and the step takes the sum of all the work. A stage must fit the memory
 budget: its parameters, optimizer state and gradient accumulators, and the activations of the
 micro-batches in flight (1F1B: ``S - s`` on stage ``s``; with rematerialization only each
-micro-batch's input, plus one micro-batch's activations recomputed).
+micro-batch's input, plus one micro-batch's activations recomputed). A micro-batch's residuals
+(the forward values its backward reads) count as the runtime holds them: as the stage's plan
+lays out what its forward makes (a Megatron plan keeps its hidden activations split over the
+model axis), the batch split for what it receives.
 """
 from __future__ import annotations
 
@@ -303,7 +306,8 @@ class PipelineSearch:
                 transfer += profile.comm_time(pp.cut_bytes(layer) / n, crosses)
         in_flight = min(m, num_stages - k)
         best: StagePrice | None = None
-        for shape in sorted(shapes):
+        # Equal times: the larger data axis wins (the planner's rule for ties, ``rank``).
+        for shape in sorted(shapes, key=lambda shape: -shape[0]):
             variants = (False, True) if self.split else (False,)
             for split in (variants if split_state is None else (split_state,)):
                 if split and not least_memory and self._floor(prices, first, n, shape,
@@ -348,7 +352,7 @@ class PipelineSearch:
                  first_device: int, shape: tuple[int, int], transfer: float, in_flight: int,
                  remat: bool, split: bool) -> StagePrice:
         """The stage of layers ``first..last`` priced with the plans ``parts`` of its layers."""
-        pp, profile = self.pp, self.profile
+        profile = self.profile
         time = (sum(p.time_s for p in parts) + transfer
                 + _LAUNCHES_PER_MICRO_BATCH * profile.program_overhead_s)
         state = sum(p.state_bytes for p in parts)
