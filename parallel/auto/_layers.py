@@ -58,6 +58,9 @@ class MeshPrice:
         micro-batch in flight keeps: ``StageWork.held``), laid out as the runtime holds them
         on this plan (``held_specs``: the plan's layout for what the layer's forward makes,
         the batch split for what it receives).
+      residual_inner_bytes: ``residual_bytes`` where the layer is not its stage's first: what
+        it receives from earlier layers' forward is then made on the stage and laid out as
+        the plan lays out the layer's input.
       residual_whole_bytes: the same values unsplit.
     """
 
@@ -71,6 +74,7 @@ class MeshPrice:
     splits_all: bool = False
     param_specs: tuple = ()
     residual_bytes: float = 0.0
+    residual_inner_bytes: float = 0.0
     residual_whole_bytes: float = 0.0
 
     @property
@@ -357,12 +361,15 @@ class LayerPricer:
         outs = [self.pp.program.avals[v] for v in work.results]
         grads = sum(per_device(x, s) for x, s in zip(outs, result.output_specs))
         avals = self.pp.program.avals
-        held = held_specs(self.pp.program, self.pp.regions, work, closed, result, shape[0])
+        held, inner = (held_specs(self.pp.program, self.pp.regions, work, closed, result,
+                                  shape[0], inner) for inner in (False, True))
         return MeshPrice(float(result.step_time_s), float(result.compute_s),
                          float(result.memory_bytes), float(params), float(grads),
                          state * params / whole if whole else state, splits_all=splits_all,
                          param_specs=tuple(result.input_specs[:len(flat_in)]),
                          residual_bytes=sum(per_device(avals[v], s) for v, s in held.items()),
+                         residual_inner_bytes=sum(per_device(avals[v], s)
+                                                  for v, s in inner.items()),
                          residual_whole_bytes=sum(_nbytes(avals[v]) for v in held))
 
 

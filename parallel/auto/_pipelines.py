@@ -360,7 +360,7 @@ class PipelineSearch:
         # A micro-batch in flight keeps its residuals (with remat: only the stage's input),
         # laid out as the runtime holds them on these plans; one more runs its forward or
         # backward with the largest layer's working set.
-        residuals = sum(p.residual_bytes for p in parts)
+        residuals = parts[0].residual_bytes + sum(p.residual_inner_bytes for p in parts[1:])
         working = max(p.activation_bytes for p in parts)
         if remat:
             time += _FORWARD_SHARE * sum(p.compute_s for p in parts)

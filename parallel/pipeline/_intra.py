@@ -28,6 +28,8 @@ class StageWork:
       args: its abstract arguments.
       per_step: value ids of the per-step values it reads (parameters...), in ``args[0]``.
       results: value ids of the values leaving the micro-batch region (gradients).
+      per_example: value ids of the per-example values it reads (made elsewhere), in
+        ``args[1]``.
       held: value ids of the forward values its backward reads (a micro-batch in flight keeps
         them from its forward to its backward): made by its forward, or received.
       planned: those of ``held`` its forward makes and no other stage reads; they keep the
@@ -39,6 +41,7 @@ class StageWork:
     args: tuple
     per_step: list[int]
     results: list[int]
+    per_example: list[int] = dataclasses.field(default_factory=list)
     held: list[int] = dataclasses.field(default_factory=list)
     planned: list[int] = dataclasses.field(default_factory=list)
     ops: list = dataclasses.field(default_factory=list)
@@ -89,14 +92,18 @@ def stage_work(program: Program, regions: Regions, placement: Placement, stage: 
                      for v in vs)
 
     return StageWork(micro_batch_work, (abstract(per_step), abstract(per_example)), per_step,
-                     results, held, planned, stage_ops)
+                     results, per_example, held, planned, stage_ops)
 
 
 def held_specs(program: Program, regions: Regions, work: StageWork, closed, result,
-               data: int) -> dict[int, PartitionSpec]:
+               data: int, inner: bool = False) -> dict[int, PartitionSpec]:
     """The layout of each value ``work.held`` on the stage: the plan's (``result``, a
     ``MeshResult`` of ``work.fn`` traced as ``closed``) for ``work.planned``, else (and where
     the plan names none) the batch split over the ``data`` axis of size ``data``.
+
+    ``inner``: the work is a part of a larger stage's (a layer after its first): what it
+    receives from the stage's forward, not from the step's batch, takes the plan's layout of
+    the work's input too (the stage's plan lays it out where it is made).
 
     The traced function binds each operation of ``work.ops`` but its markers once, in order:
     the ``k``-th equation of ``closed`` is the ``k``-th such operation (checked by primitive
@@ -112,9 +119,13 @@ def held_specs(program: Program, regions: Regions, work: StageWork, closed, resu
             site.update((v, ((k,), j)) for j, v in enumerate(op.outputs))
             k += 1
     planned = set(work.planned)
+    received = dict(zip(work.per_example, result.input_specs[len(work.per_step):]))
+    inputs = set(program.inputs)
     out = {}
     for v in work.held:
         spec = result.spec_at(*site[v]) if v in planned and site.get(v) else None
+        if inner and v in received and v not in inputs:
+            spec = received[v]
         out[v] = spec if spec is not None else example_spec(
             program.avals[v].shape, regions.batch_dim.get(v), data)
     return out
