@@ -1,6 +1,7 @@
 """The planner's side-by-side solves: results in the order asked, whatever finishes first; the
-first error raised; a call from inside a worker runs in place (no pool waiting on itself); the
-same plans side by side as one after the other, also at the solver's time limit."""
+first error raised; items made while earlier calls run; a call from inside a worker runs in
+place (no pool waiting on itself); the same plans side by side as one after the other, also at
+the solver's time limit."""
 import threading
 import time
 import warnings
@@ -31,6 +32,39 @@ def test_the_first_error_is_raised():
 
     with pytest.raises(ValueError, match="item 1"):
         in_order(fail_on_odd, range(4))
+
+
+def test_items_are_made_while_earlier_calls_run():
+    started = threading.Event()
+    made_during_the_first_call = []
+
+    def items():
+        yield 0
+        made_during_the_first_call.append(started.wait(timeout=10))
+        yield 1
+
+    def call(x):
+        started.set()
+        return x + 1
+
+    assert in_order(call, items()) == [1, 2]
+    assert made_during_the_first_call == [True]
+
+
+def test_an_error_making_the_items_is_raised_after_the_calls_handed_out():
+    ended = []
+
+    def items():
+        yield 0
+        raise ValueError("item 1 cannot be made")
+
+    def call(x):
+        time.sleep(0.05)
+        ended.append(x)
+
+    with pytest.raises(ValueError, match="item 1 cannot be made"):
+        in_order(call, items())
+    assert ended == [0]
 
 
 def test_a_call_inside_a_worker_runs_in_place():

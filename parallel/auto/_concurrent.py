@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 # Two threads: one in HiGHS while the other builds the next program; more only queue on the GIL.
@@ -42,11 +42,18 @@ def _executor() -> ThreadPoolExecutor:
 def in_order(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
     """``[fn(x) for x in items]``, the calls run side by side (see the module's docstring).
 
-    The first exception raised by a call is raised here, after every call has ended."""
-    items = list(items)
-    if len(items) < 2 or _WORKERS < 2 or getattr(_inside, "worker", False):
+    ``items`` is consumed as the calls run: a generator makes its next item (in the calling
+    thread) while the calls of the earlier ones are under way. The first exception raised by a
+    call (or by ``items``) is raised here, after every call handed out has ended."""
+    if isinstance(items, (list, tuple)) and len(items) < 2 or _WORKERS < 2 \
+            or getattr(_inside, "worker", False):
         return [fn(x) for x in items]
-    futures = [_executor().submit(fn, x) for x in items]
+    futures = []
+    try:
+        for x in items:
+            futures.append(_executor().submit(fn, x))
+    finally:
+        wait(futures)
     errors = [f.exception() for f in futures]
     for error in errors:
         if error is not None:

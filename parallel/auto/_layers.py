@@ -253,27 +253,40 @@ class LayerPricer:
                    ) -> list[dict[tuple[int, int], MeshPrice]]:
         """``prices(*w)`` for each ``w`` of ``wanted``; the solves not made before run side by
         side (``in_order``: the same prices as one after the other)."""
-        from parallel.auto._search import prepare
-
-        keys, jobs = [], []
+        keys, jobs, layer_of = [], [], {}
         for layer, num_devices, first_device in wanted:
             sig = self.pp.signatures[layer]
             key = (sig, num_devices, self._host_pattern(num_devices, first_device))
             keys.append(key)
-            if key in self._prices or any(job[0] == key for job in jobs):
+            if key in self._prices or key in layer_of:
                 continue
-            if sig not in self._prepared:  # traced here, in this thread
-                work, state = self._layer_work(layer)
-                self._prepared[sig] = (work, state, prepare(work.fn, work.args,
-                                                            donate_argnums=(),
-                                                            batch_argnums=(1,)))
+            layer_of[key] = layer
             per_host = self.profile.devices_per_host or num_devices
             jobs += [(key, num_devices, first_device, shape)
                      for shape in mesh_shapes(num_devices, min(per_host, num_devices))]
-        for (key, _, _, shape), price in zip(jobs, in_order(self._solve, jobs)):
+
+        def prepared_first(jobs):
+            # Each layer's work is traced in this thread just before its first solve is handed
+            # out: the next layer's while the earlier ones solve.
+            for job in jobs:
+                self._prepare(layer_of[job[0]])
+                yield job
+
+        for (key, _, _, shape), price in zip(jobs, in_order(self._solve, prepared_first(jobs))):
             self._prices.setdefault(key, {})[shape] = price
         self.solves += len(jobs)
         return [self._prices[key] for key in keys]
+
+    def _prepare(self, layer: int) -> None:
+        """Layer ``layer``'s work and what the solver shares between its solves, once per
+        signature."""
+        from parallel.auto._search import prepare
+
+        sig = self.pp.signatures[layer]
+        if sig not in self._prepared:
+            work, state = self._layer_work(layer)
+            self._prepared[sig] = (work, state, prepare(work.fn, work.args, donate_argnums=(),
+                                                        batch_argnums=(1,)))
 
     def _solve(self, job: tuple) -> MeshPrice:
         """The fastest plan of one layer's work on one sub-mesh shape (``prices_all``'s job),

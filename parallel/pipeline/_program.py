@@ -52,7 +52,13 @@ class Op:
         return self.prim.name == MARKER_NAME
 
     def value_inputs(self) -> list[int]:
-        return [v for v in self.inputs if isinstance(v, int)]
+        """The value ids it reads (not literals); kept until ``inputs`` is replaced (the
+        planner's passes ask millions of times; none changes ``inputs`` in place)."""
+        cached = self.__dict__.get("_value_inputs")
+        if cached is None or cached[0] is not self.inputs:
+            cached = self._value_inputs = (self.inputs,
+                                           [v for v in self.inputs if isinstance(v, int)])
+        return cached[1]
 
 
 @dataclasses.dataclass

@@ -286,16 +286,22 @@ class _Splitter(PerMicroBatchValues, FormsPass):
 
     def _reaching_outputs(self, ops, region, made_in_m) -> dict[int, list[str]]:
         """For each value made in ``M``: the names of the step's outputs it reaches."""
-        reach: dict[int, set[int]] = {}
+        reach: dict[int, frozenset[int]] = {}
         for v in made_in_m:
-            reach[v] = {v}
+            reach[v] = frozenset((v,))
         for op, r in zip(ops, region):
             if r == "M":
                 continue
-            sources = set().union(*[reach.get(v, set()) for v in op.value_inputs()])
-            if sources:
-                for v in op.outputs:
-                    reach[v] = reach.get(v, set()) | sources
+            found = [reach[v] for v in op.value_inputs() if v in reach]
+            if not found:
+                continue
+            # Shared, never changed in place: an update reads one gradient and a norm over all
+            # of them, and copying the larger set for each of its operations is quadratic.
+            largest = max(found, key=len)
+            sources = largest if all(s <= largest for s in found) else largest.union(*found)
+            for v in op.outputs:
+                prior = reach.get(v)
+                reach[v] = sources if prior is None or prior <= sources else prior | sources
         names: dict[int, list[str]] = {}
         for pos, v in enumerate(self.t.glob.outputs):
             if isinstance(v, int):
