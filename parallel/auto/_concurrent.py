@@ -16,12 +16,13 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 # Two threads: one in HiGHS while the other builds the next program; more only queue on the GIL.
 _WORKERS = min(2, os.cpu_count() or 1)
 _pool: ThreadPoolExecutor | None = None
+_background: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
 _inside = threading.local()
 
@@ -37,6 +38,16 @@ def _executor() -> ThreadPoolExecutor:
             _pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="shardax-solve",
                                        initializer=_mark_worker)
         return _pool
+
+
+def in_background(fn: Callable[..., Any], *args: Any) -> Future:
+    """``fn(*args)`` started now on its own thread (not a solver's: those stay free for
+    ``in_order``); its ``result()`` returns its value or raises its exception."""
+    global _background
+    with _lock:
+        if _background is None:
+            _background = ThreadPoolExecutor(1, thread_name_prefix="shardax-early")
+    return _background.submit(fn, *args)
 
 
 def in_order(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:

@@ -19,6 +19,7 @@ import jax
 from parallel._errors import PlanError
 from parallel._roles import trace
 from parallel.auto._account import Decision, explain
+from parallel.auto._concurrent import in_background
 from parallel.auto._layers import LayerPricer, _nbytes, global_trace, pipeline_program
 from parallel.auto._pipelines import PipelinePrice, PipelineSearch, stage_counts
 from parallel.auto._search import TIE, MemoryBudgetError, Solution, model_limit, prepare, solve
@@ -77,13 +78,16 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
             decision.search_time_s = time.perf_counter() - start
             decision.explanation = explain(decision, profile, n)
             return decision
-    spmd, smallest_spmd, whole = None, math.inf, None
+    spmd, smallest_spmd, whole, early = None, math.inf, None, None
     if num_micro_batches == 1 and spmd_refused is None:
         # One trace of the step on the global batch serves the SPMD solve and every
         # micro-batch count the pipelines are priced for.
         prepared = prepare(fn, abstract_args, donate_argnums=donate_argnums,
                            batch_argnums=batch_argnums, traced=traced)
         whole = global_trace(fn, abstract_args, prepared.closed, prepared.out_shape)
+        if mesh_shape is None and not profile.shared_host:
+            early = _early_program(fn, abstract_args, batch_argnums, donate_argnums, profile, n,
+                                   batch, max_stages, whole)
         try:
             spmd = solve(fn, abstract_args, num_devices=n, profile=profile,
                          memory_budget_bytes=budget, donate_argnums=donate_argnums,
@@ -98,7 +102,7 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
         pipelines, num_layers, smallest_pipe, searches = _pipelines(
             fn, abstract_args, batch_argnums, donate_argnums, profile, n, budget, batch, spmd,
             num_micro_batches, max_stages, time_limit_s,
-            _activations_per_device(smallest_spmd, state, n), 2 * state / n, whole)
+            _activations_per_device(smallest_spmd, state, n), 2 * state / n, whole, early)
     chosen = _choose(spmd, [p for p in pipelines if p.memory_bytes <= budget])
     if spmd is None and chosen is None:
         smallest = min(smallest_spmd, smallest_pipe)
@@ -115,20 +119,42 @@ def search(fn: Callable, abstract_args: Sequence[Any], *, num_devices: int,
     return decision
 
 
+def _stage_options(profile: DeviceProfile, n: int, max_stages: int | None) -> list[int]:
+    """The stage counts pipelines are searched for (``max_stages`` as ``search`` takes it)."""
+    per_host = profile.devices_per_host
+    if max_stages is None:
+        max_stages = max(MAX_STAGES, n // per_host if per_host else 1)
+    max_stages = min(max_stages, n)
+    return [s for s in stage_counts(n, 2 * max_stages, per_host) if s <= max_stages]
+
+
+def _early_program(fn, abstract_args, batch_argnums, donate_argnums, profile, n, batch,
+                   max_stages, whole) -> tuple[int, Any] | None:
+    """The pipeline program of the first micro-batch count ``_pipelines`` tries without a
+    memory estimate (four per stage of the longest pipeline), started on its own thread while
+    the SPMD plans solve (the trace holds the GIL, HiGHS does not): ``(count, future)``, or
+    ``None`` where pipelines may not be searched (one stage only)."""
+    counts = _stage_options(profile, n, max_stages)
+    if not counts or max(counts) < 2:
+        return None
+    m = _micro_batch_options(batch, max(counts), 1)[0]
+    return m, in_background(pipeline_program, fn, abstract_args, batch_argnums, donate_argnums,
+                            m, max(2 * max(counts), 2), whole)
+
+
 def _pipelines(fn, abstract_args, batch_argnums, donate_argnums, profile, n, budget, batch, spmd,
                num_micro_batches, max_stages, time_limit_s, activations, state_per_device,
-               whole=None) -> tuple[list[PipelinePrice], int, float, dict[int, PipelineSearch]]:
+               whole=None, early=None
+               ) -> tuple[list[PipelinePrice], int, float, dict[int, PipelineSearch]]:
     """The best pipeline for each stage count (and, when memory needs them, more micro-batches
-    and rematerialization), the fewest bytes per device any reached, and the searches."""
-    per_host = profile.devices_per_host
+    and rematerialization), the fewest bytes per device any reached, and the searches.
+
+    ``early``: ``_early_program``'s, used for its count (or rescaled for the first other)."""
     if spmd is not None and profile.shared_host:
         # Stages on devices that share a host cannot overlap: a pipeline only ever adds
         # transfers to the same work. Searched only when no SPMD plan fits.
         return [], 0, math.inf, {}
-    if max_stages is None:
-        max_stages = max(MAX_STAGES, n // per_host if per_host else 1)
-    max_stages = min(max_stages, n)
-    counts = [s for s in stage_counts(n, 2 * max_stages, per_host) if s <= max_stages]
+    counts = _stage_options(profile, n, max_stages)
     if spmd is not None:
         counts = [s for s in counts if s > 1]  # accumulation only when memory needs it
     if not counts:
@@ -158,9 +184,12 @@ def _pipelines(fn, abstract_args, batch_argnums, donate_argnums, profile, n, bud
                     break  # fewer micro-batches than a count that traced and did not fit
                 try:
                     whole = whole or global_trace(fn, abstract_args)
-                    pp = pipeline_program(fn, abstract_args, batch_argnums, donate_argnums,
-                                          m, num_layers, whole,
-                                          like=searches[traced].pp if traced else None)
+                    if early is not None and not traced and m == early[0]:
+                        pp = early[1].result()
+                    else:
+                        like = searches[traced].pp if traced else _made(early)
+                        pp = pipeline_program(fn, abstract_args, batch_argnums, donate_argnums,
+                                              m, num_layers, whole, like=like)
                 except PlanError as error:  # e.g. micro-batches this small do not trace alike
                     failed = failed or error
                     continue
@@ -187,6 +216,13 @@ def _pipelines(fn, abstract_args, batch_argnums, donate_argnums, profile, n, bud
     if failed is not None and not found and smallest == math.inf and spmd is None:
         raise failed
     return found, num_layers, smallest, searches
+
+
+def _made(early):
+    """``early``'s program, or ``None`` when it raised (or there is none)."""
+    if early is None or early[1].exception() is not None:
+        return None
+    return early[1].result()
 
 
 def _choose(spmd: Solution | None, pipelines: list[PipelinePrice]) -> PipelinePrice | None:
