@@ -55,6 +55,7 @@ class MeshModel:
         # Axes of size 1 cannot split anything; strategies use only the others.
         self.axes = tuple(i for i, s in enumerate(self.axis_sizes) if s > 1)
         self._reshard_cache: dict[tuple, float] = {}
+        self._matrix_cache: dict[tuple, np.ndarray] = {}
         self._hosts: dict[tuple[int, ...], int] = {}
         self._shards: dict[Spec, int] = {}
 
@@ -155,6 +156,19 @@ class MeshModel:
         if cost is None:
             cost = self._reshard_cache[key] = self._reshard(shape, itemsize, src, dst)
         return cost
+
+    def reshard_matrix(self, shape: tuple[int, ...], itemsize: int,
+                       specs: tuple[Spec, ...]) -> np.ndarray:
+        """``reshard`` from each of ``specs`` (rows) to each (columns), read-only; kept, as
+        the strategy tables of a mesh's repeated layers ask for the same ones."""
+        key = (shape, itemsize, specs)
+        found = self._matrix_cache.get(key)
+        if found is None:
+            found = np.array([[self.reshard(shape, itemsize, a, b) for b in specs]
+                              for a in specs])
+            found.flags.writeable = False
+            self._matrix_cache[key] = found
+        return found
 
     def _reshard(self, shape, itemsize, src: Spec, dst: Spec) -> float:
         removed, added = set(), set()

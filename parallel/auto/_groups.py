@@ -309,9 +309,7 @@ class Structure:
             part = np.array([distinct.setdefault(spec, len(distinct)) for spec in specs])
             if len(distinct) == 1 or None in distinct:
                 continue
-            keys = list(distinct)
-            move = np.array([[mm.reshard(value.shape, value.itemsize, a, b) for b in keys]
-                             for a in keys]) * weight
+            move = mm.reshard_matrix(value.shape, value.itemsize, tuple(distinct)) * weight
             extra += move[part[None, :], part[:, None]] if incoming else move[part[:, None],
                                                                                part[None, :]]
         memory = sum(graph.values[v].nbytes / np.array([mm.shards(s) for s in table.specs[i]])
