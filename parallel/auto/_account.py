@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from parallel.auto._pipelines import PipelinePrice, PipelineSearch
-from parallel.auto._search import Solution
+from parallel.auto._solution import Solution
 from parallel.profiles import DeviceProfile
 
 

@@ -22,7 +22,8 @@ from parallel.auto._account import Decision, explain
 from parallel.auto._concurrent import in_background
 from parallel.auto._layers import LayerPricer, _nbytes, global_trace, pipeline_program
 from parallel.auto._pipelines import PipelinePrice, PipelineSearch, stage_counts
-from parallel.auto._search import TIE, MemoryBudgetError, Solution, model_limit, prepare, solve
+from parallel.auto._search import model_limit, prepare, solve
+from parallel.auto._solution import TIE, MemoryBudgetError, Solution
 from parallel.auto._tiny import step_size, tiny_account
 from parallel.profiles import DeviceProfile
 

@@ -22,7 +22,8 @@ from parallel.auto._account import gib as _gib
 from parallel.auto._account import stats as _stats
 from parallel.auto._decide import search
 from parallel.auto._method import ShardParallel
-from parallel.auto._search import AXIS_NAMES, MemoryBudgetError
+from parallel.auto._search import AXIS_NAMES
+from parallel.auto._solution import MemoryBudgetError
 from parallel.plan import Plan
 from parallel.profiles import DeviceProfile
 

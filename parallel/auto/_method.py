@@ -10,8 +10,8 @@ from parallel._constraints import with_constraints
 from parallel._errors import PlanError
 from parallel._hlo import collective_list
 from parallel._methods import Method, register_method
-from parallel.auto._search import (AXIS_NAMES, MemoryBudgetError, Solution, model_limit, rank,
-                                   simplicity, solve)
+from parallel.auto._search import AXIS_NAMES, model_limit, solve
+from parallel.auto._solution import MemoryBudgetError, Solution, rank, simplicity
 from parallel.auto._solve import MeshResult
 from parallel.auto._timing import time_compiled
 from parallel.plan import Constraint, Plan, make_leaf_plans, shardings_from_specs
