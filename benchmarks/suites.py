@@ -315,25 +315,22 @@ def run_suite(suite: str, devices: int = 8, *, steps: int = 5, warmup: int = 2,
     env = environment()  # the commit measured is the one at the start
     results: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
-    for round_index in range(repeat):
-        for i, case in enumerate(cases):
+
+    def run(round_index, batch, collected, merge, label):
+        for i, case in enumerate(batch):
             if round_index and not case.get("measure", True):
                 continue  # nothing timed: a second compile gives the same figures
             result = runner(case)
-            log(f"[round {round_index + 1}/{repeat}, {i + 1}/{len(cases)}] "
+            log(f"[round {round_index + 1}/{repeat}, {label}{i + 1}/{len(batch)}] "
                 f"{format_result(result)}")
             if round_index == 0:
-                results.append(result)
+                collected.append(result)
             else:
-                results[i] = merge_rounds(results[i], result)
-        for i, case in enumerate(interleaved):
-            result = runner(case)
-            log(f"[round {round_index + 1}/{repeat}, interleaved {i + 1}/{len(interleaved)}] "
-                f"{format_result(result)}")
-            if round_index == 0:
-                turns.append(result)
-            else:
-                turns[i] = merge_interleaved(turns[i], result)
+                collected[i] = merge(collected[i], result)
+
+    for round_index in range(repeat):
+        run(round_index, cases, results, merge_rounds, "")
+        run(round_index, interleaved, turns, merge_interleaved, "interleaved ")
     return {"suite": suite, "devices": devices, "repeat": repeat, "results": results,
             "summary": summarize(results), "interleaved": turns,
             "environment": {**env, "load_average": environment()["load_average"]}}
