@@ -173,12 +173,13 @@ def suite_cases(suite: str, devices: int = 8, steps: int = 5,
 def interleaved_cases(suite: str, devices: int = 8, steps: int = 5,
                       warmup: int = 2) -> list[dict[str, Any]]:
     """The ``models`` suite's comparison in one process per workload: its hand plans and
-    ``auto`` timed in turns, ``2 * steps`` rounds (``benchmarks._interleaved``). Other
-    suites: none."""
+    ``auto`` timed in turns, ``6 * steps`` rounds (``benchmarks._interleaved``): per-step
+    times on the shared cores spread 30% (180-260 ms on the GPT), so the median needs many
+    rounds to tell plans 5% apart. Other suites: none."""
     if suite != "models":
         return []
     return [{"workload": spec.to_json(), "method": "interleaved", "plans": list(MODEL_METHODS),
-             "devices": devices, "steps": 2 * steps, "warmup": warmup}
+             "devices": devices, "steps": 6 * steps, "warmup": warmup}
             for spec in MODEL_WORKLOADS.values()]
 
 

@@ -180,7 +180,7 @@ def test_models_suite_compares_auto_with_the_best_hand_plan_timed_in_turns():
     cases = suites.interleaved_cases("models", 8, steps=5, warmup=2)
     assert [(c["workload"]["name"], c["method"], c["plans"], c["steps"], c["warmup"])
             for c in cases] == [(w, "interleaved", ["data", "zero2", "zero3", "manual", "auto"],
-                                 10, 2) for w in ("gpt", "moe", "wide_resnet")]
+                                 30, 2) for w in ("gpt", "moe", "wide_resnet")]
     assert suites.interleaved_cases("seed") == suites.interleaved_cases("pipeline") == []
     rounds = iter([{"data": [0.4, 0.5], "zero3": [0.2, 0.2], "auto": [0.2, 0.3]},
                    {"data": [0.6, 0.5], "zero3": [0.3, 0.4], "auto": [0.1, 0.2]}])
