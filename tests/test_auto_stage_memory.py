@@ -142,3 +142,35 @@ def test_a_stage_holds_its_residuals_as_its_plan_lays_them_out_and_as_priced(mes
     np.testing.assert_allclose(float(have["loss"]), float(want["loss"]), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  got, want_state)
+
+
+class _NamesTheMaker:
+    """A stand-in for the solver's result: the layout it gives a value names the primitive of
+    the equation that makes it."""
+
+    def __init__(self, closed):
+        self.eqns, self.input_specs = closed.jaxpr.eqns, []
+
+    def spec_at(self, where, j):
+        return P(self.eqns[where[0]].primitive.name, None)
+
+
+def test_held_values_find_the_equation_that_makes_them_wherever_it_sits(search):
+    from parallel._roles import trace
+    from parallel.pipeline._intra import held_specs
+
+    _, _, pp, pricer, _ = search
+    work, _ = pricer._layer_work(1)
+    maker = {v: op.prim.name for op in work.ops if not op.is_marker for v in op.outputs}
+    assert work.planned and all(v in maker for v in work.planned)
+
+    def shifted(state, batch):  # two equations ahead of the work's own
+        jnp.cos(jnp.sin(jnp.zeros(3)))
+        return work.fn(state, batch)
+
+    for fn in (work.fn, shifted):
+        closed = trace(fn, work.args)[0]
+        held = held_specs(pp.program, pp.regions, work, closed, _NamesTheMaker(closed), 2)
+        assert {v: held[v] for v in work.planned} == {v: P(maker[v], None)
+                                                      for v in work.planned}
+    assert sorted(set(maker[v] for v in work.planned)) == ["sub", "tanh"]

@@ -80,11 +80,12 @@ def stage_work(program: Program, regions: Regions, placement: Placement, stage: 
     def micro_batch_work(state, batch):
         env = dict(zip(per_step, state))
         env.update(zip(per_example, batch))
-        for op in stage_ops:  # markers are identities; the solver need not know them
+        for k, op in enumerate(stage_ops):  # markers are identities; the solver need not know them
             if op.is_marker:
                 env.update(zip(op.outputs, (env[v] for v in op.inputs)))
             else:
-                evaluate([op], env)
+                with jax.named_scope(_scope(k)):  # names the equation for ``held_specs``
+                    evaluate([op], env)
         return tuple(env[v] for v in results + handed)
 
     def abstract(vs):
@@ -105,19 +106,22 @@ def held_specs(program: Program, regions: Regions, work: StageWork, closed, resu
     receives from the stage's forward, not from the step's batch, takes the plan's layout of
     the work's input too (the stage's plan lays it out where it is made).
 
-    The traced function binds each operation of ``work.ops`` but its markers once, in order:
-    the ``k``-th equation of ``closed`` is the ``k``-th such operation (checked by primitive
-    and result shapes; an operation that does not match keeps the batch split)."""
-    eqns, k, site = closed.jaxpr.eqns, 0, {}
-    for op in work.ops:
+    The traced function binds each operation of ``work.ops`` but its markers under a name scope
+    of the operation's position (``_scope``): an equation of ``closed`` is the operation its
+    scope names (checked by result shapes); an operation without one keeps the batch split."""
+    by_scope = {}
+    for k, eqn in enumerate(closed.jaxpr.eqns):
+        names = [scope.name for scope in eqn.source_info.name_stack.stack]
+        if names and names[-1].startswith(_SCOPE):
+            by_scope[names[-1]] = k
+    site = {}
+    for i, op in enumerate(work.ops):
         if op.is_marker:
             site.update((out, site.get(v)) for out, v in zip(op.outputs, op.inputs))
-            continue
-        if k < len(eqns) and eqns[k].primitive is op.prim and [
-                tuple(x.aval.shape) for x in eqns[k].outvars] == [
+        elif _scope(i) in by_scope and [
+                tuple(x.aval.shape) for x in closed.jaxpr.eqns[by_scope[_scope(i)]].outvars] == [
                 tuple(program.avals[v].shape) for v in op.outputs]:
-            site.update((v, ((k,), j)) for j, v in enumerate(op.outputs))
-            k += 1
+            site.update((v, ((by_scope[_scope(i)],), j)) for j, v in enumerate(op.outputs))
     planned = set(work.planned)
     received = dict(zip(work.per_example, result.input_specs[len(work.per_step):]))
     inputs = set(program.inputs)
@@ -129,6 +133,13 @@ def held_specs(program: Program, regions: Regions, work: StageWork, closed, resu
         out[v] = spec if spec is not None else example_spec(
             program.avals[v].shape, regions.batch_dim.get(v), data)
     return out
+
+
+_SCOPE = "shardax_op"
+
+
+def _scope(position: int) -> str:
+    return f"{_SCOPE}{position}"
 
 
 def stage_plan(program: Program, regions: Regions, placement: Placement, stage: int,
