@@ -21,16 +21,27 @@ from benchmarks._workloads import Workload
 
 
 def make_method(plan: str) -> parallel.Method:
-    """``"zero3"`` -> that method; ``"4x8"`` -> pipeshard, 4 stages x 8 micro-batches.
+    """``"zero3"`` -> that method; ``"4x8"`` -> pipeshard, 4 stages x 8 micro-batches;
+    ``"manual:d2xm4"`` (Megatron rules on data 2 x model 4) or ``"shard:d4xm2"`` (the solver
+    on that mesh).
 
     Raises:
-      ValueError: an unknown method name.
+      ValueError: an unknown method name, or an explicit mesh not written as above.
     """
     pipelined = re.fullmatch(r"(\d+)x(\d+)", plan)
     if pipelined:
         stages, micro = (int(g) for g in pipelined.groups())
         return _run.make_method("pipeshard", None, {"num_micro_batches": micro,
                                                     "stages": stages})
+    on_mesh = re.fullmatch(r"(manual|shard):d(\d+)xm(\d+)", plan)
+    if on_mesh:
+        mesh = {"data": int(on_mesh.group(2)), "model": int(on_mesh.group(3))}
+        if on_mesh.group(1) == "manual":
+            return parallel.ManualParallel(parallel.MEGATRON_RULES, mesh=mesh)
+        return parallel.ShardParallel(mesh=mesh)
+    if ":" in plan:
+        raise ValueError(f"plan {plan!r}: an explicit mesh is written manual:d2xm4 (data 2 x "
+                         "model 4) or shard:d4xm2")
     return _run.make_method(plan)
 
 
@@ -46,9 +57,11 @@ def time_interleaved(workload: Workload, plans: list[str], devices: list, warmup
     batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), workload.batch)
     runs = {}
     for plan in plans:
+        method = make_method(plan)
         step = parallel.parallelize(
-            workload.train_step, method=make_method(plan), devices=devices,
-            logical_axes=workload.logical_axes if plan == "manual" else None)
+            workload.train_step, method=method, devices=devices,
+            logical_axes=(workload.logical_axes if isinstance(method, parallel.ManualParallel)
+                          else None))
         state = step.init_state(workload.init, jax.random.key(0), batch_shapes)
         batch = jax.device_put(workload.batch, step.input_shardings(state, batch_shapes)[1])
         runs[plan] = {"step": step, "state": state, "batch": batch, "losses": [],

@@ -5,10 +5,12 @@ that separate processes (the suites) cannot resolve on a shared machine.
     python benchmarks/round_robin.py --workload models.wide_resnet --plans zero3,auto --rounds 10
     python benchmarks/round_robin.py --workload pipeline.wide_resnet --plans zero3,4x1,4x2,4x4,4x8,1x8
     python benchmarks/round_robin.py --workload pipeline.wide_resnet --batch 128 --plans zero3,4x8
+    python benchmarks/round_robin.py --workload models.gpt --plans auto,manual,manual:d2xm4,shard:d4xm2
 
 A plan is a method of the suites (``data``, ``zero2``, ``zero3``, ``manual``, ``auto``...) or
 ``SxM``: ``pipeshard`` with ``S`` stages (1: micro-batches accumulated in one SPMD stage on all
-devices) and ``M`` micro-batches. Prints each plan's median step, its ratio to the first plan's
+devices) and ``M`` micro-batches, or ``manual:dDxmM`` / ``shard:dDxmM``: the Megatron rules / the
+solver on a mesh of data ``D`` x model ``M``. Prints each plan's median step, its ratio to the first plan's
 and its median process CPU time per step.
 """
 from __future__ import annotations

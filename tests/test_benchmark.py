@@ -234,6 +234,20 @@ def test_benchmarked_methods():
         make_method("pmap")
 
 
+def test_plans_timed_in_turns_can_name_their_mesh():
+    from benchmarks._interleaved import make_method
+
+    manual = make_method("manual:d2xm4")
+    assert isinstance(manual, parallel.ManualParallel)
+    assert (manual.rules, manual.mesh) == (parallel.MEGATRON_RULES, {"data": 2, "model": 4})
+    shard = make_method("shard:d4xm2")
+    assert type(shard) is parallel.ShardParallel and shard.mesh == {"data": 4, "model": 2}
+    pipelined = make_method("4x8")
+    assert (pipelined.num_micro_batches, pipelined.stage_option) == (8, 4)
+    with pytest.raises(ValueError, match="manual:d2xm4 \\(data 2 x model 4\\)"):
+        make_method("manual:data=2")
+
+
 def test_solve_only_case_times_the_solver_and_compiles_nothing():
     result = run_case(_case("solve", measure=False, profile="h100"))
     assert result["step_time_s"] is None
