@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import threading
 import warnings
+import weakref
 from collections import defaultdict
 from typing import Any
 
@@ -22,6 +24,10 @@ from parallel.auto._graph import Graph
 from parallel.auto._memory import kept_values
 
 _CONTRACTIONS = frozenset({"dot_general", "conv_general_dilated"})
+# Per mesh model, the tables (and pruned tables) built on it, shared by every structure solved
+# on it: the layers of a pipeline are separate programs whose groups repeat one another's.
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
 _LEADER_RULES = {
     "dot_general": "dot", "conv_general_dilated": "conv", "gather": "gather",
     "scatter-add": "scatter", "scatter": "scatter",
@@ -280,14 +286,38 @@ class Structure:
         return len(self.members_of)
 
     # ----------------------------------------------------------------------------------------
-    def table(self, c: int, mm: MeshModel, cache: dict[Any, Table]) -> Table:
-        """The strategy table of class ``c`` on mesh ``mm``, without dominated strategies."""
+    def table(self, c: int, mm: MeshModel, cache: dict[Any, tuple]) -> Table:
+        """The strategy table of class ``c`` on mesh ``mm``, without dominated strategies.
+
+        ``cache``: the tables of this structure on ``mm`` by structural signature. A table is
+        a function of the signature, the mesh and which of the group's values XLA keeps in
+        memory, so tables (and their pruning, which adds the group's outside readers and
+        operands) are also shared with the other structures solved on the same mesh."""
         rep = self.members_of[c][0]
         mm = self.mesh_for(rep, mm)
         key = self.structural[rep]
+        with _SHARED_LOCK:
+            shared = _SHARED.setdefault(mm, {})
         if key not in cache:
-            cache[key] = self._build_table(self.groups[rep], mm)
-        return self._prune(cache[key], rep, mm)
+            full = (key, self._kept_key(self.groups[rep]))
+            if full not in shared:
+                shared[full] = self._build_table(self.groups[rep], mm)
+            cache[key] = (full, shared[full])
+        full, table = cache[key]
+        g, values = self.groups[rep], self.graph.values
+        prune_key = (full, tuple(self.out_weight[rep].items()),
+                     tuple((values[r.src].shape, values[r.src].itemsize) for r in g.reqs
+                           if int(self.group_of[r.src]) != rep))
+        if prune_key not in shared:
+            shared[prune_key] = self._prune(table, rep, mm)
+        return shared[prune_key]
+
+    def _kept_key(self, g: Group) -> tuple:
+        """Which values of the group's equations XLA keeps in memory (their traffic)."""
+        eqns = ([g.leader] if g.leader >= 0 else []) + g.members
+        return tuple(bool(self.kept[v]) for i in eqns
+                     for v in self.graph.eqns[i].inputs + self.graph.eqns[i].outputs
+                     if v is not None)
 
     def _prune(self, table: Table, gid: int, mm: MeshModel) -> Table:
         """Drops strategy ``b`` when some ``a`` costs less even after converting every value
