@@ -38,7 +38,9 @@ class Program:
         self._integer: list[np.ndarray] = []
         self._upper: list[np.ndarray] = []
         self.num_vars = 0
-        self._rows: list[tuple[np.ndarray, np.ndarray]] = []
+        self.num_rows = 0
+        # The matrix's entries, in chunks of whole rows: row number, variable id, coefficient.
+        self._entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._lo: list[float] = []
         self._hi: list[float] = []
 
@@ -51,7 +53,9 @@ class Program:
         return ids
 
     def add_row(self, ids: np.ndarray, coefs: np.ndarray, lo: float, hi: float):
-        self._rows.append((np.asarray(ids), np.asarray(coefs, float)))
+        ids = np.asarray(ids)
+        self._entries.append((np.full(len(ids), self.num_rows), ids, np.asarray(coefs, float)))
+        self.num_rows += 1
         self._lo.append(lo)
         self._hi.append(hi)
 
@@ -78,17 +82,23 @@ class Program:
         """
         na, nb = cost.shape
         y = self._add_vars(cost.reshape(-1), False).reshape(na, nb)
-        for a in range(na):
-            self.add_row(np.concatenate([y[a], src[a]]),
-                         np.concatenate([np.ones(nb), -np.ones(len(src[a]))]), 0.0, 0.0)
-        for b in range(nb):
-            self.add_row(np.concatenate([y[:, b], dst[b]]),
-                         np.concatenate([np.ones(na), -np.ones(len(dst[b]))]), 0.0, 0.0)
+        # Rows a (y[a], then src[a]) and then rows b (y[:, b], then dst[b]), made at once.
+        pieces = [part for a in range(na) for part in (y[a], src[a])]
+        pieces += [part for b in range(nb) for part in (y[:, b], dst[b])]
+        lengths = [nb + len(s) for s in src] + [na + len(d) for d in dst]
+        ids = np.concatenate(pieces)
+        # y's ids come after every choice variable's.
+        coefs = np.where(ids >= y[0, 0], 1.0, -1.0)
+        rows = np.repeat(np.arange(self.num_rows, self.num_rows + na + nb), lengths)
+        self._entries.append((rows, ids, coefs))
+        self.num_rows += na + nb
+        self._lo += [0.0] * (na + nb)
+        self._hi += [0.0] * (na + nb)
 
     @property
     def size(self) -> tuple[int, int, int]:
         """(variables, rows, integer variables)."""
-        return self.num_vars, len(self._rows), int(sum(i.sum() for i in self._integer))
+        return self.num_vars, self.num_rows, int(sum(i.sum() for i in self._integer))
 
     def solve(self, time_limit: float, gap: float = 1e-2, relax_first: bool = False) -> Result:
         """Minimizes the objective within ``time_limit`` seconds, to a relative ``gap``.
@@ -102,10 +112,8 @@ class Program:
         for ids, extra in self._extra:
             np.add.at(cost, ids, extra)
         integrality = np.concatenate(self._integer) if self._integer else np.zeros(0)
-        rows = np.concatenate([np.full(len(ids), r) for r, (ids, _) in enumerate(self._rows)])
-        cols = np.concatenate([ids for ids, _ in self._rows])
-        vals = np.concatenate([c for _, c in self._rows])
-        matrix = scipy.sparse.csr_array((vals, (rows, cols)), shape=(len(self._rows), self.num_vars))
+        rows, cols, vals = (np.concatenate([e[i] for e in self._entries]) for i in range(3))
+        matrix = scipy.sparse.csr_array((vals, (rows, cols)), shape=(self.num_rows, self.num_vars))
         start = time.perf_counter()
         bounds = scipy.optimize.Bounds(0, np.concatenate(self._upper))
         constraints = scipy.optimize.LinearConstraint(matrix, self._lo, self._hi)

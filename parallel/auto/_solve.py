@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
+import weakref
 from collections import defaultdict
 from typing import Any
 
@@ -179,26 +181,23 @@ class MeshProblem:
         for (cs, ls, cd, r_index), count in counts.items():
             have = self.tables[cs].specs[ls]
             want = self.tables[cd].req_specs[r_index]
-            if all(w is None for w in want):
-                continue
             rep = s.groups[s.members_of[cd][0]]
-            weight = rep.reqs[r_index].weight * count * _PER_SECOND
             value = s.graph.values[rep.reqs[r_index].src]
             mm = s.mesh_for(s.members_of[cd][0], self.mm)
-            if cs == cd:
-                diag = np.array([0.0 if w is None else mm.reshard(value.shape, value.itemsize, h, w)
-                                 for h, w in zip(have, want)])
-                prog.add_cost(x[cd], weight * diag)
+            edge = _edge(mm, have, want, value.shape, value.itemsize, cs == cd)
+            if edge is None:
                 continue
-            src_ids, src_part = _partition(have)
-            dst_ids, dst_part = _partition(want)
-            cost = np.array([[0.0 if w is None else mm.reshard(value.shape, value.itemsize, h, w)
-                              for w in dst_ids] for h in src_ids]) * weight
+            weight = rep.reqs[r_index].weight * count * _PER_SECOND
+            if cs == cd:
+                prog.add_cost(x[cd], weight * edge)
+                continue
+            src_part, dst_part, cost = edge
+            cost = cost * weight
             if not cost.any():
                 continue
-            if len(src_ids) == 1:
+            if cost.shape[0] == 1:
                 prog.add_cost(x[cd], cost[0][dst_part])
-            elif len(dst_ids) == 1:
+            elif cost.shape[1] == 1:
                 prog.add_cost(x[cs], cost[:, 0][src_part])
             else:
                 key = (cs, cd, tuple(src_part), tuple(dst_part))
@@ -369,6 +368,39 @@ class MeshProblem:
 
     def first_points(self, count: int = 4) -> list[int]:
         return peak_points(self.liveness.profile(self.nbytes), count)
+
+
+# Per mesh model, what an edge between two strategy lists costs before its weight (``_edge``),
+# by the lists' identity; each entry holds the lists, so their ids are not reused meanwhile.
+_EDGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_EDGES_LOCK = threading.Lock()
+
+
+def _edge(mm: MeshModel, have: list, want: list, shape: tuple, itemsize: int, same: bool):
+    """Resharding from the specs ``have`` (a source class's value) to ``want`` (what a reader
+    asks for), before the edge's weight: ``None`` when it never costs anything; for a class
+    reading itself (``same``) the cost per strategy; else ``(source part, reader part,
+    cost between distinct specs)``. Kept per mesh model: the tables, and so these lists, are
+    shared by the structures solved on it (``Structure.table``)."""
+    with _EDGES_LOCK:
+        found = _EDGES.setdefault(mm, {})
+    key = (id(have), id(want), shape, itemsize, same)
+    entry = found.get(key)
+    if entry is not None:
+        return entry[2]
+    if all(w is None for w in want):
+        edge = None
+    elif same:
+        edge = np.array([0.0 if w is None else mm.reshard(shape, itemsize, h, w)
+                         for h, w in zip(have, want)])
+    else:
+        src_ids, src_part = _partition(have)
+        dst_ids, dst_part = _partition(want)
+        cost = np.array([[0.0 if w is None else mm.reshard(shape, itemsize, h, w)
+                          for w in dst_ids] for h in src_ids])
+        edge = (src_part, dst_part, cost) if cost.any() else None
+    found[key] = (have, want, edge)
+    return edge
 
 
 def _merge_alike(cost: np.ndarray, src_part: np.ndarray, dst_part: np.ndarray):
