@@ -28,6 +28,8 @@ _CONTRACTIONS = frozenset({"dot_general", "conv_general_dilated"})
 # on it: the layers of a pipeline are separate programs whose groups repeat one another's.
 _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SHARED_LOCK = threading.Lock()
+# Equations' work (``Structure._eqn_id``) -> a number.
+_EQN_IDS: dict[tuple, int] = {}
 _LEADER_RULES = {
     "dot_general": "dot", "conv_general_dilated": "conv", "gather": "gather",
     "scatter-add": "scatter", "scatter": "scatter",
@@ -208,20 +210,36 @@ class Structure:
         g.reqs.append(Requirement(src, -2, int(self.local[target]), weight))
 
     # ----------------------------------------------------------------------------------------
+    def _eqn_key(self, i: int) -> tuple:
+        """Equation ``i``'s work as the strategy rules read it: primitive, parameters, operand
+        and result shapes, weight."""
+        graph = self.graph
+        e = graph.eqns[i]
+        params = tuple(sorted((k, repr(v)) for k, v in e.params.items()
+                              if not hasattr(v, "jaxpr") and k not in ("jaxpr", "name")))
+        shapes = tuple(None if v is None else (graph.values[v].shape, graph.values[v].itemsize)
+                       for v in e.inputs + e.outputs)
+        return (e.prim, params, shapes, e.weight)
+
+    def _eqn_id(self, i: int) -> int:
+        """A number for equation ``i``'s work and which of its values XLA keeps in memory,
+        equal across structures (what a member's strategy and traffic depend on)."""
+        ids = self.__dict__.setdefault("_eqn_ids", {})
+        found = ids.get(i)
+        if found is None:
+            e = self.graph.eqns[i]
+            key = (self._eqn_key(i),
+                   tuple(bool(self.kept[v]) for v in e.inputs + e.outputs if v is not None))
+            with _SHARED_LOCK:
+                found = ids[i] = _EQN_IDS.setdefault(key, len(_EQN_IDS))
+        return found
+
     def _signature(self, gid: int) -> str:
         g = self.groups[gid]
         graph = self.graph
 
-        def eqn_key(i):
-            e = graph.eqns[i]
-            params = tuple(sorted((k, repr(v)) for k, v in e.params.items()
-                                  if not hasattr(v, "jaxpr") and k not in ("jaxpr", "name")))
-            shapes = tuple(None if v is None else (graph.values[v].shape, graph.values[v].itemsize)
-                           for v in e.inputs + e.outputs)
-            return (e.prim, params, shapes, e.weight)
-
         if g.leader >= 0:
-            head = eqn_key(g.leader)
+            head = self._eqn_key(g.leader)
         else:
             v = graph.values[g.values[0]]
             head = (v.shape, v.itemsize)
@@ -230,7 +248,7 @@ class Structure:
              int(self.local[r.src]) if self.groups[int(self.group_of[r.src])] is g else -1)
             for r in g.reqs)
         labels = tuple(tuple(sorted(self.batch[v])) for v in g.values + [r.src for r in g.reqs])
-        key = (g.kind, head, tuple(eqn_key(i) for i in g.members), tuple(g.follow),
+        key = (g.kind, head, tuple(self._eqn_key(i) for i in g.members), tuple(g.follow),
                tuple(g.follow_operand), reqs, labels, self.combinable[gid])
         return hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest()
 
@@ -301,7 +319,8 @@ class Structure:
         if key not in cache:
             full = (key, self._kept_key(self.groups[rep]))
             if full not in shared:
-                shared[full] = self._build_table(self.groups[rep], mm)
+                shared[full] = self._build_table(self.groups[rep], mm,
+                                                 shared.setdefault("follow", {}))
             cache[key] = (full, shared[full])
         full, table = cache[key]
         g, values = self.groups[rep], self.graph.values
@@ -361,7 +380,9 @@ class Structure:
         keep = np.flatnonzero(~beats.any(axis=0))
         return table if len(keep) == table.size else table.subset(keep)
 
-    def _build_table(self, g: Group, mm: MeshModel) -> Table:
+    def _build_table(self, g: Group, mm: MeshModel, follows: dict | None = None) -> Table:
+        """``follows``: members' strategies and traffic by (``_eqn_id``, followed operand, its
+        spec), kept on ``mm`` across tables."""
         graph = self.graph
         leaders = self._leader_strategies(g, mm)
         specs: list[list[Spec]] = [[] for _ in g.values]
@@ -371,7 +392,7 @@ class Structure:
         req_specs: list[list[Spec | None]] = [[] for _ in g.reqs]
         weight = 1.0 if g.leader < 0 else graph.eqns[g.leader].weight
         first = len(leaders[0].outputs)
-        memo: dict[tuple, _rules.Strategy] = {}
+        memo = {} if follows is None else follows
         for k, lead in enumerate(leaders):
             for j, s in enumerate(lead.outputs):
                 specs[j].append(s)
@@ -383,16 +404,18 @@ class Structure:
             for m, (i, f_local, f) in enumerate(zip(g.members, g.follow, g.follow_operand)):
                 eqn = graph.eqns[i]
                 in_spec = specs[f_local][k]
-                memo_key = (i, in_spec)
-                st = memo.get(memo_key)
-                if st is None:
-                    st = memo[memo_key] = _rules.follow(eqn, graph, f, in_spec, mm)
+                memo_key = (self._eqn_id(i), f, in_spec)
+                found = memo.get(memo_key)
+                if found is None:
+                    st = _rules.follow(eqn, graph, f, in_spec, mm)
+                    found = memo[memo_key] = (st, self._fused_traffic(eqn, st, mm))
+                st, fused = found
                 for s in st.outputs:
                     specs[pos].append(s)
                     pos += 1
                 member_ops[m] = st.operands
                 compute[k] += st.compute * eqn.weight
-                traffic[k] += self._fused_traffic(eqn, st, mm) * eqn.weight
+                traffic[k] += fused * eqn.weight
                 comm[k] += st.comm * eqn.weight
             for r_index, r in enumerate(g.reqs):
                 want = specs[r.operand][k] if r.member == -2 else member_ops[r.member][r.operand]

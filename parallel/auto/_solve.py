@@ -202,9 +202,17 @@ class MeshProblem:
             else:
                 key = (cs, cd, tuple(src_part), tuple(dst_part))
                 products[key] = products.get(key, 0.0) + cost
+        with _EDGES_LOCK:
+            merged = _EDGES.setdefault(self.mm, {}).setdefault("merged", {})
         for (cs, cd, src_part, dst_part), cost in products.items():
-            cost, src_part, dst_part = _merge_alike(cost, np.asarray(src_part),
-                                                    np.asarray(dst_part))
+            key = (cost.shape, cost.tobytes(), src_part, dst_part)
+            found = merged.get(key)
+            if found is None:
+                found = _merge_alike(cost, np.asarray(src_part), np.asarray(dst_part))
+                for a in found:
+                    a.flags.writeable = False
+                merged[key] = found
+            cost, src_part, dst_part = found
             if cost.shape[0] == 1:
                 prog.add_cost(x[cd], cost[0][dst_part])
             elif cost.shape[1] == 1:
