@@ -10,8 +10,10 @@ that separate processes (the suites) cannot resolve on a shared machine.
 A plan is a method of the suites (``data``, ``zero2``, ``zero3``, ``manual``, ``auto``...) or
 ``SxM``: ``pipeshard`` with ``S`` stages (1: micro-batches accumulated in one SPMD stage on all
 devices) and ``M`` micro-batches, or ``manual:dDxmM`` / ``shard:dDxmM``: the Megatron rules / the
-solver on a mesh of data ``D`` x model ``M``. Prints each plan's median step, its ratio to the first plan's
-and its median process CPU time per step.
+solver on a mesh of data ``D`` x model ``M``. Prints each plan's median step, its ratio to the
+first plan's, the median of its per-round ratios to the first plan's step of the same round
+("paired": the load shifts between rounds more than within one), and its median process CPU
+time per step.
 """
 from __future__ import annotations
 
@@ -55,11 +57,17 @@ def main(argv=None) -> None:
         spec = dataclasses.replace(spec, batch_size=args.batch)
     timed = time_interleaved(build_workload(spec), plans,
                              jax.devices(), warmup=2, rounds=args.rounds)
-    base = next(iter(timed.values()))["step_time_s"]
+    first = next(iter(timed.values()))
     for plan, run in timed.items():
         wall = run["step_time_s"]
-        print(f"{plan:8s} {1000 * wall:8.1f} ms  {wall / base:5.2f}x  "
+        print(f"{plan:8s} {1000 * wall:8.1f} ms  {wall / first['step_time_s']:5.2f}x  "
+              f"paired {paired_ratio(run['step_times_s'], first['step_times_s']):5.2f}x  "
               f"cpu {1000 * statistics.median(run['cpu_times_s']):8.1f} ms")
+
+
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """The median over rounds of ``times[i] / base[i]`` (steps of one round, taken in turn)."""
+    return statistics.median(t / b for t, b in zip(times, base, strict=True))
 
 
 if __name__ == "__main__":

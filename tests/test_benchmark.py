@@ -248,6 +248,15 @@ def test_plans_timed_in_turns_can_name_their_mesh():
         make_method("manual:data=2")
 
 
+def test_round_robin_pairs_each_round_with_the_first_plans_step():
+    from benchmarks.round_robin import paired_ratio
+
+    # Round 2 ran under load for both plans: its ratio counts, not its 3x slower steps.
+    assert paired_ratio([0.11, 0.33, 0.12], [0.10, 0.30, 0.10]) == pytest.approx(1.1)
+    with pytest.raises(ValueError):
+        paired_ratio([0.1], [0.1, 0.2])
+
+
 def test_solve_only_case_times_the_solver_and_compiles_nothing():
     result = run_case(_case("solve", measure=False, profile="h100"))
     assert result["step_time_s"] is None

@@ -1,11 +1,12 @@
 """The CPU profile's price of the models suite's GPT candidates, against what was measured.
 
 Timed in turns on 8 simulated devices sharing 2 cores (``benchmarks/round_robin.py``, 30-40
-rounds, five runs at load 2-10), the data-parallel plan with its optimizer state split over the
+rounds, six runs at load 2-10), the data-parallel plan with its optimizer state split over the
 devices (ZeRO-2, and ``auto``'s "batch split" plan) and Megatron's data 4 x model 2 took the
-same wall time within 4%, neither ahead in every run; the process CPU time per step (the work
-summed over the devices, which share the cores) was lower for ``auto``'s plan than Megatron's
-in all five runs (e.g. 322.7 vs 357.7 ms, 353.0 vs 377.3 ms), for ZeRO-2's in four. The
+same wall time within about 5%, neither ahead in every run; the process CPU time per step (the
+work summed over the devices, which share the cores) was lower for ``auto``'s plan than
+Megatron's in five runs (e.g. 322.7 vs 357.7 ms, 353.0 vs 377.3 ms) and equal in the sixth
+(321.8 vs 321.7 ms); ZeRO-2's was lower in five. The
 compiled estimate orders them the same way, for the reason the figures below show: Megatron
 replicates the Adam update over the 4 data replicas (more bytes read and written per device),
 which outweighs its cheaper collectives.
