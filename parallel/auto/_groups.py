@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import threading
 import warnings
-import weakref
 from collections import defaultdict
 from typing import Any
 
@@ -22,14 +20,9 @@ from parallel.auto._batch import batch_dims
 from parallel.auto._cost import MeshModel, Spec
 from parallel.auto._graph import Graph
 from parallel.auto._memory import kept_values
+from parallel.auto._tables import Table, number, on_mesh
 
 _CONTRACTIONS = frozenset({"dot_general", "conv_general_dilated"})
-# Per mesh model, the tables (and pruned tables) built on it, shared by every structure solved
-# on it: the layers of a pipeline are separate programs whose groups repeat one another's.
-_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_SHARED_LOCK = threading.Lock()
-# Equations' work (``Structure._eqn_id``) -> a number.
-_EQN_IDS: dict[tuple, int] = {}
 _LEADER_RULES = {
     "dot_general": "dot", "conv_general_dilated": "conv", "gather": "gather",
     "scatter-add": "scatter", "scatter": "scatter",
@@ -64,37 +57,6 @@ class Group:
     follow: list[int] = dataclasses.field(default_factory=list)  # local value each member follows
     follow_operand: list[int] = dataclasses.field(default_factory=list)  # ...as which operand
     reqs: list[Requirement] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class Table:
-    """The strategies of one class of groups on one mesh.
-
-    Attributes:
-      leaders: the leader's strategy behind each ``k``.
-      specs: ``specs[local_value][k]``: the value's spec under strategy ``k``.
-      compute, traffic, comm: seconds of arithmetic, memory traffic and collectives per call
-        under each strategy (intra-group resharding is comm).
-      req_specs: ``req_specs[r][k]``: the spec requirement ``r`` asks for (``None``: none).
-    """
-
-    leaders: list[_rules.Strategy]
-    specs: list[list[Spec]]
-    compute: np.ndarray
-    traffic: np.ndarray
-    comm: np.ndarray
-    req_specs: list[list[Spec | None]]
-
-    @property
-    def size(self) -> int:
-        return len(self.leaders)
-
-    def subset(self, keep) -> Table:
-        """The table with only the strategies ``keep`` (indices)."""
-        return Table([self.leaders[k] for k in keep],
-                     [[specs[k] for k in keep] for specs in self.specs],
-                     self.compute[keep], self.traffic[keep], self.comm[keep],
-                     [[specs[k] for k in keep] for specs in self.req_specs])
 
 
 class Structure:
@@ -228,10 +190,8 @@ class Structure:
         found = ids.get(i)
         if found is None:
             e = self.graph.eqns[i]
-            key = (self._eqn_key(i),
-                   tuple(bool(self.kept[v]) for v in e.inputs + e.outputs if v is not None))
-            with _SHARED_LOCK:
-                found = ids[i] = _EQN_IDS.setdefault(key, len(_EQN_IDS))
+            found = ids[i] = number((self._eqn_key(i), tuple(
+                bool(self.kept[v]) for v in e.inputs + e.outputs if v is not None)))
         return found
 
     def _signature(self, gid: int) -> str:
@@ -314,13 +274,11 @@ class Structure:
         rep = self.members_of[c][0]
         mm = self.mesh_for(rep, mm)
         key = self.structural[rep]
-        with _SHARED_LOCK:
-            shared = _SHARED.setdefault(mm, {})
+        shared = on_mesh(mm, "tables")
         if key not in cache:
             full = (key, self._kept_key(self.groups[rep]))
             if full not in shared:
-                shared[full] = self._build_table(self.groups[rep], mm,
-                                                 shared.setdefault("follow", {}))
+                shared[full] = self._build_table(self.groups[rep], mm, on_mesh(mm, "follow"))
             cache[key] = (full, shared[full])
         full, table = cache[key]
         g, values = self.groups[rep], self.graph.values

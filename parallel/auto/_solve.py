@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
-import weakref
 from collections import defaultdict
 from typing import Any
 
@@ -11,9 +9,10 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from parallel.auto._cost import MeshModel, Spec
-from parallel.auto._groups import Structure, Table
+from parallel.auto._groups import Structure
 from parallel.auto._ilp import Program, Result
 from parallel.auto._memory import Liveness, peak_points
+from parallel.auto._tables import Table, on_mesh
 
 # Leaders whose chosen output spec is pinned with a sharding constraint.
 CONSTRAINED_KINDS = ("dot", "conv", "gather", "scatter")
@@ -202,8 +201,7 @@ class MeshProblem:
             else:
                 key = (cs, cd, tuple(src_part), tuple(dst_part))
                 products[key] = products.get(key, 0.0) + cost
-        with _EDGES_LOCK:
-            merged = _EDGES.setdefault(self.mm, {}).setdefault("merged", {})
+        merged = on_mesh(self.mm, "merged")
         for (cs, cd, src_part, dst_part), cost in products.items():
             key = (cost.shape, cost.tobytes(), src_part, dst_part)
             found = merged.get(key)
@@ -378,20 +376,14 @@ class MeshProblem:
         return peak_points(self.liveness.profile(self.nbytes), count)
 
 
-# Per mesh model, what an edge between two strategy lists costs before its weight (``_edge``),
-# by the lists' identity; each entry holds the lists, so their ids are not reused meanwhile.
-_EDGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_EDGES_LOCK = threading.Lock()
-
-
 def _edge(mm: MeshModel, have: list, want: list, shape: tuple, itemsize: int, same: bool):
     """Resharding from the specs ``have`` (a source class's value) to ``want`` (what a reader
     asks for), before the edge's weight: ``None`` when it never costs anything; for a class
     reading itself (``same``) the cost per strategy; else ``(source part, reader part,
     cost between distinct specs)``. Kept per mesh model: the tables, and so these lists, are
-    shared by the structures solved on it (``Structure.table``)."""
-    with _EDGES_LOCK:
-        found = _EDGES.setdefault(mm, {})
+    shared by the structures solved on it (``Structure.table``); by the lists' identity, each
+    entry holding its lists so that their ids are not reused meanwhile."""
+    found = on_mesh(mm, "edges")
     key = (id(have), id(want), shape, itemsize, same)
     entry = found.get(key)
     if entry is not None:
