@@ -45,10 +45,18 @@ def make_method(plan: str) -> parallel.Method:
     return _run.make_method(plan)
 
 
+def round_order(plans: list[str], i: int) -> list[str]:
+    """The plans in the order round ``i`` runs them: each round starts one plan later than the
+    last, so that no plan always follows the same one (a step's time on the shared cores
+    depends on what ran just before it)."""
+    k = i % len(plans)
+    return plans[k:] + plans[:k]
+
+
 def time_interleaved(workload: Workload, plans: list[str], devices: list, warmup: int,
                      rounds: int) -> dict[str, dict[str, Any]]:
     """Builds every plan, runs ``warmup`` untimed steps of each, then ``rounds`` rounds of one
-    timed step of each plan in turn.
+    timed step of each plan in turn, in ``round_order``.
 
     Returns:
       Per plan: ``{"step_times_s", "cpu_times_s" (process CPU seconds per step), "step_time_s"
@@ -68,7 +76,7 @@ def time_interleaved(workload: Workload, plans: list[str], devices: list, warmup
                       "step_times_s": [], "cpu_times_s": [],
                       "mesh_shape": dict(step.plan(state, batch_shapes).mesh_shape)}
     for i in range(warmup + rounds):
-        for run in runs.values():
+        for run in (runs[plan] for plan in round_order(plans, i)):
             wall, cpu = time.perf_counter(), time.process_time()
             run["state"], metrics = run["step"](run["state"], run["batch"])
             jax.block_until_ready((run["state"], metrics))

@@ -30,6 +30,7 @@ import jax  # noqa: E402
 
 from benchmarks import suites  # noqa: E402
 from benchmarks._interleaved import make_method, time_interleaved  # noqa: E402
+from benchmarks._report import paired_ratio  # noqa: E402
 from benchmarks._workloads import build_workload  # noqa: E402
 
 WORKLOADS = {f"{suite}.{name}": spec for suite, specs in (
@@ -63,11 +64,6 @@ def main(argv=None) -> None:
         print(f"{plan:8s} {1000 * wall:8.1f} ms  {wall / first['step_time_s']:5.2f}x  "
               f"paired {paired_ratio(run['step_times_s'], first['step_times_s']):5.2f}x  "
               f"cpu {1000 * statistics.median(run['cpu_times_s']):8.1f} ms")
-
-
-def paired_ratio(times: list[float], base: list[float]) -> float:
-    """The median over rounds of ``times[i] / base[i]`` (steps of one round, taken in turn)."""
-    return statistics.median(t / b for t, b in zip(times, base, strict=True))
 
 
 if __name__ == "__main__":
