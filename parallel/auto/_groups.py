@@ -73,6 +73,7 @@ class Structure:
         self.graph = graph
         self.batch = batch_dims(graph, list(batch))
         self.kept = kept_values(graph, _rules.FOLLOWERS)
+        self._eqn_ids: dict[int, int] = {}  # ``_eqn_id``'s answers
         n = len(graph.values)
         self.group_of = np.full(n, -1, np.int64)
         self.local = np.full(n, -1, np.int64)
@@ -186,11 +187,10 @@ class Structure:
     def _eqn_id(self, i: int) -> int:
         """A number for equation ``i``'s work and which of its values XLA keeps in memory,
         equal across structures (what a member's strategy and traffic depend on)."""
-        ids = self.__dict__.setdefault("_eqn_ids", {})
-        found = ids.get(i)
+        found = self._eqn_ids.get(i)
         if found is None:
             e = self.graph.eqns[i]
-            found = ids[i] = number((self._eqn_key(i), tuple(
+            found = self._eqn_ids[i] = number((self._eqn_key(i), tuple(
                 bool(self.kept[v]) for v in e.inputs + e.outputs if v is not None)))
         return found
 
