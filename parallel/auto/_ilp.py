@@ -108,6 +108,8 @@ class Program:
         ``relax_first``: solve the linear relaxation first and keep its optimum when integral
         (programs without a memory row: their relaxation usually is).
         """
+        if time_limit <= 0:  # no time at all: no point found, whatever HiGHS could do in 1 ms
+            return Result(None, float("inf"), "time_limit", 0.0)
         cost = np.concatenate(self._cost) if self._cost else np.zeros(0)
         for ids, extra in self._extra:
             np.add.at(cost, ids, extra)
